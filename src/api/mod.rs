@@ -1,0 +1,412 @@
+//! The HTTP face of regmirror: the OCI distribution read API under `/v2/`, plus `/metrics`,
+//! `/healthz` and `/readyz`.
+//!
+//! Handlers parse the request into an [`Endpoint`], ask the cache, and turn its answer into
+//! headers and a streamed body. They know nothing of storage or upstream protocols; errors
+//! become OCI error responses through `error.rs`.
+
+mod endpoint;
+mod ops;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use futures_util::StreamExt;
+use tracing::{info, Instrument};
+
+pub use endpoint::{Endpoint, Route, Target};
+
+use crate::cache::{Cache, Outcome};
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::Metrics;
+
+/// Everything a handler needs, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    pub metrics_enabled: bool,
+    pub max_size: u64,
+}
+
+/// The router: testable with `oneshot`, served by [`crate::run`].
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(v2_root))
+        .route("/v2/", any(v2_root))
+        .route("/v2/{*rest}", any(registry))
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .with_state(state)
+}
+
+/// Facts a handler leaves on its response for the access log and metrics.
+#[derive(Clone, Copy)]
+struct Served {
+    route: Route,
+    outcome: Option<Outcome>,
+}
+
+/// Facts about the upstream, left on the response for the access log.
+#[derive(Clone)]
+struct ServedUpstream(Arc<str>);
+
+fn mark(mut response: Response, route: Route, outcome: Option<Outcome>) -> Response {
+    response.extensions_mut().insert(Served { route, outcome });
+    response
+}
+
+/// One log line and one metrics sample per request, and the headers every response carries.
+async fn access_log(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let started = Instant::now();
+    let id = format!(
+        "{:x}-{}",
+        process_nonce(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let method = request.method().clone();
+    let span = tracing::info_span!("request", id = %id);
+    let mut response = next.run(request).instrument(span).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let served = response.extensions().get::<Served>().copied();
+    let route = served.map_or_else(
+        || match response.status() {
+            StatusCode::NOT_FOUND => "not_found",
+            _ => "other",
+        },
+        |s| s.route.as_str(),
+    );
+    let outcome = served.and_then(|s| s.outcome).map_or("-", Outcome::as_str);
+    let upstream = response
+        .extensions()
+        .get::<ServedUpstream>()
+        .map(|u| u.0.clone());
+    let headers = response.headers_mut();
+    headers.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", value);
+    }
+    if outcome != "-" {
+        headers.insert("x-regmirror-cache", HeaderValue::from_static(outcome));
+    }
+    let bytes = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .http_request(method.as_str(), route, status, elapsed);
+    info!(
+        request_id = %id,
+        method = %method,
+        route,
+        status,
+        bytes,
+        duration_ms = (elapsed * 1000.0).round() as u64,
+        cache = outcome,
+        upstream = upstream.as_deref().unwrap_or("-"),
+        "request"
+    );
+    response
+}
+
+/// A per-process value that keeps request ids unique across restarts.
+fn process_nonce() -> u64 {
+    use std::sync::OnceLock;
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (now.as_nanos() as u64 ^ u64::from(std::process::id())) & 0xffff_ffff
+    })
+}
+
+/// `GET /v2/`: the API version check every client starts with.
+async fn v2_root(method: Method) -> Response {
+    let response = match method {
+        Method::GET | Method::HEAD => {
+            ([(header::CONTENT_TYPE, "application/json")], "{}").into_response()
+        }
+        _ => ApiError::new(ErrorCode::Unsupported).into_response(),
+    };
+    mark(response, Route::Ping, None)
+}
+
+/// Every `/v2/<name>/...` request.
+async fn registry(
+    State(state): State<AppState>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
+    let query = uri.query().unwrap_or("");
+    if rest == "_catalog" {
+        let response = match method {
+            Method::GET | Method::HEAD => ops::catalog(&state, query).await,
+            _ => ApiError::new(ErrorCode::Unsupported).into_response(),
+        };
+        return mark(response, Route::Catalog, None);
+    }
+    let (raw_name, target) = match endpoint::split(rest) {
+        Ok(split) => split,
+        Err((route, error)) => return mark(error.into_response(), route, None),
+    };
+    let route = target.route();
+    let ns = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned());
+    let endpoint = match endpoint::resolve(state.cache.upstreams(), raw_name, ns.as_deref(), target)
+    {
+        Ok(endpoint) => endpoint,
+        Err(error) => return mark(error.into_response(), route, None),
+    };
+    let upstream_name = ServedUpstream(Arc::from(endpoint.upstream.name.as_str()));
+    let head = method == Method::HEAD;
+    let result = match (&method, &endpoint.target) {
+        (&Method::GET | &Method::HEAD, Target::Manifest(_)) => {
+            manifest(&state, &endpoint, head).await
+        }
+        (&Method::GET | &Method::HEAD, Target::Blob(_)) => {
+            blob(&state, &endpoint, &headers, head).await
+        }
+        (&Method::GET, Target::Tags) => tags(&state, &endpoint, query).await,
+        (&Method::GET | &Method::HEAD, Target::Referrers(_)) => Err((
+            ApiError::new(ErrorCode::Unsupported).with_message("referrers are not mirrored yet"),
+            None,
+        )),
+        // A mirror is read-only: pushes and deletes belong to the upstream.
+        _ => Err((
+            ApiError::new(ErrorCode::Unsupported)
+                .with_message("this registry is a read-only mirror"),
+            None,
+        )),
+    };
+    let mut response = match result {
+        Ok((response, outcome)) => mark(response, route, Some(outcome)),
+        Err((error, outcome)) => mark(error.into_response(), route, outcome),
+    };
+    response.extensions_mut().insert(upstream_name);
+    response
+}
+
+type Answer = Result<(Response, Outcome), (ApiError, Option<Outcome>)>;
+
+fn failed(error: crate::cache::Error) -> (ApiError, Option<Outcome>) {
+    (ApiError::from(error), None)
+}
+
+async fn manifest(state: &AppState, endpoint: &Endpoint, head: bool) -> Answer {
+    let Target::Manifest(reference) = &endpoint.target else {
+        unreachable!("dispatched on Target::Manifest")
+    };
+    let (manifest, outcome) = state
+        .cache
+        .manifest(&endpoint.upstream, &endpoint.repo, reference)
+        .await
+        .map_err(failed)?;
+    let mut builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, &manifest.media_type)
+        .header(header::CONTENT_LENGTH, manifest.bytes.len())
+        .header("docker-content-digest", manifest.digest.as_str())
+        .header(header::ETAG, format!("\"{}\"", manifest.digest));
+    if outcome == Outcome::Stale {
+        builder = builder.header(
+            header::WARNING,
+            "110 - \"Response is stale: upstream unavailable\"",
+        );
+    }
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(manifest.bytes)
+    };
+    Ok((builder.body(body).expect("valid headers"), outcome))
+}
+
+async fn blob(state: &AppState, endpoint: &Endpoint, headers: &HeaderMap, head: bool) -> Answer {
+    let Target::Blob(digest) = &endpoint.target else {
+        unreachable!("dispatched on Target::Blob")
+    };
+    if head {
+        let (size, outcome) = state
+            .cache
+            .blob_size(&endpoint.upstream, &endpoint.repo, digest)
+            .await
+            .map_err(failed)?;
+        let response = Response::builder()
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, size)
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header("docker-content-digest", digest.as_str())
+            .body(Body::empty())
+            .expect("valid headers");
+        return Ok((response, outcome));
+    }
+    let blob = state
+        .cache
+        .blob(&endpoint.upstream, &endpoint.repo, digest)
+        .await
+        .map_err(failed)?;
+    let (size, outcome) = (blob.size, blob.outcome);
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(value) => match parse_range(value, size) {
+            RangeRequest::Satisfiable(start, end) => Some((start, end)),
+            RangeRequest::Ignored => None,
+            RangeRequest::Unsatisfiable => {
+                let error = ApiError::new(ErrorCode::RangeInvalid)
+                    .with_message(format!("range not satisfiable for a blob of {size} bytes"));
+                let mut response = error.into_response();
+                response.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+                );
+                return Ok((response, outcome));
+            }
+        },
+    };
+    let (start, end) = range.unwrap_or((0, size));
+    let source = if outcome == Outcome::Hit {
+        "cache"
+    } else {
+        "upstream"
+    };
+    let metrics = state.metrics.clone();
+    let stream = blob.stream(start, end).inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            metrics.served_bytes(source, chunk.len() as u64);
+        }
+    });
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", digest.as_str())
+        .header(header::ETAG, format!("\"{digest}\""));
+    if range.is_some() {
+        builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    Ok((
+        builder
+            .body(Body::from_stream(stream))
+            .expect("valid headers"),
+        outcome,
+    ))
+}
+
+async fn tags(state: &AppState, endpoint: &Endpoint, query: &str) -> Answer {
+    // Pass through only the pagination parameters the spec defines.
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "n" || k == "last"),
+        )
+        .finish();
+    let (body, outcome) = state
+        .cache
+        .tags(&endpoint.upstream, &endpoint.repo, &query)
+        .await
+        .map_err(failed)?;
+    let response = Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("valid headers");
+    Ok((response, outcome))
+}
+
+/// A parsed `Range` header.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    /// Bytes `start..end` (end exclusive).
+    Satisfiable(u64, u64),
+    /// Not a single byte range we understand: serve the whole blob, as RFC 9110 allows.
+    Ignored,
+    Unsatisfiable,
+}
+
+fn parse_range(value: &str, size: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Ignored;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Ignored;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Ignored;
+    };
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    match (first.trim().is_empty(), parse(first), parse(last)) {
+        // `bytes=-N`: the last N bytes.
+        (true, _, Some(suffix)) if suffix > 0 => {
+            if size == 0 {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Satisfiable(size.saturating_sub(suffix), size)
+            }
+        }
+        (false, Some(start), None) if last.trim().is_empty() => {
+            if start < size {
+                RangeRequest::Satisfiable(start, size)
+            } else {
+                RangeRequest::Unsatisfiable
+            }
+        }
+        (false, Some(start), Some(end)) if start <= end => {
+            if start < size {
+                RangeRequest::Satisfiable(start, end.min(size - 1) + 1)
+            } else {
+                RangeRequest::Unsatisfiable
+            }
+        }
+        _ => RangeRequest::Ignored,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeRequest::*;
+        let cases = [
+            ("bytes=0-9", 100, Satisfiable(0, 10)),
+            ("bytes=90-", 100, Satisfiable(90, 100)),
+            ("bytes=90-200", 100, Satisfiable(90, 100)),
+            ("bytes=-10", 100, Satisfiable(90, 100)),
+            ("bytes=-200", 100, Satisfiable(0, 100)),
+            ("bytes=100-", 100, Unsatisfiable),
+            ("bytes=100-150", 100, Unsatisfiable),
+            ("bytes=5-2", 100, Ignored),
+            ("bytes=0-1,5-6", 100, Ignored),
+            ("items=0-1", 100, Ignored),
+            ("bytes=x-y", 100, Ignored),
+            ("bytes=-0", 100, Ignored),
+        ];
+        for (header, size, want) in cases {
+            assert_eq!(parse_range(header, size), want, "{header}");
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Blob downloads in flight, shared by every client that asks for the same digest meanwhile.
+//!
+//! One task writes the upstream's bytes into a file in `tmp/` and publishes how far it got on a
+//! `watch` channel; each client reads that same file with positioned reads as the bytes arrive,
+//! so nobody waits for the whole blob before its first byte and nobody polls. The last byte is
+//! held back until the digest is verified: a client can never receive a complete body that
+//! turns out wrong, its transfer ends short instead.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::sync::watch;
+
+use crate::oci::Digest;
+
+/// Bytes read per chunk when streaming from disk: large enough that the per-chunk hop to the
+/// blocking pool is noise, small enough to keep memory per client bounded.
+pub const CHUNK: usize = 512 * 1024;
+
+/// How a download is going.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// Waiting for the upstream's response headers.
+    Starting,
+    /// `written` bytes are in the file; `total` is the upstream's Content-Length if it sent one.
+    Running { written: u64, total: Option<u64> },
+    /// Verified and committed.
+    Done { total: u64 },
+    /// Failed; nothing was committed.
+    Failed(super::Error),
+}
+
+/// A download under way.
+pub struct Flight {
+    tmp_path: PathBuf,
+    file: Arc<File>,
+    progress: watch::Sender<Progress>,
+}
+
+impl Flight {
+    /// Publishes new progress to every reader.
+    pub fn publish(&self, progress: Progress) {
+        self.progress.send_replace(progress);
+    }
+
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Where the download is being written.
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    /// A reader for one client.
+    pub fn reader(&self) -> FlightReader {
+        FlightReader {
+            file: self.file.clone(),
+            progress: self.progress.subscribe(),
+        }
+    }
+}
+
+/// The downloads under way, by digest.
+#[derive(Default)]
+pub struct Flights {
+    inflight: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+/// What [`Flights::join`] decided.
+pub enum Joined {
+    /// Someone is already downloading it.
+    Existing(FlightReader),
+    /// The caller must run the download and call [`Flights::finish`].
+    Started(Arc<Flight>, FlightReader),
+}
+
+impl Flights {
+    /// Joins the download of `digest`, or registers a new one on `file`. `committed` is asked
+    /// under the lock so a download that just finished is not started again.
+    pub fn join(
+        &self,
+        digest: &Digest,
+        file: impl FnOnce() -> io::Result<(PathBuf, File)>,
+        committed: impl FnOnce() -> bool,
+    ) -> io::Result<Option<Joined>> {
+        let mut inflight = self.inflight.lock().expect("flights lock");
+        if let Some(flight) = inflight.get(digest) {
+            return Ok(Some(Joined::Existing(flight.reader())));
+        }
+        if committed() {
+            return Ok(None);
+        }
+        let (progress, _) = watch::channel(Progress::Starting);
+        let (tmp_path, file) = file()?;
+        let flight = Arc::new(Flight {
+            tmp_path,
+            file: Arc::new(file),
+            progress,
+        });
+        inflight.insert(digest.clone(), flight.clone());
+        let reader = flight.reader();
+        Ok(Some(Joined::Started(flight, reader)))
+    }
+
+    /// Ends a download: forgets it, then tells the readers. Call after the commit is recorded
+    /// so that a request arriving in between finds the blob in the store.
+    pub fn finish(&self, digest: &Digest, flight: &Flight, progress: Progress) {
+        self.inflight.lock().expect("flights lock").remove(digest);
+        flight.publish(progress);
+    }
+
+    /// Digests being downloaded now (eviction must not remove them).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.inflight
+            .lock()
+            .expect("flights lock")
+            .contains_key(digest)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inflight.lock().expect("flights lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One client's view of a download.
+pub struct FlightReader {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl FlightReader {
+    /// Waits for the blob's size, or why it cannot be had. The size is known from the
+    /// upstream's headers; an upstream that sends no length makes us wait for the whole
+    /// download.
+    pub async fn size(&mut self) -> Result<u64, super::Error> {
+        let progress = self
+            .progress
+            .wait_for(|p| {
+                matches!(
+                    p,
+                    Progress::Running { total: Some(_), .. }
+                        | Progress::Done { .. }
+                        | Progress::Failed(_)
+                )
+            })
+            .await
+            .map_err(|_| super::Error::Internal("download task ended without a result".into()))?;
+        match &*progress {
+            Progress::Running {
+                total: Some(total), ..
+            }
+            | Progress::Done { total } => Ok(*total),
+            Progress::Failed(err) => Err(err.clone()),
+            Progress::Starting | Progress::Running { total: None, .. } => {
+                unreachable!("excluded by wait_for")
+            }
+        }
+    }
+
+    /// Streams bytes `start..end` as the download provides them; ends with an error if the
+    /// download fails, so the client sees a broken transfer rather than a wrong body.
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        futures_util::stream::unfold((self, start), move |(mut reader, pos)| async move {
+            if pos >= end {
+                return None;
+            }
+            let available = loop {
+                let progress = reader.progress.borrow_and_update().clone();
+                let available = match progress {
+                    // The last byte waits for verification.
+                    Progress::Running {
+                        written,
+                        total: Some(total),
+                    } => written.min(total - 1),
+                    Progress::Running { total: None, .. } | Progress::Starting => 0,
+                    Progress::Done { total } => total,
+                    Progress::Failed(err) => {
+                        return Some((Err(io::Error::other(err.to_string())), (reader, end)));
+                    }
+                };
+                if available > pos {
+                    break available;
+                }
+                if reader.progress.changed().await.is_err() {
+                    let err = io::Error::other("download task ended without a result");
+                    return Some((Err(err), (reader, end)));
+                }
+            };
+            let len = (available.min(end) - pos).min(CHUNK as u64) as usize;
+            match read_at(reader.file.clone(), pos, len).await {
+                Ok(chunk) => {
+                    let next = pos + chunk.len() as u64;
+                    Some((Ok(chunk), (reader, next)))
+                }
+                Err(err) => Some((Err(err), (reader, end))),
+            }
+        })
+    }
+}
+
+/// Streams `start..end` of a committed file.
+pub fn file_stream(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold((file, start), move |(file, pos)| async move {
+        if pos >= end {
+            return None;
+        }
+        let len = (end - pos).min(CHUNK as u64) as usize;
+        match read_at(file.clone(), pos, len).await {
+            Ok(chunk) => {
+                let next = pos + chunk.len() as u64;
+                Some((Ok(chunk), (file, next)))
+            }
+            Err(err) => Some((Err(err), (file, end))),
+        }
+    })
+}
+
+/// A positioned read on the blocking pool; a short file is an error, never a silent truncation.
+async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        file.read_exact_at(&mut buf, pos)?;
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(io::Error::other)?
+}

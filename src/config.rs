@@ -1,0 +1,519 @@
+//! Configuration: the `config.yml` contract, its defaults and its validation.
+//!
+//! The structs are the reference: every field says what it does. Loading reports the file, the
+//! key and the reason; validation reports every problem at once so an operator fixes a file in
+//! one pass. This module knows nothing of HTTP or storage; it only describes them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration compiled into the binary: `config.yml` at the repository root.
+pub const EMBEDDED: &str = include_str!("../config.yml");
+/// Name used in error messages for the embedded configuration.
+pub const EMBEDDED_NAME: &str = "<embedded config.yml>";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the registry API listens on.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Where blobs and the index live, and how large the cache may grow.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// How long tags are trusted and what happens when the upstream fails.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Upstream used when neither `?ns=` nor a path prefix names one.
+    pub default_upstream: String,
+    /// Upstream registries by the name clients use for them (`docker.io`, `ghcr.io`, …).
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Local storage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory holding `blobs/`, `tmp/` and `index/`.
+    #[serde(default = "defaults::storage_root")]
+    pub root: PathBuf,
+    /// Upper bound on the bytes of cached blobs; least recently used blobs are evicted above it.
+    /// `0` means unbounded.
+    #[serde(default = "defaults::max_size")]
+    pub max_size: ByteSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            root: defaults::storage_root(),
+            max_size: defaults::max_size(),
+        }
+    }
+}
+
+/// Cache policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a tag's digest is served without asking the upstream again. `0s` revalidates
+    /// every request, as distribution's proxy does.
+    #[serde(default = "defaults::tag_ttl")]
+    pub tag_ttl: HumanDuration,
+    /// Serve what we hold when the upstream is down, erroring or rate-limiting.
+    #[serde(default = "defaults::yes")]
+    pub serve_stale: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            tag_ttl: defaults::tag_ttl(),
+            serve_stale: true,
+        }
+    }
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the registry, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    /// Other names clients may use for this upstream in `?ns=` (`index.docker.io` for Docker
+    /// Hub is added automatically).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Prefix one-segment names with `library/`, as Docker Hub does. Defaults to on for
+    /// `docker.io` and off elsewhere.
+    #[serde(default)]
+    pub library_prefix: Option<bool>,
+    /// Time allowed to establish a connection to the upstream.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// Time allowed between two reads from the upstream before the transfer counts as stalled.
+    #[serde(default = "defaults::read_timeout")]
+    pub read_timeout: HumanDuration,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter: `info`, `debug`, `regmirror=debug,tower=warn`, …
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: defaults::log_level(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 5000))
+    }
+    pub fn storage_root() -> PathBuf {
+        PathBuf::from("./data")
+    }
+    pub fn max_size() -> ByteSize {
+        ByteSize(0)
+    }
+    pub fn tag_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(300))
+    }
+    pub fn connect_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+    pub fn read_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// A configuration problem, with where it was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    /// The YAML did not match the schema.
+    #[error("{file}: {key}: {reason}")]
+    Parse {
+        file: String,
+        key: String,
+        reason: String,
+    },
+    /// The values parsed but do not make sense together.
+    #[error("{file}: {}", problems.join(&format!("\n{file}: ")))]
+    Invalid { file: String, problems: Vec<String> },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// The configuration compiled into the binary.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED, EMBEDDED_NAME)
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config =
+            serde_path_to_error::deserialize(deserializer).map_err(|err| ConfigError::Parse {
+                file: file.to_owned(),
+                key: match err.path().to_string() {
+                    path if path == "." => "(top level)".to_owned(),
+                    path => path,
+                },
+                reason: err.into_inner().to_string(),
+            })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Every semantic problem, each prefixed with its key.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.upstreams.is_empty() {
+            problems.push("upstreams: at least one upstream is required".to_owned());
+        }
+        if !self.upstreams.contains_key(&self.default_upstream) {
+            problems.push(format!(
+                "default_upstream: {:?} is not one of the configured upstreams",
+                self.default_upstream
+            ));
+        }
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, upstream) in &self.upstreams {
+            if let Err(reason) = validate_host_name(name) {
+                problems.push(format!("upstreams.{name}: {reason}"));
+            }
+            match reqwest::Url::parse(&upstream.url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                Ok(_) => problems.push(format!(
+                    "upstreams.{name}.url: {:?} must be an http:// or https:// URL with a host",
+                    upstream.url
+                )),
+                Err(err) => problems.push(format!(
+                    "upstreams.{name}.url: {:?} is not a URL: {err}",
+                    upstream.url
+                )),
+            }
+            for alias in std::iter::once(name).chain(&upstream.aliases) {
+                if let Some(other) = seen.insert(alias.to_ascii_lowercase(), name) {
+                    problems.push(format!(
+                        "upstreams.{name}: the name {alias:?} is already used by upstreams.{other}"
+                    ));
+                }
+            }
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problems.push(format!("log.level: {:?}: {err}", self.log.level));
+        }
+        problems
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether one-segment repository names get `library/` in front.
+    pub fn library_prefix(&self, name: &str) -> bool {
+        self.library_prefix.unwrap_or(name == DOCKER_HUB)
+    }
+
+    /// Every name `?ns=` may use for this upstream, including Docker Hub's well-known hosts.
+    pub fn all_names<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let hub: &[&str] = if name == DOCKER_HUB {
+            DOCKER_HUB_ALIASES
+        } else {
+            &[]
+        };
+        std::iter::once(name)
+            .chain(self.aliases.iter().map(String::as_str))
+            .chain(hub.iter().copied())
+    }
+}
+
+/// The name Docker and containerd use for Docker Hub.
+pub const DOCKER_HUB: &str = "docker.io";
+/// Other names clients send in `?ns=` for Docker Hub.
+const DOCKER_HUB_ALIASES: &[&str] = &["index.docker.io", "registry-1.docker.io"];
+
+/// An upstream name is what clients put in `?ns=` or a path prefix: a host with an optional port.
+fn validate_host_name(name: &str) -> Result<(), String> {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (name, None),
+    };
+    if let Some(port) = port {
+        port.parse::<u16>()
+            .map_err(|_| format!("{name:?} has an invalid port"))?;
+    }
+    let valid = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a host name (like ghcr.io or registry.local:5000)"
+        ))
+    }
+}
+
+/// A duration written as people write it: `30s`, `5m`, `1h 30m`, `0s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim() == "0" {
+            return Ok(HumanDuration(Duration::ZERO));
+        }
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|err| format!("{s:?} is not a duration like 30s, 5m or 1h: {err}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// A size written as people write it: `500MiB`, `50GiB`, `2GB`, `1048576`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "m" | "mb" => 1000u64.pow(2),
+            "g" | "gb" => 1000u64.pow(3),
+            "t" | "tb" => 1000u64.pow(4),
+            "ki" | "kib" => 1 << 10,
+            "mi" | "mib" => 1 << 20,
+            "gi" | "gib" => 1 << 30,
+            "ti" | "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ))
+            }
+        };
+        let number: f64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 500MiB or 50GiB"))?;
+        let bytes = number * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("{s:?} is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Accept both `50GiB` and a bare YAML integer of bytes.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "default_upstream: docker.io\nupstreams:\n  docker.io: { url: https://registry-1.docker.io }\n";
+
+    #[test]
+    fn embedded_config_is_valid() {
+        let config = Config::embedded().expect("embedded config.yml must be valid");
+        assert_eq!(config.default_upstream, "docker.io");
+        assert_eq!(config.storage.root, PathBuf::from("./data"));
+        assert_eq!(config.listen.port(), 5000);
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::parse(MINIMAL, "t.yml").unwrap();
+        assert_eq!(config.cache.tag_ttl.0, Duration::from_secs(300));
+        assert!(config.cache.serve_stale);
+        assert!(config.upstreams["docker.io"].library_prefix("docker.io"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let text = format!("{MINIMAL}storage:\n  max_sise: 5GiB\n");
+        let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+        assert!(err.starts_with("t.yml: storage"), "{err}");
+        assert!(err.contains("max_sise"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let text = "default_upstream: nowhere\nupstreams:\n  docker.io: { url: ftp://x }\n  'bad host': { url: https://x }\n";
+        let err = Config::parse(text, "t.yml").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        let sizes = [
+            ("50GiB", Some(50u64 << 30)),
+            ("500 MiB", Some(500 << 20)),
+            ("2GB", Some(2_000_000_000)),
+            ("1048576", Some(1 << 20)),
+            ("1.5KiB", Some(1536)),
+            ("12 parsecs", None),
+            ("-1GiB", None),
+            ("", None),
+        ];
+        for (text, want) in sizes {
+            assert_eq!(text.parse::<ByteSize>().ok().map(|s| s.0), want, "{text}");
+        }
+        let durations = [
+            ("5m", Some(300)),
+            ("0s", Some(0)),
+            ("0", Some(0)),
+            ("1h 30m", Some(5400)),
+            ("soon", None),
+        ];
+        for (text, want) in durations {
+            assert_eq!(
+                text.parse::<HumanDuration>().ok().map(|d| d.0.as_secs()),
+                want,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_alias_is_refused() {
+        let text = "default_upstream: a.io\nupstreams:\n  a.io: { url: https://a.io }\n  b.io: { url: https://b.io, aliases: [a.io] }\n";
+        let err = Config::parse(text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("already used"), "{err}");
+    }
+}

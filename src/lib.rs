@@ -1,0 +1,100 @@
+//! regmirror: a pull-through cache for OCI container registries.
+//!
+//! The library owns the server; `main.rs` only parses arguments. [`app`] builds the router
+//! (testable without a socket) and [`run`] serves it until the shutdown future resolves.
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod oci;
+pub mod storage;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use api::{app, AppState};
+pub use config::Config;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("storage at {path}: {source}")]
+    Storage {
+        path: String,
+        source: storage::Error,
+    },
+    #[error("{0}")]
+    Upstream(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Builds the application state from a configuration: opens (and reconciles) the store and
+/// creates one HTTP client per upstream.
+pub async fn state(config: &Config) -> Result<AppState, RunError> {
+    let root = config.storage.root.clone();
+    let path = root.display().to_string();
+    let (store, reconciled) = tokio::task::spawn_blocking(move || storage::Store::open(&root))
+        .await
+        .expect("store opening does not panic")
+        .map_err(|source| RunError::Storage {
+            path: path.clone(),
+            source,
+        })?;
+    tracing::info!(root = %path, blobs = store.blob_count(), bytes = store.used_bytes(), dropped = reconciled.dropped, adopted = reconciled.adopted, "store opened");
+    let upstreams = Arc::new(upstream::Upstreams::from_config(config).map_err(RunError::Upstream)?);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let policy = cache::Policy {
+        tag_ttl: config.cache.tag_ttl.0,
+        serve_stale: config.cache.serve_stale,
+    };
+    Ok(AppState {
+        cache: cache::Cache::new(store, upstreams, policy, metrics.clone()),
+        metrics,
+        shutting_down: Arc::new(AtomicBool::new(false)),
+        metrics_enabled: config.metrics.enabled,
+        max_size: config.storage.max_size.0,
+    })
+}
+
+/// Serves the configuration until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let state = state(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(RunError::Serve)?;
+    tracing::info!(%addr, default_upstream = %config.default_upstream, upstreams = config.upstreams.len(), "listening");
+    let flag = state.shutting_down.clone();
+    let store = state.cache.store().clone();
+    let shutdown = async move {
+        shutdown.await;
+        flag.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: finishing in-flight requests");
+    };
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RunError::Serve)?;
+    if let Err(error) = store.index.flush() {
+        tracing::warn!(%error, "index flush on shutdown failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! Content-addressed files: `blobs/sha256/<2 hex>/<64 hex>` for verified content and `tmp/` for
+//! downloads in progress.
+//!
+//! A file reaches `blobs/` only by [`Blobs::commit`], which the caller invokes after checking the
+//! bytes against their digest; nothing here trusts or hashes content. Everything is blocking
+//! std I/O: callers run it off the async threads.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::oci::Digest;
+
+/// The blob directories under the storage root.
+#[derive(Debug)]
+pub struct Blobs {
+    blobs: PathBuf,
+    tmp: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl Blobs {
+    /// Creates the directories if needed and empties `tmp/`: whatever is there is a download a
+    /// previous process did not finish, and can never be trusted.
+    pub fn open(root: &Path) -> io::Result<Blobs> {
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&blobs)?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        Ok(Blobs {
+            blobs,
+            tmp,
+            next_tmp: AtomicU64::new(0),
+        })
+    }
+
+    /// Where the verified content of `digest` lives.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs.join(&hex[..2]).join(hex)
+    }
+
+    /// Opens committed content for reading.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
+        File::open(self.path(digest))
+    }
+
+    /// Reads a whole committed blob (manifests are small; callers enforce the cap).
+    pub fn read(&self, digest: &Digest) -> io::Result<Vec<u8>> {
+        fs::read(self.path(digest))
+    }
+
+    /// Creates a fresh file in `tmp/` for a download; the handle is readable so that clients
+    /// can stream a download while it is being written.
+    pub fn create_tmp(&self) -> io::Result<(PathBuf, File)> {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok((path, file))
+    }
+
+    /// Makes verified content durable and visible under its digest: fsync the data, rename into
+    /// place, fsync the directory so the rename itself survives a power cut.
+    pub fn commit(&self, tmp_path: &Path, file: &File, digest: &Digest) -> io::Result<()> {
+        file.sync_all()?;
+        let dest = self.path(digest);
+        let dir = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(tmp_path, &dest)?;
+        File::open(dir)?.sync_all()
+    }
+
+    /// Writes small verified content (a manifest) in one go.
+    pub fn write_verified(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let (tmp_path, mut file) = self.create_tmp()?;
+        let result = file
+            .write_all(bytes)
+            .and_then(|()| self.commit(&tmp_path, &file, digest));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        result
+    }
+
+    /// Removes a committed blob. A reader that has it open keeps reading the old inode.
+    pub fn remove(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.path(digest)) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Every committed blob with its size, for reconciling the index at start-up. Names that
+    /// are not digests (editor droppings, half-renamed files) are ignored.
+    pub fn scan(&self) -> io::Result<Vec<(Digest, u64)>> {
+        let mut found = Vec::new();
+        for shard in fs::read_dir(&self.blobs)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(digest) = name
+                    .to_str()
+                    .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                found.push((digest, entry.metadata()?.len()));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether the filesystem holding the store accepts writes (for `/readyz`).
+    pub fn writable(&self) -> bool {
+        match self.create_tmp() {
+            Ok((path, _file)) => fs::remove_file(path).is_ok(),
+            Err(_) => false,
+        }
+    }
+}

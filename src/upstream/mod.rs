@@ -1,0 +1,424 @@
+//! Talking to upstream registries: one HTTP client per upstream for the life of the process,
+//! bearer-token and basic auth, and the upstream's answers classified into [`Error`].
+//!
+//! Upstream knows nothing of storage: it hands the cache bytes, streams and digests as the
+//! remote registry claims them; verifying them is the cache's job.
+
+mod auth;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+
+pub use auth::{Challenge, TokenCache};
+
+use crate::config::{Config, UpstreamConfig};
+use crate::oci::{media_type, Digest, RepoName};
+
+/// Manifests larger than this are refused, as distribution does: they are read into memory.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// An upstream failure, classified for the cache (which may serve stale) and the API (which maps
+/// it to an OCI error). Cheap to clone so one failure can answer every waiting client.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The upstream has no such manifest, blob or repository.
+    #[error("not found upstream")]
+    NotFound,
+    /// The upstream wants credentials we do not have or refused the ones we sent.
+    #[error("upstream requires authentication")]
+    Unauthorized,
+    /// The upstream refused access.
+    #[error("upstream denied access")]
+    Denied,
+    /// The upstream is rate-limiting us.
+    #[error("upstream rate limit exceeded")]
+    TooManyRequests { retry_after: Option<u64> },
+    /// Any other unexpected status.
+    #[error("upstream answered {0}")]
+    Status(u16),
+    /// No answer in time.
+    #[error("upstream timed out")]
+    Timeout,
+    /// Connection refused, reset, TLS failure… (the text never holds credentials).
+    #[error("upstream unreachable: {0}")]
+    Transport(String),
+    /// The upstream sent something we refuse to cache (oversized or malformed).
+    #[error("upstream sent an invalid response: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Whether the failure says the upstream is unhealthy rather than that the content is not
+    /// there; the cache serves stale content only for these.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::TooManyRequests { .. }
+                | Error::Timeout
+                | Error::Transport(_)
+                | Error::Status(500..=599)
+        )
+    }
+
+    fn from_reqwest(err: reqwest::Error) -> Error {
+        if err.is_timeout() {
+            return Error::Timeout;
+        }
+        // reqwest errors carry the URL, which never holds credentials (they go in headers); the
+        // source chain names the real cause (refused, reset, certificate).
+        let err = err.without_url();
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Error::Transport(text)
+    }
+}
+
+/// A manifest as the upstream sent it, not yet verified.
+#[derive(Debug, Clone)]
+pub struct RemoteManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    /// The upstream's `Docker-Content-Digest`, if it sent one.
+    pub digest: Option<Digest>,
+}
+
+/// What a manifest `HEAD` told us.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+}
+
+/// One upstream registry.
+pub struct Upstream {
+    /// The configured name (`docker.io`), used in logs, metrics and the index.
+    pub name: String,
+    base: Url,
+    client: reqwest::Client,
+    tokens: TokenCache,
+    library_prefix: bool,
+}
+
+impl Upstream {
+    pub fn new(name: &str, config: &UpstreamConfig) -> Result<Upstream, String> {
+        install_crypto_provider();
+        let base = Url::parse(&config.url).map_err(|err| format!("upstreams.{name}.url: {err}"))?;
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.connect_timeout.0)
+            .read_timeout(config.read_timeout.0)
+            // reqwest drops Authorization when a redirect leaves the host (blob CDNs).
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|err| format!("upstreams.{name}: cannot build HTTP client: {err}"))?;
+        Ok(Upstream {
+            name: name.to_owned(),
+            base,
+            client,
+            tokens: TokenCache::default(),
+            library_prefix: config.library_prefix(name),
+        })
+    }
+
+    /// The repository name as this upstream knows it (`library/` for Docker Hub's one-segment
+    /// names).
+    pub fn normalize(&self, repo: RepoName) -> RepoName {
+        if self.library_prefix {
+            repo.with_library_prefix()
+        } else {
+            repo
+        }
+    }
+
+    /// Fetches a manifest by tag or digest, refusing anything over [`MAX_MANIFEST_BYTES`].
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<RemoteManifest, Error> {
+        let path = format!("{repo}/manifests/{reference}");
+        let mut response = self
+            .send(Method::GET, repo, &path, manifest_headers())
+            .await?;
+        let digest = header_digest(response.headers());
+        let declared = content_type(response.headers());
+        if response.content_length().unwrap_or(0) > MAX_MANIFEST_BYTES as u64 {
+            return Err(Error::Invalid("manifest larger than 4 MiB".into()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(Error::Invalid("manifest larger than 4 MiB".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let media_type = declared
+            .filter(|mt| media_type::is_manifest_type(mt))
+            .or_else(|| media_type::sniff(&body))
+            .ok_or_else(|| Error::Invalid("response is not a manifest".into()))?;
+        Ok(RemoteManifest {
+            bytes: body.into(),
+            media_type,
+            digest,
+        })
+    }
+
+    /// Asks which digest a tag points to without downloading the manifest (Docker Hub does not
+    /// count HEADs against its pull limit).
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<ManifestHead, Error> {
+        let path = format!("{repo}/manifests/{reference}");
+        let response = self
+            .send(Method::HEAD, repo, &path, manifest_headers())
+            .await?;
+        Ok(ManifestHead {
+            digest: header_digest(response.headers()),
+        })
+    }
+
+    /// Starts a blob download at byte `from` (a `Range` request to resume a dropped transfer).
+    /// Answers the response with its status checked; the caller streams the body.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<reqwest::Response, Error> {
+        let path = format!("{repo}/blobs/{digest}");
+        let mut headers = HeaderMap::new();
+        if from > 0 {
+            let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
+            headers.insert(header::RANGE, range);
+        }
+        let response = self.send(Method::GET, repo, &path, headers).await?;
+        if from > 0 && response.status() != StatusCode::PARTIAL_CONTENT {
+            return Err(Error::Invalid(
+                "upstream ignored the Range of a resumed download".into(),
+            ));
+        }
+        Ok(response)
+    }
+
+    /// The size of a blob, if the upstream has it.
+    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
+        let path = format!("{repo}/blobs/{digest}");
+        let response = self
+            .send(Method::HEAD, repo, &path, HeaderMap::new())
+            .await?;
+        response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Invalid("blob HEAD without Content-Length".into()))
+    }
+
+    /// The upstream's tag list, passed through (with `n` and `last` when given).
+    pub async fn tags(&self, repo: &RepoName, query: &str) -> Result<Bytes, Error> {
+        let path = if query.is_empty() {
+            format!("{repo}/tags/list")
+        } else {
+            format!("{repo}/tags/list?{query}")
+        };
+        let response = self
+            .send(Method::GET, repo, &path, HeaderMap::new())
+            .await?;
+        response.bytes().await.map_err(Error::from_reqwest)
+    }
+
+    /// Sends a request with the cached token for the repository's pull scope; on a 401, answers
+    /// the challenge once and retries. Statuses other than 2xx become [`Error`]s.
+    async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
+        let url = self.url(path)?;
+        let scope = format!("repository:{repo}:pull");
+        let mut authorization = self.tokens.get(&scope).map(|t| format!("Bearer {t}"));
+        for attempt in 0..2 {
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(value) = &authorization {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+            let response = request.send().await.map_err(Error::from_reqwest)?;
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = response
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                match challenge {
+                    Some(challenge) if challenge.scheme == "bearer" => {
+                        self.tokens.forget(&scope);
+                        let token = self.fetch_token(&challenge, &scope).await?;
+                        authorization = Some(format!("Bearer {token}"));
+                        continue;
+                    }
+                    _ => return Err(Error::Unauthorized),
+                }
+            }
+            return classify(response);
+        }
+        Err(Error::Unauthorized)
+    }
+
+    /// Gets a bearer token from the challenge's realm for `scope` and caches it.
+    async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
+        let realm = challenge
+            .param("realm")
+            .ok_or_else(|| Error::Invalid("bearer challenge without realm".into()))?;
+        let mut url =
+            Url::parse(realm).map_err(|_| Error::Invalid("bearer realm is not a URL".into()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(Error::Invalid("bearer realm is not an http(s) URL".into()));
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = challenge.param("service") {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(Error::from_reqwest)?;
+        let response = match classify(response) {
+            Err(Error::NotFound) => return Err(Error::Unauthorized),
+            other => other?,
+        };
+        let body = response.bytes().await.map_err(Error::from_reqwest)?;
+        let (token, lifetime) = serde_json::from_slice::<auth::TokenResponse>(&body)
+            .ok()
+            .and_then(auth::TokenResponse::into_token)
+            .ok_or_else(|| Error::Invalid("token endpoint answered without a token".into()))?;
+        self.tokens.put(scope, token.clone(), lifetime);
+        Ok(token)
+    }
+
+    fn url(&self, path: &str) -> Result<Url, Error> {
+        let base = self.base.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/v2/{path}"))
+            .map_err(|_| Error::Invalid("bad upstream URL".into()))
+    }
+}
+
+/// Turns non-success statuses into errors.
+fn classify(response: reqwest::Response) -> Result<reqwest::Response, Error> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    Err(match status {
+        StatusCode::NOT_FOUND => Error::NotFound,
+        StatusCode::UNAUTHORIZED => Error::Unauthorized,
+        StatusCode::FORBIDDEN => Error::Denied,
+        StatusCode::TOO_MANY_REQUESTS => Error::TooManyRequests {
+            retry_after: response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        },
+        other => Error::Status(other.as_u16()),
+    })
+}
+
+fn manifest_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static(media_type::MANIFEST_ACCEPT),
+    );
+    headers
+}
+
+fn header_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next()?.trim().to_owned())
+}
+
+/// rustls needs one process-wide crypto provider; we use ring.
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The configured upstreams, found by every name clients may use for them.
+pub struct Upstreams {
+    by_name: HashMap<String, Arc<Upstream>>,
+    default: Arc<Upstream>,
+}
+
+impl Upstreams {
+    pub fn from_config(config: &Config) -> Result<Upstreams, String> {
+        let mut by_name = HashMap::new();
+        for (name, upstream_config) in &config.upstreams {
+            let upstream = Arc::new(Upstream::new(name, upstream_config)?);
+            for alias in upstream_config.all_names(name) {
+                by_name.insert(alias.to_ascii_lowercase(), upstream.clone());
+            }
+        }
+        let default = by_name
+            .get(&config.default_upstream.to_ascii_lowercase())
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "default_upstream {} is not configured",
+                    config.default_upstream
+                )
+            })?;
+        Ok(Upstreams { by_name, default })
+    }
+
+    /// The upstream a client means by `name` (from `?ns=` or a path prefix). Closed world: a
+    /// name we were not configured with is never dialled.
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(&name.to_ascii_lowercase())
+    }
+
+    pub fn default_upstream(&self) -> &Arc<Upstream> {
+        &self.default
+    }
+
+    /// Each upstream once.
+    pub fn all(&self) -> Vec<Arc<Upstream>> {
+        let mut all: Vec<_> = self.by_name.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        all
+    }
+}
+
+/// How long to wait for a whole manifest exchange.
+pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
