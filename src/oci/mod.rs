@@ -14,7 +14,7 @@ pub use name::{Reference, RepoName, Tag};
 
 /// Why a client-supplied string is not a valid OCI value.
 ///
-/// The message is shown to clients, so it quotes at most [`SNIPPET_LEN`]
+/// The message is shown to clients, so it quotes at most 100
 /// bytes of the input: a megabyte-long path must not become a megabyte-long
 /// error body or log line.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
