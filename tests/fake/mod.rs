@@ -1,0 +1,254 @@
+//! An in-process upstream registry for fault injection: it counts every request and can be
+//! slow, drop connections, lie about content, fail with a status, or demand bearer tokens.
+//! The real upstream of the end-to-end tests is distribution; this one exists for the faults
+//! distribution cannot be made to commit.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use bytes::Bytes;
+use regmirror::oci::Digest;
+
+/// What the fake does wrong, changeable while it runs.
+#[derive(Default)]
+pub struct Faults {
+    /// Answer every registry request with this status.
+    pub status: Mutex<Option<u16>>,
+    /// Sleep this long between 64 KiB chunks of a blob.
+    pub chunk_delay_ms: AtomicU64,
+    /// Drop the connection after this many bytes of the next full (non-range) blob GET.
+    pub drop_after: Mutex<Option<usize>>,
+    /// Flip a byte in every blob body.
+    pub corrupt: AtomicBool,
+    /// Require `Authorization: Bearer <token>` issued by `/token`.
+    pub require_token: AtomicBool,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub requests: Mutex<Vec<(String, String, Option<String>)>>,
+    pub tokens_issued: AtomicUsize,
+}
+
+impl Counters {
+    /// Requests whose method is `method` and whose path contains `part`.
+    pub fn count(&self, method: &str, part: &str) -> usize {
+        self.requests.lock().unwrap().iter().filter(|(m, p, _)| m == method && p.contains(part)).count()
+    }
+}
+
+#[derive(Default)]
+pub struct Content {
+    pub blobs: Mutex<HashMap<Digest, Bytes>>,
+    /// Which repositories hold which blobs, as a registry scopes them.
+    pub repo_blobs: Mutex<std::collections::HashSet<(String, Digest)>>,
+    /// (repository, tag or digest) → (body, media type)
+    pub manifests: Mutex<HashMap<(String, String), (Bytes, String)>>,
+}
+
+#[derive(Clone, Default)]
+pub struct Fake {
+    pub faults: Arc<Faults>,
+    pub counters: Arc<Counters>,
+    pub content: Arc<Content>,
+    pub addr: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+/// An image the fake serves.
+pub struct Image {
+    pub manifest: Bytes,
+    pub digest: Digest,
+    pub layers: Vec<(Digest, Bytes)>,
+}
+
+impl Fake {
+    /// Starts the fake on 127.0.0.1 with an ephemeral port; it stops with the test's runtime.
+    pub async fn start() -> Fake {
+        let fake = Fake::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        *fake.addr.lock().unwrap() = Some(listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/token", get(token))
+            .route("/v2/{*rest}", any(registry))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr.lock().unwrap().unwrap())
+    }
+
+    pub fn put_blob(&self, bytes: Bytes) -> Digest {
+        let digest = Digest::sha256_of(&bytes);
+        self.content.blobs.lock().unwrap().insert(digest.clone(), bytes);
+        digest
+    }
+
+    pub fn put_manifest(&self, repo: &str, tag: &str, body: Bytes, media_type: &str) -> Digest {
+        let digest = Digest::sha256_of(&body);
+        let mut manifests = self.content.manifests.lock().unwrap();
+        manifests.insert((repo.into(), tag.into()), (body.clone(), media_type.into()));
+        manifests.insert((repo.into(), digest.to_string()), (body, media_type.into()));
+        digest
+    }
+
+    /// An OCI image with one layer per size, each of pseudo-random bytes, tagged `tag`.
+    pub fn put_image(&self, repo: &str, tag: &str, layer_sizes: &[usize], seed: u64) -> Image {
+        let config = Bytes::from(format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#));
+        let config_digest = self.put_blob(config.clone());
+        let layers: Vec<(Digest, Bytes)> = layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                let bytes = pseudo_random(*size, seed * 1000 + i as u64);
+                (self.put_blob(bytes.clone()), bytes)
+            })
+            .collect();
+        let layer_json: Vec<String> = layers
+            .iter()
+            .map(|(d, b)| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{}}}"#, b.len()))
+            .collect();
+        let manifest = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{}]}}"#,
+            config.len(),
+            layer_json.join(",")
+        ));
+        let digest = self.put_manifest(repo, tag, manifest.clone(), "application/vnd.oci.image.manifest.v1+json");
+        let mut repo_blobs = self.content.repo_blobs.lock().unwrap();
+        repo_blobs.insert((repo.to_owned(), config_digest));
+        for (layer, _) in &layers {
+            repo_blobs.insert((repo.to_owned(), layer.clone()));
+        }
+        drop(repo_blobs);
+        Image { manifest, digest, layers }
+    }
+}
+
+/// Deterministic incompressible bytes (xorshift), so tests need no RNG crate.
+pub fn pseudo_random(len: usize, seed: u64) -> Bytes {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out.into()
+}
+
+async fn token(State(fake): State<Fake>) -> Response {
+    let n = fake.counters.tokens_issued.fetch_add(1, Ordering::SeqCst);
+    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"token":"tok-{n}","expires_in":300}}"#)).into_response()
+}
+
+async fn registry(State(fake): State<Fake>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let path = uri.path().to_owned();
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    fake.counters.requests.lock().unwrap().push((method.to_string(), path.clone(), auth.clone()));
+    if fake.faults.require_token.load(Ordering::SeqCst) && !auth.as_deref().is_some_and(|a| a.starts_with("Bearer tok-")) {
+        let challenge = format!(r#"Bearer realm="{}/token",service="fake",scope="repository:x:pull""#, fake.url());
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], "{}").into_response();
+    }
+    if let Some(status) = *fake.faults.status.lock().unwrap() {
+        return StatusCode::from_u16(status).unwrap().into_response();
+    }
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        let found = fake.content.manifests.lock().unwrap().get(&(repo.to_owned(), reference.to_owned())).cloned();
+        return match found {
+            Some((body, media_type)) => {
+                let digest = Digest::sha256_of(&body);
+                let body = if method == Method::HEAD { Body::empty() } else { Body::from(body.clone()) };
+                Response::builder()
+                    .header(header::CONTENT_TYPE, media_type)
+                    .header("docker-content-digest", digest.as_str())
+                    .body(body)
+                    .unwrap()
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        let Ok(digest) = digest.parse::<Digest>() else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        if !fake.content.repo_blobs.lock().unwrap().contains(&(repo.to_owned(), digest.clone())) {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        let Some(mut bytes) = fake.content.blobs.lock().unwrap().get(&digest).cloned() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        if fake.faults.corrupt.load(Ordering::SeqCst) && !bytes.is_empty() {
+            let mut v = bytes.to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 0xff;
+            bytes = v.into();
+        }
+        let total = bytes.len();
+        let start = headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes="))
+            .and_then(|v| v.strip_suffix('-'))
+            .and_then(|v| v.parse::<usize>().ok());
+        let mut builder = Response::builder().header(header::CONTENT_LENGTH, total - start.unwrap_or(0));
+        if let Some(start) = start {
+            builder = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{total}", total - 1));
+        }
+        if method == Method::HEAD {
+            return builder.body(Body::empty()).unwrap();
+        }
+        let body = bytes.slice(start.unwrap_or(0)..);
+        let drop_after = if start.is_none() { fake.faults.drop_after.lock().unwrap().take() } else { None };
+        let delay = Duration::from_millis(fake.faults.chunk_delay_ms.load(Ordering::SeqCst));
+        let chunks: Vec<Bytes> = (0..body.len()).step_by(64 * 1024).map(|i| body.slice(i..(i + 64 * 1024).min(body.len()))).collect();
+        let stream = futures_util::stream::unfold((chunks.into_iter(), 0usize), move |(mut chunks, sent)| async move {
+            if let Some(limit) = drop_after {
+                if sent >= limit {
+                    return Some((Err(std::io::Error::other("injected drop")), (chunks, usize::MAX)));
+                }
+            }
+            if sent == usize::MAX {
+                return None;
+            }
+            let chunk = chunks.next()?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let sent = sent + chunk.len();
+            Some((Ok::<Bytes, std::io::Error>(chunk), (chunks, sent)))
+        });
+        return builder.body(Body::from_stream(stream)).unwrap();
+    }
+    if rest.ends_with("/tags/list") {
+        let repo = rest.trim_end_matches("/tags/list");
+        let mut tags: Vec<String> = fake
+            .content
+            .manifests
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(r, t)| r == repo && !t.contains(':'))
+            .map(|(_, t)| t.clone())
+            .collect();
+        tags.sort();
+        return ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({"name": repo, "tags": tags}).to_string()).into_response();
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
