@@ -28,7 +28,11 @@ async fn mirror(fake: &Fake, extra_cache: &str) -> Mirror {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, regmirror::app(state)).await.unwrap() });
-    Mirror { url, _dir: dir, root }
+    Mirror {
+        url,
+        _dir: dir,
+        root,
+    }
 }
 
 fn client() -> reqwest::Client {
@@ -42,8 +46,13 @@ fn sha(bytes: &[u8]) -> String {
 
 async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
-    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).expect("error bodies are JSON");
-    (status, body["errors"][0]["code"].as_str().unwrap().to_owned())
+    let bytes = response.bytes().await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("error bodies are JSON: {e}: {bytes:?}"));
+    (
+        status,
+        body["errors"][0]["code"].as_str().unwrap().to_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -53,18 +62,42 @@ async fn manifest_miss_then_hit_with_consistent_head() {
     let m = mirror(&fake, "tag_ttl: 5m").await;
     let http = client();
     for (round, expect) in [(0, "miss"), (1, "hit")] {
-        let r = http.get(format!("{}/v2/alpine/manifests/3.20", m.url)).send().await.unwrap();
+        let r = http
+            .get(format!("{}/v2/alpine/manifests/3.20", m.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "round {round}");
         assert_eq!(r.headers()["x-regmirror-cache"], expect);
         assert_eq!(r.headers()["docker-content-digest"], image.digest.as_str());
-        assert_eq!(r.headers()["content-type"], "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/vnd.oci.image.manifest.v1+json"
+        );
         assert_eq!(r.bytes().await.unwrap(), image.manifest);
     }
-    let head = http.head(format!("{}/v2/library/alpine/manifests/{}", m.url, image.digest)).send().await.unwrap();
+    let head = http
+        .head(format!(
+            "{}/v2/library/alpine/manifests/{}",
+            m.url, image.digest
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-length"], image.manifest.len().to_string().as_str());
-    assert_eq!(head.headers()["docker-content-digest"], image.digest.as_str());
-    assert_eq!(fake.counters.count("GET", "/manifests/"), 1, "one upstream GET for the tag, the digest came from cache");
+    assert_eq!(
+        head.headers()["content-length"],
+        image.manifest.len().to_string().as_str()
+    );
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
+    assert_eq!(
+        fake.counters.count("GET", "/manifests/"),
+        1,
+        "one upstream GET for the tag, the digest came from cache"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -79,7 +112,10 @@ async fn concurrent_blob_misses_make_one_upstream_get_and_stream_early() {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (http, url) = (http.clone(), format!("{}/v2/library/big/blobs/{digest}", m.url));
+        let (http, url) = (
+            http.clone(),
+            format!("{}/v2/library/big/blobs/{digest}", m.url),
+        );
         tasks.push(tokio::spawn(async move {
             let mut response = http.get(url).send().await.unwrap();
             assert_eq!(response.status(), 200);
@@ -95,12 +131,19 @@ async fn concurrent_blob_misses_make_one_upstream_get_and_stream_early() {
     for task in tasks {
         let (first_byte, body) = task.await.unwrap();
         assert_eq!(sha(&body), digest.as_str());
-        assert!(first_byte < Duration::from_millis(700), "first byte after {first_byte:?}: clients must stream while the download runs");
+        assert!(
+            first_byte < Duration::from_millis(700),
+            "first byte after {first_byte:?}: clients must stream while the download runs"
+        );
     }
     assert_eq!(fake.counters.count("GET", "/blobs/"), 1, "single flight");
     assert_eq!(bytes.len(), 4 << 20);
     // And now it is a hit.
-    let r = http.get(format!("{}/v2/library/big/blobs/{digest}", m.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v2/library/big/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-regmirror-cache"], "hit");
     assert_eq!(fake.counters.count("GET", "/blobs/"), 1);
 }
@@ -113,17 +156,32 @@ async fn client_disconnect_does_not_abort_the_fill() {
     fake.faults.chunk_delay_ms.store(5, Ordering::SeqCst);
     let m = mirror(&fake, "").await;
     let http = client();
-    let mut response = http.get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap();
+    let mut response = http
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     let _ = response.chunk().await.unwrap();
     drop(response);
     // The download goes on without any client and commits.
-    let path = m.root.join("blobs/sha256").join(&digest.hex()[..2]).join(digest.hex());
+    let path = m
+        .root
+        .join("blobs/sha256")
+        .join(&digest.hex()[..2])
+        .join(digest.hex());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "blob never committed after the client left");
+        assert!(
+            Instant::now() < deadline,
+            "blob never committed after the client left"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = http.get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-regmirror-cache"], "hit");
     assert_eq!(sha(&r.bytes().await.unwrap()), digest.as_str());
     assert_eq!(fake.counters.count("GET", "/blobs/"), 1);
@@ -137,14 +195,34 @@ async fn lying_upstream_commits_nothing_and_the_transfer_fails() {
     fake.faults.corrupt.store(true, Ordering::SeqCst);
     let m = mirror(&fake, "").await;
     let http = client();
-    let response = http.get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap();
+    let response = http
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     let body = response.bytes().await;
-    assert!(body.is_err(), "a body that fails verification must not arrive complete");
-    assert!(!m.root.join("blobs/sha256").join(&digest.hex()[..2]).join(digest.hex()).exists());
-    assert_eq!(std::fs::read_dir(m.root.join("tmp")).unwrap().count(), 0, "partial download removed");
+    assert!(
+        body.is_err(),
+        "a body that fails verification must not arrive complete"
+    );
+    assert!(!m
+        .root
+        .join("blobs/sha256")
+        .join(&digest.hex()[..2])
+        .join(digest.hex())
+        .exists());
+    assert_eq!(
+        std::fs::read_dir(m.root.join("tmp")).unwrap().count(),
+        0,
+        "partial download removed"
+    );
     // Once the upstream behaves, the next request fetches again and succeeds.
     fake.faults.corrupt.store(false, Ordering::SeqCst);
-    let r = http.get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(sha(&r.bytes().await.unwrap()), digest.as_str());
     assert_eq!(fake.counters.count("GET", "/blobs/"), 2);
 }
@@ -156,9 +234,20 @@ async fn dropped_upstream_connection_is_resumed_with_range() {
     let digest = image.layers[0].0.clone();
     *fake.faults.drop_after.lock().unwrap() = Some(300 * 1024);
     let m = mirror(&fake, "").await;
-    let body = client().get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap().bytes().await.unwrap();
+    let body = client()
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(sha(&body), digest.as_str());
-    assert_eq!(fake.counters.count("GET", "/blobs/"), 2, "the first GET and one resume");
+    assert_eq!(
+        fake.counters.count("GET", "/blobs/"),
+        2,
+        "the first GET and one resume"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -173,7 +262,11 @@ async fn tags_revalidate_after_ttl_and_follow_moves() {
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.headers()["x-regmirror-cache"], "revalidated");
     assert_eq!(fake.counters.count("HEAD", "/manifests/latest"), 1);
-    assert_eq!(fake.counters.count("GET", "/manifests/"), 1, "unchanged digest: no second GET");
+    assert_eq!(
+        fake.counters.count("GET", "/manifests/"),
+        1,
+        "unchanged digest: no second GET"
+    );
     let second = fake.put_image("library/app", "latest", &[20], 7);
     let r = http.get(&url).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], second.digest.as_str());
@@ -187,26 +280,49 @@ async fn serves_stale_when_upstream_fails_and_maps_errors_otherwise() {
     let m = mirror(&fake, "tag_ttl: 0s").await;
     let http = client();
     let get = |path: String| http.get(format!("{}{path}", m.url)).send();
-    assert_eq!(get("/v2/app/manifests/1".into()).await.unwrap().status(), 200);
-    assert_eq!(get(format!("/v2/app/blobs/{}", image.layers[0].0)).await.unwrap().status(), 200);
+    assert_eq!(
+        get("/v2/app/manifests/1".into()).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get(format!("/v2/app/blobs/{}", image.layers[0].0))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     for status in [503u16, 429] {
         *fake.faults.status.lock().unwrap() = Some(status);
         let r = get("/v2/app/manifests/1".into()).await.unwrap();
         assert_eq!(r.status(), 200, "upstream {status}");
         assert_eq!(r.headers()["x-regmirror-cache"], "stale");
         assert_eq!(r.headers()["docker-content-digest"], image.digest.as_str());
-        let r = get(format!("/v2/app/blobs/{}", image.layers[0].0)).await.unwrap();
+        let r = get(format!("/v2/app/blobs/{}", image.layers[0].0))
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     // Never cached: the upstream's problem, as an OCI error.
     *fake.faults.status.lock().unwrap() = Some(429);
-    assert_eq!(error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await, (429, "TOOMANYREQUESTS".into()));
+    assert_eq!(
+        error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
+        (429, "TOOMANYREQUESTS".into())
+    );
     *fake.faults.status.lock().unwrap() = Some(503);
-    assert_eq!(error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await, (502, "UNAVAILABLE".into()));
+    assert_eq!(
+        error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
+        (502, "UNAVAILABLE".into())
+    );
     *fake.faults.status.lock().unwrap() = None;
-    assert_eq!(error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await, (404, "MANIFEST_UNKNOWN".into()));
+    assert_eq!(
+        error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
+        (404, "MANIFEST_UNKNOWN".into())
+    );
     let missing = Digest::sha256_of(b"nothing");
-    assert_eq!(error_code(get(format!("/v2/app/blobs/{missing}")).await.unwrap()).await, (404, "BLOB_UNKNOWN".into()));
+    assert_eq!(
+        error_code(get(format!("/v2/app/blobs/{missing}")).await.unwrap()).await,
+        (404, "BLOB_UNKNOWN".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -216,13 +332,25 @@ async fn bearer_token_is_fetched_once_and_reused() {
     fake.faults.require_token.store(true, Ordering::SeqCst);
     let m = mirror(&fake, "").await;
     let http = client();
-    let r = http.get(format!("{}/v2/app/manifests/1", m.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v2/app/manifests/1", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     for (digest, _) in &image.layers {
-        let r = http.get(format!("{}/v2/app/blobs/{digest}", m.url)).send().await.unwrap();
+        let r = http
+            .get(format!("{}/v2/app/blobs/{digest}", m.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
-    assert_eq!(fake.counters.tokens_issued.load(Ordering::SeqCst), 1, "token cached per scope");
+    assert_eq!(
+        fake.counters.tokens_issued.load(Ordering::SeqCst),
+        1,
+        "token cached per scope"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -232,21 +360,77 @@ async fn bad_input_gets_oci_errors() {
     let m = mirror(&fake, "").await;
     let http = client();
     let cases: Vec<(reqwest::Method, String, u16, &str)> = vec![
-        (reqwest::Method::GET, "/v2/UPPER/manifests/x".into(), 400, "NAME_INVALID"),
-        (reqwest::Method::GET, "/v2/a/blobs/sha256:abc".into(), 400, "DIGEST_INVALID"),
-        (reqwest::Method::GET, "/v2/a/blobs/md5:abc".into(), 400, "DIGEST_INVALID"),
-        (reqwest::Method::GET, "/v2/a/manifests/-bad".into(), 400, "MANIFEST_INVALID"),
-        (reqwest::Method::GET, "/v2/a/manifests/x?ns=evil.example".into(), 404, "NAME_UNKNOWN"),
-        (reqwest::Method::PUT, "/v2/a/manifests/x".into(), 405, "UNSUPPORTED"),
-        (reqwest::Method::POST, "/v2/a/blobs/uploads/".into(), 405, "UNSUPPORTED"),
-        (reqwest::Method::DELETE, format!("/v2/app/manifests/{}", image.digest), 405, "UNSUPPORTED"),
-        (reqwest::Method::GET, format!("/v2/{}/manifests/x", "a/".repeat(200)), 400, "NAME_INVALID"),
+        (
+            reqwest::Method::GET,
+            "/v2/UPPER/manifests/x".into(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v2/a/blobs/sha256:abc".into(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v2/a/blobs/md5:abc".into(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v2/a/manifests/-bad".into(),
+            400,
+            "MANIFEST_INVALID",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v2/a/manifests/x?ns=evil.example".into(),
+            404,
+            "NAME_UNKNOWN",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v2/a/manifests/x".into(),
+            405,
+            "UNSUPPORTED",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v2/a/blobs/uploads/".into(),
+            405,
+            "UNSUPPORTED",
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/v2/app/manifests/{}", image.digest),
+            405,
+            "UNSUPPORTED",
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/v2/{}/manifests/x", "a/".repeat(200)),
+            400,
+            "NAME_INVALID",
+        ),
     ];
     for (method, path, status, code) in cases {
-        let r = http.request(method.clone(), format!("{}{path}", m.url)).send().await.unwrap();
-        assert_eq!(error_code(r).await, (status, code.to_owned()), "{method} {path}");
+        let r = http
+            .request(method.clone(), format!("{}{path}", m.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_code(r).await,
+            (status, code.to_owned()),
+            "{method} {path}"
+        );
     }
-    assert!(fake.counters.requests.lock().unwrap().is_empty(), "bad input never reaches the upstream");
+    assert!(
+        fake.counters.requests.lock().unwrap().is_empty(),
+        "bad input never reaches the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -258,13 +442,28 @@ async fn ranges_on_cached_and_in_flight_blobs() {
     let http = client();
     let url = format!("{}/v2/app/blobs/{digest}", m.url);
     // A range on a miss is served from the download.
-    let r = http.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    let r = http
+        .get(&url)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 100-199/200000");
     assert_eq!(r.bytes().await.unwrap(), bytes.slice(100..200));
-    let r = http.get(&url).header("range", "bytes=199990-").send().await.unwrap();
+    let r = http
+        .get(&url)
+        .header("range", "bytes=199990-")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap(), bytes.slice(199_990..));
-    let r = http.get(&url).header("range", "bytes=300000-").send().await.unwrap();
+    let r = http
+        .get(&url)
+        .header("range", "bytes=300000-")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */200000");
     let r = http.head(&url).send().await.unwrap();
@@ -279,22 +478,19 @@ async fn cached_blob_is_not_served_under_a_repository_that_never_showed_it() {
     let digest = image.layers[0].0.clone();
     let m = mirror(&fake, "").await;
     let http = client();
-    assert_eq!(http.get(format!("{}/v2/public/blobs/{digest}", m.url)).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{}/v2/public/blobs/{digest}", m.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // `other` does not have this blob upstream: the cached copy is not a reason to serve it.
-    let r = http.get(format!("{}/v2/other/blobs/{digest}", m.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v2/other/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".to_owned()));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn debug_tmp() {
-    let fake = Fake::start().await;
-    let image = fake.put_image("library/x", "1", &[1 << 20], 5);
-    let (digest, bytes) = image.layers[0].clone();
-    *fake.faults.drop_after.lock().unwrap() = Some(300 * 1024);
-    let m = mirror(&fake, "").await;
-    let body = client().get(format!("{}/v2/library/x/blobs/{digest}", m.url)).send().await.unwrap().bytes().await.unwrap();
-    eprintln!("body {:?}", String::from_utf8_lossy(&body[..body.len().min(200)]));eprintln!("len {} want {}; first diff {:?}", body.len(), bytes.len(), body.iter().zip(bytes.iter()).position(|(a,b)| a!=b));
-    eprintln!("{:?}", fake.counters.requests.lock().unwrap());
-    let r = client().get(format!("{}/v2/other/blobs/{digest}", m.url)).send().await.unwrap();
-    eprintln!("{:?} {:?}", r.status(), r.headers());
 }

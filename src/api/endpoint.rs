@@ -162,6 +162,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn resolves_upstream_and_name() {
         let ups = upstreams();
         let d = "sha256:".to_owned() + &"a".repeat(64);

@@ -38,6 +38,9 @@ pub enum Progress {
 
 /// A download under way.
 pub struct Flight {
+    /// `(upstream, repository)` the download was started for: another repository joining it
+    /// must first show that its upstream has the blob too.
+    owner: (String, String),
     tmp_path: PathBuf,
     file: Arc<File>,
     progress: watch::Sender<Progress>,
@@ -51,6 +54,11 @@ impl Flight {
 
     pub fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// Whether the download was started for this upstream and repository.
+    pub fn owned_by(&self, upstream: &str, repo: &str) -> bool {
+        self.owner.0 == upstream && self.owner.1 == repo
     }
 
     /// Where the download is being written.
@@ -76,7 +84,7 @@ pub struct Flights {
 /// What [`Flights::join`] decided.
 pub enum Joined {
     /// Someone is already downloading it.
-    Existing(FlightReader),
+    Existing(Arc<Flight>),
     /// The caller must run the download and call [`Flights::finish`].
     Started(Arc<Flight>, FlightReader),
 }
@@ -87,12 +95,13 @@ impl Flights {
     pub fn join(
         &self,
         digest: &Digest,
+        owner: (&str, &str),
         file: impl FnOnce() -> io::Result<(PathBuf, File)>,
         committed: impl FnOnce() -> bool,
     ) -> io::Result<Option<Joined>> {
         let mut inflight = self.inflight.lock().expect("flights lock");
         if let Some(flight) = inflight.get(digest) {
-            return Ok(Some(Joined::Existing(flight.reader())));
+            return Ok(Some(Joined::Existing(flight.clone())));
         }
         if committed() {
             return Ok(None);
@@ -100,6 +109,7 @@ impl Flights {
         let (progress, _) = watch::channel(Progress::Starting);
         let (tmp_path, file) = file()?;
         let flight = Arc::new(Flight {
+            owner: (owner.0.to_owned(), owner.1.to_owned()),
             tmp_path,
             file: Arc::new(file),
             progress,
@@ -116,20 +126,9 @@ impl Flights {
         flight.publish(progress);
     }
 
-    /// Digests being downloaded now (eviction must not remove them).
-    pub fn contains(&self, digest: &Digest) -> bool {
-        self.inflight
-            .lock()
-            .expect("flights lock")
-            .contains_key(digest)
-    }
-
+    /// Downloads under way.
     pub fn len(&self) -> usize {
         self.inflight.lock().expect("flights lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

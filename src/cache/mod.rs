@@ -128,6 +128,9 @@ pub struct Policy {
     pub serve_stale: bool,
 }
 
+/// `(upstream, repository, reference)`.
+type ManifestKey = (String, String, String);
+
 /// The cache: store, upstreams and the fetches in flight.
 pub struct Cache {
     store: Arc<Store>,
@@ -135,7 +138,7 @@ pub struct Cache {
     policy: Policy,
     metrics: Arc<Metrics>,
     blob_flights: Flights,
-    manifest_flights: SingleFlight<(String, String, String), Result<(Manifest, Outcome), Error>>,
+    manifest_flights: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
 }
 
 impl Cache {
@@ -389,7 +392,9 @@ impl Cache {
         }
     }
 
-    /// The size of a blob we may serve under this repository from the store.
+    /// The size of a blob we may serve under this repository from the store; `None` if we do
+    /// not hold it. A blob held for another repository is checked with this repository's
+    /// upstream (a HEAD, no download) before it is served under its name.
     async fn linked_blob_size(
         &self,
         upstream: &Arc<Upstream>,
@@ -407,19 +412,12 @@ impl Cache {
         {
             return Ok(Some(entry.size));
         }
-        // We hold the bytes but this repository never showed them to us: ask its upstream
-        // whether it has them (a HEAD, no download) before serving them under its name.
-        match upstream.head_blob(repo, digest).await {
-            Ok(_) => {
-                self.store
-                    .index
-                    .link(&upstream.name, repo.as_str(), digest)
-                    .map_err(storage::Error::from)?;
-                Ok(Some(entry.size))
-            }
-            Err(err) if err.is_unavailable() => Err(Error::Upstream(err)),
-            Err(_) => Ok(None),
-        }
+        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+        self.store
+            .index
+            .link(&upstream.name, repo.as_str(), digest)
+            .map_err(storage::Error::from)?;
+        Ok(Some(entry.size))
     }
 
     /// A blob to stream: from the store, or joined to (or starting) its single download.
@@ -458,6 +456,7 @@ impl Cache {
                 .blob_flights
                 .join(
                     digest,
+                    (&upstream.name, repo.as_str()),
                     || store.blobs.create_tmp(),
                     || {
                         let linked = store.index.is_linked(&upstream.name, repo.as_str(), digest);
@@ -467,9 +466,18 @@ impl Cache {
                 .map_err(storage::Error::from)?;
             let mut reader = match joined {
                 None => continue,
-                Some(Joined::Existing(reader)) => {
+                Some(Joined::Existing(flight)) => {
+                    if !flight.owned_by(&upstream.name, repo.as_str()) {
+                        // Started for another repository: this one's upstream must vouch for
+                        // the blob before it is served under this name.
+                        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+                        self.store
+                            .index
+                            .link(&upstream.name, repo.as_str(), digest)
+                            .map_err(storage::Error::from)?;
+                    }
                     self.metrics.single_flight_join();
-                    reader
+                    flight.reader()
                 }
                 Some(Joined::Started(flight, reader)) => {
                     let this = self.clone();

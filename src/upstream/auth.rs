@@ -127,6 +127,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn parses_challenges() {
         let cases: &[(&str, Option<(&str, &[(&str, &str)])>)] = &[
             (

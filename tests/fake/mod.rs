@@ -44,7 +44,12 @@ pub struct Counters {
 impl Counters {
     /// Requests whose method is `method` and whose path contains `part`.
     pub fn count(&self, method: &str, part: &str) -> usize {
-        self.requests.lock().unwrap().iter().filter(|(m, p, _)| m == method && p.contains(part)).count()
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, p, _)| m == method && p.contains(part))
+            .count()
     }
 }
 
@@ -92,7 +97,11 @@ impl Fake {
 
     pub fn put_blob(&self, bytes: Bytes) -> Digest {
         let digest = Digest::sha256_of(&bytes);
-        self.content.blobs.lock().unwrap().insert(digest.clone(), bytes);
+        self.content
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), bytes);
         digest
     }
 
@@ -106,7 +115,9 @@ impl Fake {
 
     /// An OCI image with one layer per size, each of pseudo-random bytes, tagged `tag`.
     pub fn put_image(&self, repo: &str, tag: &str, layer_sizes: &[usize], seed: u64) -> Image {
-        let config = Bytes::from(format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#));
+        let config = Bytes::from(format!(
+            r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#
+        ));
         let config_digest = self.put_blob(config.clone());
         let layers: Vec<(Digest, Bytes)> = layer_sizes
             .iter()
@@ -125,14 +136,23 @@ impl Fake {
             config.len(),
             layer_json.join(",")
         ));
-        let digest = self.put_manifest(repo, tag, manifest.clone(), "application/vnd.oci.image.manifest.v1+json");
+        let digest = self.put_manifest(
+            repo,
+            tag,
+            manifest.clone(),
+            "application/vnd.oci.image.manifest.v1+json",
+        );
         let mut repo_blobs = self.content.repo_blobs.lock().unwrap();
         repo_blobs.insert((repo.to_owned(), config_digest));
         for (layer, _) in &layers {
             repo_blobs.insert((repo.to_owned(), layer.clone()));
         }
         drop(repo_blobs);
-        Image { manifest, digest, layers }
+        Image {
+            manifest,
+            digest,
+            layers,
+        }
     }
 }
 
@@ -152,27 +172,65 @@ pub fn pseudo_random(len: usize, seed: u64) -> Bytes {
 
 async fn token(State(fake): State<Fake>) -> Response {
     let n = fake.counters.tokens_issued.fetch_add(1, Ordering::SeqCst);
-    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"token":"tok-{n}","expires_in":300}}"#)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(r#"{{"token":"tok-{n}","expires_in":300}}"#),
+    )
+        .into_response()
 }
 
-async fn registry(State(fake): State<Fake>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn registry(
+    State(fake): State<Fake>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let path = uri.path().to_owned();
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    fake.counters.requests.lock().unwrap().push((method.to_string(), path.clone(), auth.clone()));
-    if fake.faults.require_token.load(Ordering::SeqCst) && !auth.as_deref().is_some_and(|a| a.starts_with("Bearer tok-")) {
-        let challenge = format!(r#"Bearer realm="{}/token",service="fake",scope="repository:x:pull""#, fake.url());
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], "{}").into_response();
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    fake.counters
+        .requests
+        .lock()
+        .unwrap()
+        .push((method.to_string(), path.clone(), auth.clone()));
+    if fake.faults.require_token.load(Ordering::SeqCst)
+        && !auth
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer tok-"))
+    {
+        let challenge = format!(
+            r#"Bearer realm="{}/token",service="fake",scope="repository:x:pull""#,
+            fake.url()
+        );
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, challenge)],
+            "{}",
+        )
+            .into_response();
     }
     if let Some(status) = *fake.faults.status.lock().unwrap() {
         return StatusCode::from_u16(status).unwrap().into_response();
     }
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
-        let found = fake.content.manifests.lock().unwrap().get(&(repo.to_owned(), reference.to_owned())).cloned();
+        let found = fake
+            .content
+            .manifests
+            .lock()
+            .unwrap()
+            .get(&(repo.to_owned(), reference.to_owned()))
+            .cloned();
         return match found {
             Some((body, media_type)) => {
                 let digest = Digest::sha256_of(&body);
-                let body = if method == Method::HEAD { Body::empty() } else { Body::from(body.clone()) };
+                let body = if method == Method::HEAD {
+                    Body::empty()
+                } else {
+                    Body::from(body.clone())
+                };
                 Response::builder()
                     .header(header::CONTENT_TYPE, media_type)
                     .header("docker-content-digest", digest.as_str())
@@ -186,7 +244,13 @@ async fn registry(State(fake): State<Fake>, method: Method, uri: Uri, headers: H
         let Ok(digest) = digest.parse::<Digest>() else {
             return StatusCode::BAD_REQUEST.into_response();
         };
-        if !fake.content.repo_blobs.lock().unwrap().contains(&(repo.to_owned(), digest.clone())) {
+        if !fake
+            .content
+            .repo_blobs
+            .lock()
+            .unwrap()
+            .contains(&(repo.to_owned(), digest.clone()))
+        {
             return StatusCode::NOT_FOUND.into_response();
         }
         let Some(mut bytes) = fake.content.blobs.lock().unwrap().get(&digest).cloned() else {
@@ -205,35 +269,52 @@ async fn registry(State(fake): State<Fake>, method: Method, uri: Uri, headers: H
             .and_then(|v| v.strip_prefix("bytes="))
             .and_then(|v| v.strip_suffix('-'))
             .and_then(|v| v.parse::<usize>().ok());
-        let mut builder = Response::builder().header(header::CONTENT_LENGTH, total - start.unwrap_or(0));
+        let mut builder =
+            Response::builder().header(header::CONTENT_LENGTH, total - start.unwrap_or(0));
         if let Some(start) = start {
-            builder = builder
-                .status(StatusCode::PARTIAL_CONTENT)
-                .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{total}", total - 1));
+            builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{total}", total - 1),
+            );
         }
         if method == Method::HEAD {
             return builder.body(Body::empty()).unwrap();
         }
         let body = bytes.slice(start.unwrap_or(0)..);
-        let drop_after = if start.is_none() { fake.faults.drop_after.lock().unwrap().take() } else { None };
+        let drop_after = if start.is_none() {
+            fake.faults.drop_after.lock().unwrap().take()
+        } else {
+            None
+        };
         let delay = Duration::from_millis(fake.faults.chunk_delay_ms.load(Ordering::SeqCst));
-        let chunks: Vec<Bytes> = (0..body.len()).step_by(64 * 1024).map(|i| body.slice(i..(i + 64 * 1024).min(body.len()))).collect();
-        let stream = futures_util::stream::unfold((chunks.into_iter(), 0usize), move |(mut chunks, sent)| async move {
-            if let Some(limit) = drop_after {
-                if sent >= limit {
-                    return Some((Err(std::io::Error::other("injected drop")), (chunks, usize::MAX)));
+        let chunks: Vec<Bytes> = (0..body.len())
+            .step_by(64 * 1024)
+            .map(|i| body.slice(i..(i + 64 * 1024).min(body.len())))
+            .collect();
+        let stream = futures_util::stream::unfold(
+            (chunks.into_iter(), 0usize),
+            move |(mut chunks, sent)| async move {
+                if let Some(limit) = drop_after {
+                    if sent >= limit {
+                        // Let hyper flush what was sent, so the drop happens mid-body.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Some((
+                            Err(std::io::Error::other("injected drop")),
+                            (chunks, usize::MAX),
+                        ));
+                    }
                 }
-            }
-            if sent == usize::MAX {
-                return None;
-            }
-            let chunk = chunks.next()?;
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            let sent = sent + chunk.len();
-            Some((Ok::<Bytes, std::io::Error>(chunk), (chunks, sent)))
-        });
+                if sent == usize::MAX {
+                    return None;
+                }
+                let chunk = chunks.next()?;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let sent = sent + chunk.len();
+                Some((Ok::<Bytes, std::io::Error>(chunk), (chunks, sent)))
+            },
+        );
         return builder.body(Body::from_stream(stream)).unwrap();
     }
     if rest.ends_with("/tags/list") {
@@ -248,7 +329,11 @@ async fn registry(State(fake): State<Fake>, method: Method, uri: Uri, headers: H
             .map(|(_, t)| t.clone())
             .collect();
         tags.sort();
-        return ([(header::CONTENT_TYPE, "application/json")], serde_json::json!({"name": repo, "tags": tags}).to_string()).into_response();
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"name": repo, "tags": tags}).to_string(),
+        )
+            .into_response();
     }
     StatusCode::NOT_FOUND.into_response()
 }
