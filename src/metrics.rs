@@ -1,6 +1,16 @@
-//! Prometheus metrics: names as constants, one registry per process, low-cardinality labels
-//! only (route kinds, outcomes, upstream names; never a repository or a digest).
+//! Prometheus metrics and the in-memory facts behind the status page: names as constants, one
+//! registry per process, low-cardinality labels only (route kinds, outcomes, upstream names,
+//! status classes; never a repository or a digest).
+//!
+//! Per-repository request counts and each upstream's health are kept here in memory for the
+//! status page (`GET /`) and are deliberately not exported as labels. This module knows nothing
+//! of HTTP servers, storage or upstream protocols: callers report what happened.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use axum::http::{HeaderMap, StatusCode};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -12,28 +22,109 @@ pub const HTTP_REQUESTS: &str = "regmirror_http_requests_total";
 pub const HTTP_DURATION: &str = "regmirror_http_request_duration_seconds";
 pub const CACHE_REQUESTS: &str = "regmirror_cache_requests_total";
 pub const SERVED_BYTES: &str = "regmirror_served_bytes_total";
+pub const UPSTREAM_REQUESTS: &str = "regmirror_upstream_requests_total";
+pub const UPSTREAM_DURATION: &str = "regmirror_upstream_request_duration_seconds";
 pub const UPSTREAM_BYTES: &str = "regmirror_upstream_fetched_bytes_total";
+pub const UPSTREAM_UP: &str = "regmirror_upstream_up";
+pub const TOKEN_FETCHES: &str = "regmirror_token_fetches_total";
+pub const RATELIMIT_REMAINING: &str = "regmirror_upstream_ratelimit_remaining";
+pub const RATELIMIT_LIMIT: &str = "regmirror_upstream_ratelimit_limit";
 pub const SINGLE_FLIGHT_JOINS: &str = "regmirror_single_flight_joins_total";
 pub const DOWNLOADS_IN_FLIGHT: &str = "regmirror_downloads_in_flight";
 pub const CACHE_SIZE: &str = "regmirror_cache_size_bytes";
 pub const CACHE_BLOBS: &str = "regmirror_cache_blobs";
 pub const CACHE_LIMIT: &str = "regmirror_cache_limit_bytes";
+pub const EVICTIONS: &str = "regmirror_evictions_total";
+pub const EVICTED_BYTES: &str = "regmirror_evicted_bytes_total";
+pub const PASSTHROUGH: &str = "regmirror_passthrough_total";
+pub const BUILD_INFO: &str = "regmirror_build_info";
 
-/// Every metric regmirror exports.
+/// Repositories whose request counts are remembered for the status page; beyond this, new
+/// repositories are not counted, so memory stays bounded whatever clients ask for.
+const MAX_TRACKED_REPOSITORIES: usize = 10_000;
+
+/// Every metric regmirror exports, plus the status page's in-memory facts.
 pub struct Metrics {
     registry: Registry,
     http_requests: IntCounterVec,
     http_duration: HistogramVec,
     cache_requests: IntCounterVec,
     served_bytes: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
     upstream_bytes: IntCounterVec,
+    upstream_up: IntGaugeVec,
+    token_fetches: IntCounterVec,
+    ratelimit_remaining: IntGaugeVec,
+    ratelimit_limit: IntGaugeVec,
     single_flight_joins: IntCounter,
+    evictions: IntCounter,
+    evicted_bytes: IntCounter,
+    passthrough: IntCounter,
     pub downloads_in_flight: IntGauge,
     pub cache_size: IntGauge,
     pub cache_blobs: IntGauge,
     pub cache_limit: IntGauge,
-    _info: IntGaugeVec,
+    /// Not on the hit path's critical section for long: one map update per request.
+    repositories: Mutex<HashMap<(String, String), RepositoryCounts>>,
+    upstreams: Mutex<BTreeMap<String, UpstreamHealth>>,
 }
+
+/// Requests served for one repository since start-up (status page only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepositoryCounts {
+    /// Manifest and blob requests that got an answer.
+    pub requests: u64,
+    /// Of those, answered from the store (hit, revalidated or stale).
+    pub from_cache: u64,
+}
+
+/// What the last exchanges with one upstream said about its health (status page only).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamHealth {
+    /// `None` until the first exchange.
+    pub state: Option<UpstreamState>,
+    pub last_success: Option<SystemTime>,
+    /// When and what; the text never holds a credential (upstream errors are built that way).
+    pub last_error: Option<(SystemTime, String)>,
+    /// The pull allowance left and the window's limit, from `ratelimit-*` headers.
+    pub ratelimit_remaining: Option<u64>,
+    pub ratelimit_limit: Option<u64>,
+}
+
+/// How the last exchange with an upstream went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamState {
+    /// It answered (any status below 500 other than 429).
+    Up,
+    /// It answered 429.
+    RateLimited,
+    /// It answered a 5xx.
+    Erroring,
+    /// No answer: refused, reset, TLS failure or timeout.
+    Unreachable,
+}
+
+impl UpstreamState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamState::Up => "up",
+            UpstreamState::RateLimited => "rate limited",
+            UpstreamState::Erroring => "erroring",
+            UpstreamState::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// The cache results counted as "served from the store" in hit ratios.
+pub const FROM_CACHE: [Outcome; 3] = [Outcome::Hit, Outcome::Revalidated, Outcome::Stale];
+const OUTCOMES: [Outcome; 4] = [
+    Outcome::Hit,
+    Outcome::Miss,
+    Outcome::Stale,
+    Outcome::Revalidated,
+];
+pub const CACHE_KINDS: [&str; 2] = ["manifest", "blob"];
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -47,6 +138,12 @@ impl Metrics {
                 .expect("metric names are unique");
             metric
         }
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             reg(
                 &registry,
@@ -56,39 +153,103 @@ impl Metrics {
         let gauge = |name: &str, help: &str| {
             reg(&registry, IntGauge::new(name, help).expect("valid metric"))
         };
-        let metrics = Metrics {
-            http_requests: counter_vec(HTTP_REQUESTS, "HTTP requests by method, route and status.", &["method", "route", "status"]),
-            http_duration: reg(
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            reg(
                 &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(HTTP_DURATION, "Time to response headers, by route.")
-                        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-                    &["route"],
-                )
-                .expect("valid metric"),
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let buckets = vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            reg(
+                &registry,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                    .expect("valid metric"),
+            )
+        };
+        gauge_vec(BUILD_INFO, "Build information.", &["version"])
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let metrics = Metrics {
+            http_requests: counter_vec(
+                HTTP_REQUESTS,
+                "HTTP requests by method, route and status.",
+                &["method", "route", "status"],
             ),
-            cache_requests: counter_vec(CACHE_REQUESTS, "Cache lookups by kind (manifest, blob) and result (hit, miss, stale, revalidated).", &["kind", "result"]),
-            served_bytes: counter_vec(SERVED_BYTES, "Blob bytes sent to clients, by source (cache, upstream).", &["source"]),
-            upstream_bytes: counter_vec(UPSTREAM_BYTES, "Blob bytes fetched from each upstream.", &["upstream"]),
-            single_flight_joins: reg(&registry, IntCounter::new(SINGLE_FLIGHT_JOINS, "Requests that joined a blob download already under way.").expect("valid metric")),
+            http_duration: histogram_vec(
+                HTTP_DURATION,
+                "Time to response headers, by route.",
+                &["route"],
+            ),
+            cache_requests: counter_vec(
+                CACHE_REQUESTS,
+                "Cache lookups by kind (manifest, blob) and result (hit, miss, stale, revalidated).",
+                &["kind", "result"],
+            ),
+            served_bytes: counter_vec(
+                SERVED_BYTES,
+                "Blob bytes sent to clients, by source (cache, upstream).",
+                &["source"],
+            ),
+            upstream_requests: counter_vec(
+                UPSTREAM_REQUESTS,
+                "Requests to upstreams, by upstream and status class (2xx..5xx, or error when no response came).",
+                &["upstream", "status"],
+            ),
+            upstream_duration: histogram_vec(
+                UPSTREAM_DURATION,
+                "Time to an upstream's response headers, by upstream.",
+                &["upstream"],
+            ),
+            upstream_bytes: counter_vec(
+                UPSTREAM_BYTES,
+                "Blob bytes fetched from each upstream.",
+                &["upstream"],
+            ),
+            upstream_up: gauge_vec(
+                UPSTREAM_UP,
+                "1 if the upstream's last answer was neither a 5xx, a 429 nor a transport failure.",
+                &["upstream"],
+            ),
+            token_fetches: counter_vec(
+                TOKEN_FETCHES,
+                "Bearer token requests to upstream token realms, by upstream and result (ok, error).",
+                &["upstream", "result"],
+            ),
+            ratelimit_remaining: gauge_vec(
+                RATELIMIT_REMAINING,
+                "Pulls left in the upstream's rate-limit window (its ratelimit-remaining header).",
+                &["upstream"],
+            ),
+            ratelimit_limit: gauge_vec(
+                RATELIMIT_LIMIT,
+                "Pulls allowed per rate-limit window (the upstream's ratelimit-limit header).",
+                &["upstream"],
+            ),
+            single_flight_joins: counter(
+                SINGLE_FLIGHT_JOINS,
+                "Requests that joined a blob download already under way.",
+            ),
+            evictions: counter(EVICTIONS, "Blobs evicted to keep the store under its limit."),
+            evicted_bytes: counter(EVICTED_BYTES, "Bytes of blobs evicted."),
+            passthrough: counter(
+                PASSTHROUGH,
+                "Blobs served straight from the upstream without caching because the disk was full.",
+            ),
             downloads_in_flight: gauge(DOWNLOADS_IN_FLIGHT, "Blob downloads under way."),
             cache_size: gauge(CACHE_SIZE, "Bytes of committed blobs."),
             cache_blobs: gauge(CACHE_BLOBS, "Number of committed blobs."),
             cache_limit: gauge(CACHE_LIMIT, "Configured storage.max_size (0 = unbounded)."),
-            _info: {
-                let info = reg(&registry, IntGaugeVec::new(Opts::new("regmirror_build_info", "Build information."), &["version"]).expect("valid metric"));
-                info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-                info
-            },
+            repositories: Mutex::new(HashMap::new()),
+            upstreams: Mutex::new(BTreeMap::new()),
             registry,
         };
-        for kind in ["manifest", "blob"] {
-            for outcome in [
-                Outcome::Hit,
-                Outcome::Miss,
-                Outcome::Stale,
-                Outcome::Revalidated,
-            ] {
+        // Series that exist from the start, so rates and dashboards see zeros, not gaps.
+        for kind in CACHE_KINDS {
+            for outcome in OUTCOMES {
                 metrics
                     .cache_requests
                     .with_label_values(&[kind, outcome.as_str()]);
@@ -98,6 +259,22 @@ impl Metrics {
             metrics.served_bytes.with_label_values(&[source]);
         }
         metrics
+    }
+
+    /// Creates an upstream's series at zero (called once per configured upstream).
+    pub fn register_upstream(&self, upstream: &str) {
+        self.upstream_bytes.with_label_values(&[upstream]);
+        for result in ["ok", "error"] {
+            self.token_fetches.with_label_values(&[upstream, result]);
+        }
+        for class in ["2xx", "4xx", "5xx", "error"] {
+            self.upstream_requests.with_label_values(&[upstream, class]);
+        }
+        self.upstreams
+            .lock()
+            .expect("metrics lock")
+            .entry(upstream.to_owned())
+            .or_default();
     }
 
     pub fn http_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
@@ -115,8 +292,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Count of cache lookups of `kind` with `outcome` since start-up.
+    pub fn cache_outcome_count(&self, kind: &str, outcome: Outcome) -> u64 {
+        self.cache_requests
+            .with_label_values(&[kind, outcome.as_str()])
+            .get()
+    }
+
     pub fn served_bytes(&self, source: &str, bytes: u64) {
         self.served_bytes.with_label_values(&[source]).inc_by(bytes);
+    }
+
+    /// Blob bytes sent to clients from `source` (`cache` or `upstream`) since start-up.
+    pub fn served_bytes_total(&self, source: &str) -> u64 {
+        self.served_bytes.with_label_values(&[source]).get()
     }
 
     pub fn upstream_bytes(&self, upstream: &str, bytes: u64) {
@@ -127,6 +316,128 @@ impl Metrics {
 
     pub fn single_flight_join(&self) {
         self.single_flight_joins.inc();
+    }
+
+    /// `blobs` blobs of `bytes` bytes in all were evicted from the store.
+    pub fn evicted(&self, blobs: u64, bytes: u64) {
+        self.evictions.inc_by(blobs);
+        self.evicted_bytes.inc_by(bytes);
+    }
+
+    /// One blob served from the upstream without caching (disk full).
+    pub fn passthrough(&self) {
+        self.passthrough.inc();
+    }
+
+    /// One request/response exchange with an upstream: `Ok` with the status and headers when
+    /// it answered, `Err` with the failure's text when it did not. Times, counts, reads the
+    /// rate-limit headers and updates the upstream's health.
+    pub fn upstream_exchange(
+        &self,
+        upstream: &str,
+        result: Result<(StatusCode, &HeaderMap), &dyn std::fmt::Display>,
+        elapsed: Duration,
+    ) {
+        let class = match &result {
+            Ok((status, _)) => match status.as_u16() {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            Err(_) => "error",
+        };
+        self.upstream_requests
+            .with_label_values(&[upstream, class])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[upstream])
+            .observe(elapsed.as_secs_f64());
+        let now = SystemTime::now();
+        let (state, error) = match &result {
+            Ok((status, _)) if *status == StatusCode::TOO_MANY_REQUESTS => (
+                UpstreamState::RateLimited,
+                Some(format!("answered {status}")),
+            ),
+            Ok((status, _)) if status.is_server_error() => {
+                (UpstreamState::Erroring, Some(format!("answered {status}")))
+            }
+            Ok(_) => (UpstreamState::Up, None),
+            Err(error) => (UpstreamState::Unreachable, Some(error.to_string())),
+        };
+        let limits = match &result {
+            Ok((_, headers)) => (
+                ratelimit_header(headers, "ratelimit-remaining"),
+                ratelimit_header(headers, "ratelimit-limit"),
+            ),
+            Err(_) => (None, None),
+        };
+        if let Some(remaining) = limits.0 {
+            self.ratelimit_remaining
+                .with_label_values(&[upstream])
+                .set(remaining.min(i64::MAX as u64) as i64);
+        }
+        if let Some(limit) = limits.1 {
+            self.ratelimit_limit
+                .with_label_values(&[upstream])
+                .set(limit.min(i64::MAX as u64) as i64);
+        }
+        self.upstream_up
+            .with_label_values(&[upstream])
+            .set(i64::from(state == UpstreamState::Up));
+        let mut upstreams = self.upstreams.lock().expect("metrics lock");
+        let health = upstreams.entry(upstream.to_owned()).or_default();
+        health.state = Some(state);
+        match error {
+            Some(error) => health.last_error = Some((now, error)),
+            None => health.last_success = Some(now),
+        }
+        health.ratelimit_remaining = limits.0.or(health.ratelimit_remaining);
+        health.ratelimit_limit = limits.1.or(health.ratelimit_limit);
+    }
+
+    /// One bearer-token request to an upstream's realm; a failure is remembered as its last
+    /// error (the text must not hold a credential).
+    pub fn token_fetch(&self, upstream: &str, error: Option<&dyn std::fmt::Display>) {
+        let result = if error.is_some() { "error" } else { "ok" };
+        self.token_fetches
+            .with_label_values(&[upstream, result])
+            .inc();
+        if let Some(error) = error {
+            let mut upstreams = self.upstreams.lock().expect("metrics lock");
+            upstreams.entry(upstream.to_owned()).or_default().last_error =
+                Some((SystemTime::now(), format!("token: {error}")));
+        }
+    }
+
+    /// Each upstream's health, by name.
+    pub fn upstream_health(&self) -> BTreeMap<String, UpstreamHealth> {
+        self.upstreams.lock().expect("metrics lock").clone()
+    }
+
+    /// A manifest or blob request for a repository was answered with `outcome`.
+    pub fn repository_request(&self, upstream: &str, repository: &str, outcome: Outcome) {
+        let mut repositories = self.repositories.lock().expect("metrics lock");
+        let key = (upstream.to_owned(), repository.to_owned());
+        if repositories.len() >= MAX_TRACKED_REPOSITORIES && !repositories.contains_key(&key) {
+            return;
+        }
+        let counts = repositories.entry(key).or_default();
+        counts.requests += 1;
+        if FROM_CACHE.contains(&outcome) {
+            counts.from_cache += 1;
+        }
+    }
+
+    /// Request counts of one repository since start-up.
+    pub fn repository_counts(&self, upstream: &str, repository: &str) -> RepositoryCounts {
+        self.repositories
+            .lock()
+            .expect("metrics lock")
+            .get(&(upstream.to_owned(), repository.to_owned()))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The text exposition format.
@@ -142,5 +453,121 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The number at the start of a `ratelimit-*` header: Docker Hub sends `100;w=21600`.
+fn ratelimit_header(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let value = headers.get(name)?.to_str().ok()?;
+    value.split(';').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_headers() {
+        let cases = [
+            ("100;w=21600", Some(100)),
+            ("0;w=21600", Some(0)),
+            ("76", Some(76)),
+            (" 12 ; w=60", Some(12)),
+            ("-1;w=60", None),
+            ("lots", None),
+        ];
+        for (value, want) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert("ratelimit-remaining", value.parse().unwrap());
+            assert_eq!(
+                ratelimit_header(&headers, "ratelimit-remaining"),
+                want,
+                "{value}"
+            );
+        }
+        assert_eq!(
+            ratelimit_header(&HeaderMap::new(), "ratelimit-remaining"),
+            None
+        );
+    }
+
+    #[test]
+    fn upstream_exchanges_set_health_and_gauges() {
+        let metrics = Metrics::new();
+        metrics.register_upstream("docker.io");
+        let mut headers = HeaderMap::new();
+        headers.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
+        headers.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        metrics.upstream_exchange(
+            "docker.io",
+            Ok((StatusCode::OK, &headers)),
+            Duration::from_millis(20),
+        );
+        let health = &metrics.upstream_health()["docker.io"];
+        assert_eq!(health.state, Some(UpstreamState::Up));
+        assert_eq!(health.ratelimit_remaining, Some(76));
+        assert_eq!(health.ratelimit_limit, Some(100));
+        let refused = "connection refused";
+        metrics.upstream_exchange("docker.io", Err(&refused), Duration::from_millis(1));
+        metrics.upstream_exchange(
+            "docker.io",
+            Ok((StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new())),
+            Duration::from_millis(1),
+        );
+        let health = &metrics.upstream_health()["docker.io"];
+        assert_eq!(health.state, Some(UpstreamState::Erroring));
+        assert_eq!(health.ratelimit_remaining, Some(76), "kept from earlier");
+        assert!(health.last_error.as_ref().unwrap().1.contains("503"));
+        let text = metrics.render();
+        for line in [
+            "regmirror_upstream_ratelimit_remaining{upstream=\"docker.io\"} 76",
+            "regmirror_upstream_ratelimit_limit{upstream=\"docker.io\"} 100",
+            "regmirror_upstream_requests_total{status=\"2xx\",upstream=\"docker.io\"} 1",
+            "regmirror_upstream_requests_total{status=\"5xx\",upstream=\"docker.io\"} 1",
+            "regmirror_upstream_requests_total{status=\"error\",upstream=\"docker.io\"} 1",
+            "regmirror_upstream_request_duration_seconds_count{upstream=\"docker.io\"} 3",
+            "regmirror_upstream_up{upstream=\"docker.io\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn repository_counts_are_bounded() {
+        let metrics = Metrics::new();
+        metrics.repository_request("docker.io", "library/alpine", Outcome::Miss);
+        metrics.repository_request("docker.io", "library/alpine", Outcome::Hit);
+        metrics.repository_request("docker.io", "library/alpine", Outcome::Stale);
+        assert_eq!(
+            metrics.repository_counts("docker.io", "library/alpine"),
+            RepositoryCounts {
+                requests: 3,
+                from_cache: 2
+            }
+        );
+        for i in 0..MAX_TRACKED_REPOSITORIES + 10 {
+            metrics.repository_request("docker.io", &format!("r/{i}"), Outcome::Hit);
+        }
+        assert_eq!(
+            metrics.repositories.lock().unwrap().len(),
+            MAX_TRACKED_REPOSITORIES
+        );
+        // Repositories never become label values.
+        assert!(!metrics.render().contains("library/alpine"));
+    }
+
+    #[test]
+    fn evictions_and_passthrough_are_counted() {
+        let metrics = Metrics::new();
+        metrics.evicted(1, 1000);
+        metrics.evicted(1, 24);
+        metrics.passthrough();
+        let text = metrics.render();
+        assert!(text.contains("regmirror_evictions_total 2\n"), "{text}");
+        assert!(
+            text.contains("regmirror_evicted_bytes_total 1024\n"),
+            "{text}"
+        );
+        assert!(text.contains("regmirror_passthrough_total 1\n"), "{text}");
     }
 }
