@@ -53,8 +53,10 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
             source,
         })?;
     tracing::info!(root = %path, blobs = store.blob_count(), bytes = store.used_bytes(), dropped = reconciled.dropped, adopted = reconciled.adopted, "store opened");
-    let upstreams = Arc::new(upstream::Upstreams::from_config(config).map_err(RunError::Upstream)?);
     let metrics = Arc::new(metrics::Metrics::new());
+    let upstreams = Arc::new(
+        upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?,
+    );
     let policy = cache::Policy {
         tag_ttl: config.cache.tag_ttl.0,
         serve_stale: config.cache.serve_stale,

@@ -158,7 +158,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        Upstreams::from_config(&config).unwrap()
+        Upstreams::from_config(&config, &Default::default()).unwrap()
     }
 
     #[test]

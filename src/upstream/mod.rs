@@ -17,6 +17,7 @@ use reqwest::{Method, StatusCode, Url};
 pub use auth::{Challenge, TokenCache};
 
 use crate::config::{Config, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::oci::{media_type, Digest, RepoName};
 
 /// Manifests larger than this are refused, as distribution does: they are read into memory.
@@ -106,10 +107,16 @@ pub struct Upstream {
     client: reqwest::Client,
     tokens: TokenCache,
     library_prefix: bool,
+    /// Every exchange and token fetch is reported here (timing, status, health, rate limit).
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(name: &str, config: &UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, String> {
         install_crypto_provider();
         let base = Url::parse(&config.url).map_err(|err| format!("upstreams.{name}.url: {err}"))?;
         let client = reqwest::Client::builder()
@@ -126,6 +133,7 @@ impl Upstream {
             client,
             tokens: TokenCache::default(),
             library_prefix: config.library_prefix(name),
+            metrics,
         })
     }
 
@@ -258,7 +266,10 @@ impl Upstream {
             if let Some(value) = &authorization {
                 request = request.header(header::AUTHORIZATION, value);
             }
-            let response = request.send().await.map_err(Error::from_reqwest)?;
+            let started = std::time::Instant::now();
+            let response = request.send().await.map_err(Error::from_reqwest);
+            self.observe(&response, started);
+            let response = response?;
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = response
@@ -281,8 +292,26 @@ impl Upstream {
         Err(Error::Unauthorized)
     }
 
-    /// Gets a bearer token from the challenge's realm for `scope` and caches it.
+    /// Reports one exchange (status, timing, rate-limit headers, health) to the metrics.
+    fn observe(&self, response: &Result<reqwest::Response, Error>, started: std::time::Instant) {
+        let result = match response {
+            Ok(response) => Ok((response.status(), response.headers())),
+            Err(error) => Err(error as &dyn std::fmt::Display),
+        };
+        self.metrics
+            .upstream_exchange(&self.name, result, started.elapsed());
+    }
+
+    /// Gets a bearer token from the challenge's realm for `scope` and caches it; every attempt
+    /// is counted, and a failure becomes the upstream's last error on the status page.
     async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
+        let result = self.request_token(challenge, scope).await;
+        let error = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
+        self.metrics.token_fetch(&self.name, error);
+        result
+    }
+
+    async fn request_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
         let realm = challenge
             .param("realm")
             .ok_or_else(|| Error::Invalid("bearer challenge without realm".into()))?;
@@ -381,10 +410,11 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn from_config(config: &Config) -> Result<Upstreams, String> {
+    pub fn from_config(config: &Config, metrics: &Arc<Metrics>) -> Result<Upstreams, String> {
         let mut by_name = HashMap::new();
         for (name, upstream_config) in &config.upstreams {
-            let upstream = Arc::new(Upstream::new(name, upstream_config)?);
+            metrics.register_upstream(name);
+            let upstream = Arc::new(Upstream::new(name, upstream_config, metrics.clone())?);
             for alias in upstream_config.all_names(name) {
                 by_name.insert(alias.to_ascii_lowercase(), upstream.clone());
             }
