@@ -41,6 +41,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// After SIGTERM, how long in-flight responses may take to finish before the process exits.
+    #[serde(default = "defaults::shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
 }
 
 /// Local storage.
@@ -54,6 +57,10 @@ pub struct StorageConfig {
     /// `0` means unbounded.
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,
+    /// Eviction stops once the cache is back under this percentage of `max_size`, so it runs in
+    /// batches rather than on every download.
+    #[serde(default = "defaults::low_watermark_percent")]
+    pub low_watermark_percent: u8,
 }
 
 impl Default for StorageConfig {
@@ -61,6 +68,7 @@ impl Default for StorageConfig {
         StorageConfig {
             root: defaults::storage_root(),
             max_size: defaults::max_size(),
+            low_watermark_percent: defaults::low_watermark_percent(),
         }
     }
 }
@@ -76,6 +84,10 @@ pub struct CacheConfig {
     /// Serve what we hold when the upstream is down, erroring or rate-limiting.
     #[serde(default = "defaults::yes")]
     pub serve_stale: bool,
+    /// Upstream downloads (blobs and manifests) running at once, per upstream; more wait their
+    /// turn, so a burst of cold pulls cannot exhaust connections or memory.
+    #[serde(default = "defaults::max_concurrent_fetches")]
+    pub max_concurrent_fetches: usize,
 }
 
 impl Default for CacheConfig {
@@ -83,6 +95,7 @@ impl Default for CacheConfig {
         CacheConfig {
             tag_ttl: defaults::tag_ttl(),
             serve_stale: true,
+            max_concurrent_fetches: defaults::max_concurrent_fetches(),
         }
     }
 }
@@ -176,6 +189,15 @@ mod defaults {
     }
     pub fn read_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(60))
+    }
+    pub fn low_watermark_percent() -> u8 {
+        90
+    }
+    pub fn max_concurrent_fetches() -> usize {
+        32
+    }
+    pub fn shutdown_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
     }
     pub fn log_level() -> String {
         "info".to_owned()
@@ -280,6 +302,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        if !(1..=100).contains(&self.storage.low_watermark_percent) {
+            problems.push("storage.low_watermark_percent: must be between 1 and 100".to_owned());
+        }
+        if self.cache.max_concurrent_fetches == 0 {
+            problems.push("cache.max_concurrent_fetches: must be at least 1".to_owned());
         }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {:?}: {err}", self.log.level));

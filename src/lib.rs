@@ -57,10 +57,7 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
     let upstreams = Arc::new(
         upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?,
     );
-    let policy = cache::Policy {
-        tag_ttl: config.cache.tag_ttl.0,
-        serve_stale: config.cache.serve_stale,
-    };
+    let policy = cache::Policy::from_config(config);
     Ok(AppState {
         cache: cache::Cache::new(store, upstreams, policy, metrics.clone()),
         metrics,
@@ -86,15 +83,28 @@ pub async fn run(
     tracing::info!(%addr, default_upstream = %config.default_upstream, upstreams = config.upstreams.len(), "listening");
     let flag = state.shutting_down.clone();
     let store = state.cache.store().clone();
-    let shutdown = async move {
+    // One shutdown signal fans out to the server and the background tasks.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         shutdown.await;
         flag.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stopped| *stopped).await;
     };
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(RunError::Serve)?;
+    tokio::spawn(state.cache.evictor().clone().run(until_stopped(stopped.clone())));
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let grace = config.shutdown_timeout.0;
+    let deadline = async move {
+        until_stopped(stopped).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(RunError::Serve)?,
+        () = deadline => tracing::warn!(seconds = grace.as_secs(), "shutdown deadline passed, dropping the remaining connections"),
+    }
     if let Err(error) = store.index.flush() {
         tracing::warn!(%error, "index flush on shutdown failed");
     }

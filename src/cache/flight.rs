@@ -34,6 +34,9 @@ pub enum Progress {
     Done { total: u64 },
     /// Failed; nothing was committed.
     Failed(super::Error),
+    /// The blob will not be cached (it cannot fit, or the disk is full): each reader fetches
+    /// it from the upstream itself.
+    PassThrough,
 }
 
 /// A download under way.
@@ -139,10 +142,10 @@ pub struct FlightReader {
 }
 
 impl FlightReader {
-    /// Waits for the blob's size, or why it cannot be had. The size is known from the
-    /// upstream's headers; an upstream that sends no length makes us wait for the whole
-    /// download.
-    pub async fn size(&mut self) -> Result<u64, super::Error> {
+    /// Waits for the blob's size, or why it cannot be had; `None` when the blob passes through
+    /// uncached. The size is known from the upstream's headers; an upstream that sends no length
+    /// makes us wait for the whole download.
+    pub async fn size(&mut self) -> Result<Option<u64>, super::Error> {
         let progress = self
             .progress
             .wait_for(|p| {
@@ -151,6 +154,7 @@ impl FlightReader {
                     Progress::Running { total: Some(_), .. }
                         | Progress::Done { .. }
                         | Progress::Failed(_)
+                        | Progress::PassThrough
                 )
             })
             .await
@@ -159,8 +163,9 @@ impl FlightReader {
             Progress::Running {
                 total: Some(total), ..
             }
-            | Progress::Done { total } => Ok(*total),
+            | Progress::Done { total } => Ok(Some(*total)),
             Progress::Failed(err) => Err(err.clone()),
+            Progress::PassThrough => Ok(None),
             Progress::Starting | Progress::Running { total: None, .. } => {
                 unreachable!("excluded by wait_for")
             }
@@ -186,7 +191,9 @@ impl FlightReader {
                         written,
                         total: Some(total),
                     } => written.min(total - 1),
-                    Progress::Running { total: None, .. } | Progress::Starting => 0,
+                    Progress::Running { total: None, .. }
+                    | Progress::Starting
+                    | Progress::PassThrough => 0,
                     Progress::Done { total } => total,
                     Progress::Failed(err) => {
                         return Some((Err(io::Error::other(err.to_string())), (reader, end)));

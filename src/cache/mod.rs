@@ -5,18 +5,23 @@
 //! This is the only module that knows both storage and upstreams. It knows nothing of HTTP
 //! requests: the API asks it for manifests and blobs and turns its answers into responses.
 
+mod evict;
 mod flight;
+mod passthrough;
 mod single;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+pub use evict::{Evicted, Evictor, ReadGuard, Readers};
 pub use flight::{file_stream, Progress, CHUNK};
 use flight::{Flight, FlightReader, Flights, Joined};
 use single::SingleFlight;
@@ -28,6 +33,8 @@ use crate::upstream::{self, Upstream, Upstreams};
 
 /// How many times a dropped blob download is resumed with a `Range` request.
 const RESUME_ATTEMPTS: u32 = 3;
+/// Free space kept on the store's disk: a download that would eat into it passes through.
+const DISK_RESERVE: u64 = 1 << 20;
 /// Bytes gathered from the network before one write to disk.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -101,10 +108,13 @@ pub struct Blob {
 
 /// Where a blob's bytes come from.
 pub enum BlobBody {
-    /// A committed file.
-    Stored(Arc<File>),
+    /// A committed file, pinned against eviction while it is read.
+    Stored(Arc<File>, ReadGuard),
     /// A download in flight.
     Flight(FlightReader),
+    /// Straight from the upstream, not cached (it cannot fit, or the disk is full); still
+    /// verified before its last bytes go out.
+    Direct(reqwest::Response, Digest),
 }
 
 impl Blob {
@@ -115,8 +125,17 @@ impl Blob {
         end: u64,
     ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> {
         match self.body {
-            BlobBody::Stored(file) => Box::pin(file_stream(file, start, end)),
+            BlobBody::Stored(file, guard) => {
+                Box::pin(file_stream(file, start, end).map(move |chunk| {
+                    // The pin lives as long as the stream.
+                    let _ = &guard;
+                    chunk
+                }))
+            }
             BlobBody::Flight(reader) => Box::pin(reader.stream(start, end)),
+            BlobBody::Direct(response, digest) => {
+                Box::pin(passthrough::verified_range(response, digest, start, end))
+            }
         }
     }
 }
@@ -126,6 +145,23 @@ impl Blob {
 pub struct Policy {
     pub tag_ttl: Duration,
     pub serve_stale: bool,
+    /// `storage.max_size` in bytes; 0 is unbounded.
+    pub max_size: u64,
+    pub low_watermark_percent: u8,
+    /// Upstream fetches at once, per upstream.
+    pub max_concurrent_fetches: usize,
+}
+
+impl Policy {
+    pub fn from_config(config: &crate::config::Config) -> Policy {
+        Policy {
+            tag_ttl: config.cache.tag_ttl.0,
+            serve_stale: config.cache.serve_stale,
+            max_size: config.storage.max_size.0,
+            low_watermark_percent: config.storage.low_watermark_percent,
+            max_concurrent_fetches: config.cache.max_concurrent_fetches,
+        }
+    }
 }
 
 /// `(upstream, repository, reference)`.
@@ -139,6 +175,12 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     blob_flights: Flights,
     manifest_flights: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
+    readers: Arc<Readers>,
+    evictor: Arc<Evictor>,
+    /// Per upstream, a permit per fetch under way.
+    fetch_slots: HashMap<String, Arc<Semaphore>>,
+    /// Tags being served stale, so the warning is logged once per tag, not per request.
+    stale: Mutex<HashSet<ManifestKey>>,
 }
 
 impl Cache {
@@ -148,6 +190,19 @@ impl Cache {
         policy: Policy,
         metrics: Arc<Metrics>,
     ) -> Arc<Cache> {
+        let readers = Arc::new(Readers::default());
+        let evictor = Arc::new(Evictor::new(
+            store.clone(),
+            readers.clone(),
+            metrics.clone(),
+            policy.max_size,
+            policy.low_watermark_percent,
+        ));
+        let fetch_slots = upstreams
+            .all()
+            .into_iter()
+            .map(|u| (u.name.clone(), Arc::new(Semaphore::new(policy.max_concurrent_fetches))))
+            .collect();
         Arc::new(Cache {
             store,
             upstreams,
@@ -155,6 +210,10 @@ impl Cache {
             metrics,
             blob_flights: Flights::default(),
             manifest_flights: SingleFlight::default(),
+            readers,
+            evictor,
+            fetch_slots,
+            stale: Mutex::default(),
         })
     }
 
@@ -169,6 +228,17 @@ impl Cache {
     /// Blob downloads under way.
     pub fn downloads_in_flight(&self) -> usize {
         self.blob_flights.len()
+    }
+
+    /// The eviction policy, for the background task and tests.
+    pub fn evictor(&self) -> &Arc<Evictor> {
+        &self.evictor
+    }
+
+    /// Waits for a fetch slot of this upstream.
+    async fn fetch_slot(&self, upstream: &Upstream) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.fetch_slots.get(&upstream.name)?;
+        slots.clone().acquire_owned().await.ok()
     }
 
     /// A manifest by tag or digest.
@@ -267,10 +337,13 @@ impl Cache {
             Some(entry) => self.stored_manifest(&entry.digest)?,
             None => None,
         };
+        let _slot = self.fetch_slot(upstream).await;
         let result = match &held {
             Some(manifest) => match upstream.head_manifest(repo, tag).await {
                 Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
                     self.put_tag(upstream, repo, tag, &manifest.digest)?;
+                    let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+                    self.stale.lock().expect("stale lock").remove(&key);
                     return Ok((manifest.clone(), Outcome::Revalidated));
                 }
                 Ok(head) => match head.digest {
@@ -286,14 +359,18 @@ impl Cache {
             },
             None => upstream.get_manifest(repo, tag).await.map(|m| (m, None)),
         };
+        let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
         match result {
             Ok((remote, expected)) => {
                 let manifest = self.commit_manifest(upstream, repo, remote, expected.as_ref())?;
                 self.put_tag(upstream, repo, tag, &manifest.digest)?;
+                self.stale.lock().expect("stale lock").remove(&key);
                 Ok((manifest, Outcome::Miss))
             }
             Err(err) if err.is_unavailable() && self.policy.serve_stale && held.is_some() => {
-                warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "upstream unavailable, serving cached tag");
+                if self.stale.lock().expect("stale lock").insert(key) {
+                    warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "upstream unavailable, serving cached tag until it answers again");
+                }
                 Ok((held.expect("checked above"), Outcome::Stale))
             }
             Err(err) => Err(manifest_error(err)),
@@ -331,26 +408,37 @@ impl Cache {
                 });
             }
         }
-        self.store
-            .put_verified(&digest, &remote.bytes, &remote.media_type)?;
+        let manifest = Manifest {
+            bytes: remote.bytes,
+            digest,
+            media_type: remote.media_type,
+        };
+        match self.store.put_verified(&manifest.digest, &manifest.bytes, &manifest.media_type) {
+            Ok(()) => {}
+            Err(storage::Error::NoSpace) => {
+                // A full disk must not take the mirror down: serve what we fetched, uncached.
+                warn!(digest = %manifest.digest, "store full, manifest served without caching");
+                self.metrics.passthrough();
+                return Ok(manifest);
+            }
+            Err(err) => return Err(err.into()),
+        }
+        let digest = &manifest.digest;
         let index = &self.store.index;
         let link = |d: &Digest| {
             index
                 .link(&upstream.name, repo.as_str(), d)
                 .map_err(storage::Error::from)
         };
-        link(&digest)?;
+        link(digest)?;
         // A manifest from this repository vouches for the blobs it names, so those already in
         // the store (shared base layers) are served without asking the upstream again.
-        for (referenced, _) in media_type::referenced_digests(&remote.bytes) {
+        for (referenced, _) in media_type::referenced_digests(&manifest.bytes) {
             link(&referenced)?;
         }
+        self.evictor.committed();
         debug!(upstream = %upstream.name, repository = %repo, %digest, "manifest cached");
-        Ok(Manifest {
-            bytes: remote.bytes,
-            digest,
-            media_type: remote.media_type,
-        })
+        Ok(manifest)
     }
 
     /// A manifest from the store, if we hold it with its media type.
@@ -443,7 +531,7 @@ impl Cache {
                         return Ok(Blob {
                             size,
                             outcome: Outcome::Hit,
-                            body: BlobBody::Stored(Arc::new(file)),
+                            body: BlobBody::Stored(Arc::new(file), self.readers.pin(digest)),
                         });
                     }
                     // Evicted between the look-up and the open: fetch it again.
@@ -489,15 +577,39 @@ impl Cache {
                     reader
                 }
             };
-            let size = reader.size().await?;
             self.metrics.cache_outcome("blob", Outcome::Miss);
-            return Ok(Blob {
-                size,
-                outcome: Outcome::Miss,
-                body: BlobBody::Flight(reader),
-            });
+            return match reader.size().await? {
+                Some(size) => Ok(Blob {
+                    size,
+                    outcome: Outcome::Miss,
+                    body: BlobBody::Flight(reader),
+                }),
+                None => self.pass_through(upstream, repo, digest).await,
+            };
         }
         Err(Error::Internal("blob vanished while being served".into()))
+    }
+
+    /// A blob the store will not take, straight from the upstream to this client.
+    async fn pass_through(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Blob, Error> {
+        let response = upstream
+            .get_blob(repo, digest, 0)
+            .await
+            .map_err(blob_error)?;
+        let size = response.content_length().ok_or_else(|| {
+            Error::Upstream(upstream::Error::Invalid("blob without Content-Length".into()))
+        })?;
+        self.metrics.passthrough();
+        Ok(Blob {
+            size,
+            outcome: Outcome::Miss,
+            body: BlobBody::Direct(response, digest.clone()),
+        })
     }
 
     /// Runs one blob download to its end: stream to `tmp/` while hashing, resume on a dropped
@@ -511,7 +623,14 @@ impl Cache {
     ) {
         let result = self.fetch_into(&upstream, &repo, &digest, &flight).await;
         let progress = match result {
-            Ok(total) => Progress::Done { total },
+            Ok(Some(total)) => {
+                self.evictor.committed();
+                Progress::Done { total }
+            }
+            Ok(None) => {
+                let _ = std::fs::remove_file(flight.tmp_path());
+                Progress::PassThrough
+            }
             Err(err) => {
                 warn!(upstream = %upstream.name, repository = %repo, %digest, error = %err, "blob download failed, nothing cached");
                 let _ = std::fs::remove_file(flight.tmp_path());
@@ -521,19 +640,32 @@ impl Cache {
         self.blob_flights.finish(&digest, &flight, progress);
     }
 
+    /// Downloads into the flight's file and commits; `None` when the blob must pass through
+    /// uncached instead.
     async fn fetch_into(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
         flight: &Flight,
-    ) -> Result<u64, Error> {
+    ) -> Result<Option<u64>, Error> {
+        let _slot = self.fetch_slot(upstream).await;
         let started = std::time::Instant::now();
         let mut response = upstream
             .get_blob(repo, digest, 0)
             .await
             .map_err(blob_error)?;
         let total = response.content_length();
+        if let Some(total) = total {
+            if !self.evictor.fits(total) {
+                info!(%digest, bytes = total, "blob larger than the cache may hold, passing it through");
+                return Ok(None);
+            }
+            if self.store.blobs.available_bytes().is_some_and(|free| free < total.saturating_add(DISK_RESERVE)) {
+                warn!(%digest, bytes = total, "store disk nearly full, passing the blob through uncached");
+                return Ok(None);
+            }
+        }
         flight.publish(Progress::Running { written: 0, total });
         let file = flight.file().clone();
         let mut hasher = DigestHasher::new();
@@ -575,7 +707,15 @@ impl Cache {
                 })
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(storage::Error::from)?;
+                .map_err(|err| match storage::Error::from(err) {
+                    storage::Error::NoSpace => {
+                        // Readers of this download see a broken transfer; the next request
+                        // finds the disk full before downloading and passes through.
+                        self.metrics.passthrough();
+                        Error::Internal("store disk full during download".into())
+                    }
+                    other => other.into(),
+                })?;
                 written += len;
                 if total.is_some_and(|t| written > t) {
                     return Err(Error::Upstream(upstream::Error::Invalid(
@@ -615,7 +755,7 @@ impl Cache {
             .link(&upstream.name, repo.as_str(), digest)
             .map_err(storage::Error::from)?;
         debug!(upstream = %upstream.name, repository = %repo, %digest, bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
-        Ok(written)
+        Ok(Some(written))
     }
 
     /// Tags of a repository: the upstream's list, or the tags we hold when it is unavailable.

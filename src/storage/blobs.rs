@@ -123,6 +123,12 @@ impl Blobs {
         Ok(found)
     }
 
+    /// Bytes the filesystem holding the store can still give us, if it says.
+    pub fn available_bytes(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(&self.tmp).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
     /// Whether the filesystem holding the store accepts writes (for `/readyz`).
     pub fn writable(&self) -> bool {
         match self.create_tmp() {
