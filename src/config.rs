@@ -41,6 +41,12 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// Serve HTTPS instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Who may use the mirror; without it anyone who can reach `listen` may pull.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
     /// After SIGTERM, how long in-flight responses may take to finish before the process exits.
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
@@ -120,6 +126,69 @@ pub struct UpstreamConfig {
     /// Time allowed between two reads from the upstream before the transfer counts as stalled.
     #[serde(default = "defaults::read_timeout")]
     pub read_timeout: HumanDuration,
+    /// User name for the upstream (`${VAR}` is replaced by an environment variable). Needs
+    /// `password` or `password_file`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password or access token, `${VAR}`-expanded; `password_file` keeps it out of the file.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// File holding the password (a Docker or Kubernetes secret); a trailing newline is ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A Docker `config.json`: the `credHelpers`, `credsStore` or `auths` entry for this
+    /// upstream's host gives the credentials, as for `docker pull`.
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// Hosts (`host` or `host:port`) besides the upstream's own registrable domain that may
+    /// receive the credentials as a bearer-token realm.
+    #[serde(default)]
+    pub token_realms: Vec<String>,
+    /// PEM file of CA certificates trusted for this upstream, in addition to the system roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (chain) presented to the upstream; needs `client_key`.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// A Docker `certs.d/<host>` directory: `*.crt` are CAs, `*.cert` with `*.key` a client
+    /// certificate.
+    #[serde(default)]
+    pub certs_dir: Option<PathBuf>,
+    /// Proxy for this upstream (`http://proxy:3128`, `${VAR}`-expanded), or `direct` for none.
+    /// Without it `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` apply.
+    #[serde(default)]
+    pub proxy: Option<String>,
+}
+
+/// HTTPS for the mirror's own clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first. Re-read when it changes (certificate rotation).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`; re-read with it.
+    pub key: PathBuf,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one of them.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    #[serde(default = "defaults::tls_reload_interval")]
+    pub reload_interval: HumanDuration,
+}
+
+/// Access control for the mirror itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// An htpasswd file of bcrypt hashes (`htpasswd -B`): the users who may pull. Re-read when
+    /// it changes.
+    pub htpasswd: PathBuf,
+    /// The realm named in the `WWW-Authenticate: Basic` challenge.
+    #[serde(default = "defaults::auth_realm")]
+    pub realm: String,
 }
 
 /// Prometheus metrics.
@@ -198,6 +267,12 @@ mod defaults {
     }
     pub fn shutdown_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
+    }
+    pub fn tls_reload_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
+    }
+    pub fn auth_realm() -> String {
+        "regmirror".to_owned()
     }
     pub fn log_level() -> String {
         "info".to_owned()
@@ -295,6 +370,7 @@ impl Config {
                     upstream.url
                 )),
             }
+            problems.extend(upstream.credential_problems(name));
             for alias in std::iter::once(name).chain(&upstream.aliases) {
                 if let Some(other) = seen.insert(alias.to_ascii_lowercase(), name) {
                     problems.push(format!(
@@ -309,6 +385,19 @@ impl Config {
         if self.cache.max_concurrent_fetches == 0 {
             problems.push("cache.max_concurrent_fetches: must be at least 1".to_owned());
         }
+        if let Some(tls) = &self.tls {
+            if tls.reload_interval.0.is_zero() {
+                problems.push("tls.reload_interval: must be more than 0s".to_owned());
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if auth.realm.contains(['"', '\\']) || auth.realm.chars().any(char::is_control) {
+                problems.push(
+                    "auth.realm: must not contain quotes, backslashes or control characters"
+                        .to_owned(),
+                );
+            }
+        }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {:?}: {err}", self.log.level));
         }
@@ -317,6 +406,56 @@ impl Config {
 }
 
 impl UpstreamConfig {
+    /// Combinations of the credential, TLS and proxy keys that cannot work. Files, variables
+    /// and helpers are checked when the upstream client is built (`check-config` does too).
+    fn credential_problems(&self, name: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let key = |field: &str| format!("upstreams.{name}.{field}");
+        if self.password.is_some() && self.password_file.is_some() {
+            problems.push(format!(
+                "{}: set password or password_file, not both",
+                key("password_file")
+            ));
+        }
+        if self.username.is_some() != (self.password.is_some() || self.password_file.is_some()) {
+            problems.push(format!(
+                "{}: username needs password or password_file, and they need username",
+                key("username")
+            ));
+        }
+        if self.docker_config.is_some() && self.username.is_some() {
+            problems.push(format!(
+                "{}: set docker_config or username, not both",
+                key("docker_config")
+            ));
+        }
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            problems.push(format!(
+                "{}: client_cert and client_key go together",
+                key("client_cert")
+            ));
+        }
+        if let Some(proxy) = self
+            .proxy
+            .as_deref()
+            .filter(|p| *p != "direct" && !p.contains("${"))
+        {
+            match reqwest::Url::parse(proxy) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "{}: must be an http:// or https:// URL, or direct",
+                    key("proxy")
+                )),
+            }
+        }
+        for realm in &self.token_realms {
+            if let Err(reason) = validate_host_name(realm) {
+                problems.push(format!("{}: {reason}", key("token_realms")));
+            }
+        }
+        problems
+    }
+
     /// Whether one-segment repository names get `library/` in front.
     pub fn library_prefix(&self, name: &str) -> bool {
         self.library_prefix.unwrap_or(name == DOCKER_HUB)

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod oci;
+pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod upstream;
@@ -31,6 +32,9 @@ pub enum RunError {
     },
     #[error("{0}")]
     Upstream(String),
+    /// The mirror's TLS files or htpasswd file cannot be used.
+    #[error("{0}")]
+    Security(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -58,13 +62,60 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
         upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?,
     );
     let policy = cache::Policy::from_config(config);
+    let access = access_control(config, &upstreams)?;
     Ok(AppState {
         cache: cache::Cache::new(store, upstreams, policy, metrics.clone()),
         metrics,
         shutting_down: Arc::new(AtomicBool::new(false)),
         metrics_enabled: config.metrics.enabled,
         max_size: config.storage.max_size.0,
+        access,
     })
+}
+
+/// Loads `auth.htpasswd`, and warns when private credentials sit behind an open mirror.
+fn access_control(
+    config: &Config,
+    upstreams: &upstream::Upstreams,
+) -> Result<Option<Arc<api::auth::AccessControl>>, RunError> {
+    let access = match &config.auth {
+        Some(auth) => Some(Arc::new(
+            api::auth::AccessControl::load(auth).map_err(RunError::Security)?,
+        )),
+        None => None,
+    };
+    if access.is_none() {
+        for upstream in upstreams.all().iter().filter(|u| u.has_credentials()) {
+            tracing::warn!(upstream = %upstream.name, "this upstream has credentials and the mirror has no access control (auth.htpasswd): anyone who can reach the mirror can pull what those credentials can see");
+        }
+    }
+    Ok(access)
+}
+
+/// Everything `run` would check before serving, without opening the store or a socket: the
+/// upstreams' credentials (files, variables, helpers) and certificates, the mirror's TLS files
+/// and htpasswd. For `regmirror check-config`.
+pub fn check(config: &Config) -> Result<(), RunError> {
+    let metrics = Arc::new(metrics::Metrics::new());
+    let mut problems = Vec::new();
+    if let Err(problem) = upstream::Upstreams::from_config(config, &metrics) {
+        problems.push(problem);
+    }
+    if let Some(tls) = &config.tls {
+        if let Err(problem) = server::tls::Reloader::new(tls) {
+            problems.push(problem);
+        }
+    }
+    if let Some(auth) = &config.auth {
+        if let Err(problem) = api::auth::AccessControl::load(auth) {
+            problems.push(problem);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Security(problems.join("\n")))
+    }
 }
 
 /// Serves the configuration until `shutdown` resolves, then lets in-flight requests finish.
@@ -72,6 +123,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(
+            server::tls::Reloader::new(tls).map_err(RunError::Security)?,
+        )),
+        None => None,
+    };
     let state = state(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -80,7 +137,9 @@ pub async fn run(
             source,
         })?;
     let addr = listener.local_addr().map_err(RunError::Serve)?;
-    tracing::info!(%addr, default_upstream = %config.default_upstream, upstreams = config.upstreams.len(), "listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let listener = server::Listener::new(listener, tls).map_err(RunError::Serve)?;
+    tracing::info!(%addr, scheme, default_upstream = %config.default_upstream, upstreams = config.upstreams.len(), "listening");
     let flag = state.shutting_down.clone();
     let store = state.cache.store().clone();
     // One shutdown signal fans out to the server and the background tasks.
@@ -95,6 +154,9 @@ pub async fn run(
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
     tokio::spawn(state.cache.evictor().clone().run(until_stopped(stopped.clone())));
+    if let Some(access) = state.access.clone() {
+        tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
+    }
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
     let grace = config.shutdown_timeout.0;
     let deadline = async move {

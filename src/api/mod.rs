@@ -5,6 +5,7 @@
 //! headers and a streamed body. They know nothing of storage or upstream protocols; errors
 //! become OCI error responses through `error.rs`.
 
+pub mod auth;
 mod endpoint;
 mod ops;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     pub metrics_enabled: bool,
     pub max_size: u64,
+    /// Who may use the mirror (`auth.htpasswd`); `None` lets everyone in.
+    pub access: Option<Arc<auth::AccessControl>>,
 }
 
 /// The router: testable with `oneshot`, served by [`crate::run`].
@@ -47,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }

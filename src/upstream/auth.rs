@@ -1,11 +1,16 @@
-//! Registry authentication: `WWW-Authenticate` challenges and the bearer-token cache.
+//! Registry authentication: `WWW-Authenticate` challenges, the bearer-token cache, and the
+//! policy deciding which token realms may see an upstream's credentials.
 //!
 //! Tokens are cached per scope inside one upstream, so a token is never offered to an upstream
-//! or a repository it was not issued for.
+//! or a repository it was not issued for. Credentials go to a token realm only on the
+//! upstream's own host or registrable domain, or on a host the configuration allows: a
+//! hostile upstream cannot send them elsewhere by naming another realm.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use reqwest::Url;
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +127,60 @@ impl TokenCache {
     }
 }
 
+/// Which token realms may receive an upstream's credentials.
+#[derive(Debug, Clone)]
+pub struct RealmPolicy {
+    host: String,
+    /// The registrable domain (`docker.io` for `registry-1.docker.io`); none for IP addresses
+    /// and hosts that are themselves public suffixes.
+    domain: Option<String>,
+    https: bool,
+    /// `host` or `host:port` entries from `token_realms`, lower-cased.
+    allowed: Vec<String>,
+}
+
+impl RealmPolicy {
+    pub fn new(upstream: &Url, allowed: &[String]) -> RealmPolicy {
+        let host = upstream.host_str().unwrap_or_default().to_ascii_lowercase();
+        RealmPolicy {
+            domain: registrable_domain(upstream),
+            host,
+            https: upstream.scheme() == "https",
+            allowed: allowed.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// Whether credentials may be sent to `realm`.
+    pub fn allows(&self, realm: &Url) -> bool {
+        let Some(host) = realm.host_str().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        // Credentials for an https upstream never travel in clear text.
+        if self.https && realm.scheme() != "https" {
+            return false;
+        }
+        let with_port = match realm.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.clone(),
+        };
+        if host == self.host || self.allowed.iter().any(|a| *a == host || *a == with_port) {
+            return true;
+        }
+        self.domain.is_some() && registrable_domain(realm) == self.domain
+    }
+}
+
+/// The registrable domain of a URL's host by the public suffix list (`github.io` subdomains
+/// belong to different owners); `None` for IP addresses.
+fn registrable_domain(url: &Url) -> Option<String> {
+    let host = url.host_str()?;
+    if host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let domain = host.trim_end_matches('.').to_ascii_lowercase();
+    psl::domain_str(&domain).map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +238,90 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn realm_policy() {
+        let cases: &[(&str, &[&str], &str, bool)] = &[
+            (
+                "https://registry-1.docker.io",
+                &[],
+                "https://auth.docker.io/token",
+                true,
+            ),
+            ("https://ghcr.io", &[], "https://ghcr.io/token", true),
+            ("https://ghcr.io", &[], "https://evil.example/token", false),
+            ("https://ghcr.io", &[], "http://ghcr.io/token", false),
+            (
+                "http://registry.local:5000",
+                &[],
+                "http://registry.local:5001/auth",
+                true,
+            ),
+            (
+                "https://a.github.io",
+                &[],
+                "https://b.github.io/token",
+                false,
+            ),
+            (
+                "https://registry.corp.example.com",
+                &[],
+                "https://sso.example.com/token",
+                true,
+            ),
+            (
+                "https://r.example.com",
+                &["auth.other.net"],
+                "https://auth.other.net/t",
+                true,
+            ),
+            (
+                "https://r.example.com",
+                &["auth.other.net:8443"],
+                "https://auth.other.net/t",
+                false,
+            ),
+            (
+                "https://r.example.com",
+                &["auth.other.net:8443"],
+                "https://auth.other.net:8443/t",
+                true,
+            ),
+            (
+                "http://127.0.0.1:5000",
+                &[],
+                "http://127.0.0.1:6000/token",
+                true,
+            ),
+            (
+                "http://127.0.0.1:5000",
+                &[],
+                "http://127.0.0.2/token",
+                false,
+            ),
+            (
+                "http://127.0.0.1:5000",
+                &[],
+                "http://localhost/token",
+                false,
+            ),
+            (
+                "http://localhost:5000",
+                &[],
+                "http://other.localhost/token",
+                false,
+            ),
+        ];
+        for (upstream, allowed, realm, want) in cases {
+            let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+            let policy = RealmPolicy::new(&Url::parse(upstream).unwrap(), &allowed);
+            assert_eq!(
+                policy.allows(&Url::parse(realm).unwrap()),
+                *want,
+                "{upstream} {allowed:?} {realm}"
+            );
         }
     }
 

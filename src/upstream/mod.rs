@@ -1,12 +1,16 @@
 //! Talking to upstream registries: one HTTP client per upstream for the life of the process,
-//! bearer-token and basic auth, and the upstream's answers classified into [`Error`].
+//! bearer-token and basic auth with the upstream's credentials, and the upstream's answers
+//! classified into [`Error`].
 //!
 //! Upstream knows nothing of storage: it hands the cache bytes, streams and digests as the
 //! remote registry claims them; verifying them is the cache's job.
 
 mod auth;
+pub mod credentials;
+pub mod tls;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -14,7 +18,8 @@ use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-pub use auth::{Challenge, TokenCache};
+pub use auth::{Challenge, RealmPolicy, TokenCache};
+use credentials::Credentials;
 
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -80,6 +85,11 @@ impl Error {
             text.push_str(&cause.to_string());
             source = cause.source();
         }
+        if let Some(hint) = tls::explain(&text) {
+            text.push_str(" (");
+            text.push_str(hint);
+            text.push(')');
+        }
         Error::Transport(text)
     }
 }
@@ -107,6 +117,11 @@ pub struct Upstream {
     client: reqwest::Client,
     tokens: TokenCache,
     library_prefix: bool,
+    credentials: Option<Arc<credentials::Store>>,
+    realms: RealmPolicy,
+    /// The upstream answered a `Basic` challenge: send the credentials up front from now on
+    /// rather than paying a 401 round trip per request.
+    basic: AtomicBool,
     /// Every exchange and token fetch is reported here (timing, status, health, rate limit).
     metrics: Arc<Metrics>,
 }
@@ -119,22 +134,40 @@ impl Upstream {
     ) -> Result<Upstream, String> {
         install_crypto_provider();
         let base = Url::parse(&config.url).map_err(|err| format!("upstreams.{name}.url: {err}"))?;
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout.0)
             .read_timeout(config.read_timeout.0)
-            // reqwest drops Authorization when a redirect leaves the host (blob CDNs).
-            .redirect(reqwest::redirect::Policy::limited(5))
+            // reqwest drops Authorization when a redirect leaves the host, scheme or port (blob
+            // CDNs), so credentials and tokens stay with the upstream.
+            .redirect(reqwest::redirect::Policy::limited(5));
+        let client = tls::configure(builder, name, config)?
             .build()
             .map_err(|err| format!("upstreams.{name}: cannot build HTTP client: {err}"))?;
+        let credentials = match credentials::Source::from_config(name, config) {
+            Some(source) => Some(Arc::new(
+                credentials::Store::new(source)
+                    .map_err(|err| format!("upstreams.{name}: credentials: {err}"))?,
+            )),
+            None => None,
+        };
+        let realms = RealmPolicy::new(&base, &config.token_realms);
         Ok(Upstream {
             name: name.to_owned(),
             base,
             client,
             tokens: TokenCache::default(),
             library_prefix: config.library_prefix(name),
+            credentials,
+            realms,
+            basic: AtomicBool::new(false),
             metrics,
         })
+    }
+
+    /// Whether requests to this upstream carry configured credentials.
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
     }
 
     /// The repository name as this upstream knows it (`library/` for Docker Hub's one-segment
@@ -257,7 +290,11 @@ impl Upstream {
     ) -> Result<reqwest::Response, Error> {
         let url = self.url(path)?;
         let scope = format!("repository:{repo}:pull");
-        let mut authorization = self.tokens.get(&scope).map(|t| format!("Bearer {t}"));
+        let mut authorization = if self.basic.load(Ordering::Relaxed) {
+            self.basic_authorization()
+        } else {
+            self.tokens.get(&scope).map(|t| format!("Bearer {t}"))
+        };
         for attempt in 0..2 {
             let mut request = self
                 .client
@@ -283,6 +320,21 @@ impl Upstream {
                         let token = self.fetch_token(&challenge, &scope).await?;
                         authorization = Some(format!("Bearer {token}"));
                         continue;
+                    }
+                    Some(challenge) if challenge.scheme == "basic" => {
+                        if authorization.is_some() && self.basic.load(Ordering::Relaxed) {
+                            // The credentials we sent were refused; a rotated secret is read
+                            // again before the one retry.
+                            self.refresh_credentials().await;
+                        }
+                        match self.basic_authorization() {
+                            Some(value) => {
+                                self.basic.store(true, Ordering::Relaxed);
+                                authorization = Some(value);
+                                continue;
+                            }
+                            None => return Err(Error::Unauthorized),
+                        }
                     }
                     _ => return Err(Error::Unauthorized),
                 }
@@ -311,6 +363,20 @@ impl Upstream {
         result
     }
 
+    /// The `Authorization: Basic` value, if the upstream has a user and password.
+    fn basic_authorization(&self) -> Option<String> {
+        self.credentials.as_ref()?.get().basic_header()
+    }
+
+    async fn refresh_credentials(&self) {
+        if let Some(store) = &self.credentials {
+            store.refresh(&self.name).await;
+        }
+    }
+
+    /// Asks the challenge's realm for a token. The credentials go along only if the realm
+    /// passes the [`RealmPolicy`]; otherwise the token is requested anonymously, which is
+    /// enough for public content and leaks nothing.
     async fn request_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
         let realm = challenge
             .param("realm")
@@ -320,21 +386,58 @@ impl Upstream {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::Invalid("bearer realm is not an http(s) URL".into()));
         }
-        {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = challenge.param("service") {
-                query.append_pair("service", service);
+        let credentials = match &self.credentials {
+            Some(store) if self.realms.allows(&url) => Some(store.get()),
+            Some(_) => {
+                tracing::warn!(
+                    upstream = %self.name,
+                    realm_host = url.host_str().unwrap_or_default(),
+                    "token realm is neither on the upstream's domain nor in token_realms: requesting an anonymous token"
+                );
+                None
             }
-            query.append_pair("scope", scope);
-        }
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(Error::from_reqwest)?;
+            None => None,
+        };
+        let service = challenge.param("service");
+        let request = match &credentials {
+            // OAuth2 refresh tokens are exchanged by POST, as Docker does.
+            Some(Credentials::IdentityToken(token)) => {
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                form.append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", token.expose())
+                    .append_pair("client_id", "regmirror")
+                    .append_pair("scope", scope);
+                if let Some(service) = service {
+                    form.append_pair("service", service);
+                }
+                self.client
+                    .post(url)
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(form.finish())
+            }
+            _ => {
+                {
+                    let mut query = url.query_pairs_mut();
+                    if let Some(service) = service {
+                        query.append_pair("service", service);
+                    }
+                    query.append_pair("scope", scope);
+                }
+                let request = self.client.get(url);
+                match credentials.as_ref().and_then(Credentials::basic_header) {
+                    Some(value) => request.header(header::AUTHORIZATION, value),
+                    None => request,
+                }
+            }
+        };
+        let response = request.send().await.map_err(Error::from_reqwest)?;
         let response = match classify(response) {
             Err(Error::NotFound) => return Err(Error::Unauthorized),
+            Err(Error::Unauthorized) if credentials.is_some() => {
+                // The realm refused our credentials: a rotated secret is picked up next time.
+                self.refresh_credentials().await;
+                return Err(Error::Unauthorized);
+            }
             other => other?,
         };
         let body = response.bytes().await.map_err(Error::from_reqwest)?;
@@ -412,12 +515,23 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn from_config(config: &Config, metrics: &Arc<Metrics>) -> Result<Upstreams, String> {
         let mut by_name = HashMap::new();
+        // Every upstream's problem is reported at once (a missing secret, an unreadable CA).
+        let mut problems = Vec::new();
         for (name, upstream_config) in &config.upstreams {
             metrics.register_upstream(name);
-            let upstream = Arc::new(Upstream::new(name, upstream_config, metrics.clone())?);
+            let upstream = match Upstream::new(name, upstream_config, metrics.clone()) {
+                Ok(upstream) => Arc::new(upstream),
+                Err(problem) => {
+                    problems.push(problem);
+                    continue;
+                }
+            };
             for alias in upstream_config.all_names(name) {
                 by_name.insert(alias.to_ascii_lowercase(), upstream.clone());
             }
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
         }
         let default = by_name
             .get(&config.default_upstream.to_ascii_lowercase())

@@ -1,0 +1,209 @@
+//! TLS and proxy settings of one upstream's HTTP client: extra CA certificates, a client
+//! certificate, Docker's `certs.d` layout, and the proxy.
+//!
+//! Files are read once, when the client is built; a missing or unreadable file is an error
+//! naming the upstream and the key. Nothing here sends a request.
+
+use std::path::{Path, PathBuf};
+
+use reqwest::{Certificate, ClientBuilder, Identity, NoProxy, Proxy};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::credentials::expand_env;
+use crate::config::UpstreamConfig;
+
+/// The special `proxy` value that turns off proxies for an upstream, environment included.
+pub const DIRECT: &str = "direct";
+
+/// Adds the upstream's CA certificates, client identity and proxy to `builder`.
+pub fn configure(
+    mut builder: ClientBuilder,
+    name: &str,
+    config: &UpstreamConfig,
+) -> Result<ClientBuilder, String> {
+    let key = |field: &str| format!("upstreams.{name}.{field}");
+    let mut roots = Vec::new();
+    let mut identity: Option<(PathBuf, PathBuf)> = None;
+    if let Some(dir) = &config.certs_dir {
+        let layout = certs_dir(dir).map_err(|e| format!("{}: {e}", key("certs_dir")))?;
+        for ca in layout.cas {
+            roots.extend(read_certs(&ca).map_err(|e| format!("{}: {e}", key("certs_dir")))?);
+        }
+        identity = layout.identity;
+    }
+    if let Some(ca) = &config.ca {
+        roots.extend(read_certs(ca).map_err(|e| format!("{}: {e}", key("ca")))?);
+    }
+    if let (Some(cert), Some(key_file)) = (&config.client_cert, &config.client_key) {
+        identity = Some((cert.clone(), key_file.clone()));
+    }
+    if !roots.is_empty() {
+        let certs = roots
+            .iter()
+            .map(|der| Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", key("ca")))?;
+        // Like Docker, a registry CA is trusted in addition to the system roots.
+        builder = builder.tls_certs_merge(certs);
+    }
+    if let Some((cert, key_file)) = identity {
+        let pem =
+            identity_pem(&cert, &key_file).map_err(|e| format!("{}: {e}", key("client_cert")))?;
+        let identity = Identity::from_pem(&pem).map_err(|e| {
+            format!(
+                "{}: {} and {}: {e}",
+                key("client_cert"),
+                cert.display(),
+                key_file.display()
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    match config.proxy.as_deref() {
+        // Without a setting reqwest reads HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY.
+        None => {}
+        Some(DIRECT) => builder = builder.no_proxy(),
+        Some(url) => {
+            // A proxy URL may carry a password from the environment; it is never logged.
+            let url = expand_env(url).map_err(|e| format!("{}: {e}", key("proxy")))?;
+            let proxy = Proxy::all(&url)
+                .map_err(|_| format!("{}: not a proxy URL", key("proxy")))?
+                .no_proxy(NoProxy::from_env());
+            builder = builder.proxy(proxy);
+        }
+    }
+    Ok(builder)
+}
+
+/// What a Docker `certs.d/<host>/` directory holds: `*.crt` CA bundles and `*.cert`/`*.key`
+/// client pairs.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct CertsDir {
+    cas: Vec<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
+fn certs_dir(dir: &Path) -> Result<CertsDir, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let mut layout = CertsDir::default();
+    for file in &files {
+        match file.extension().and_then(|e| e.to_str()) {
+            Some("crt") => layout.cas.push(file.clone()),
+            Some("cert") => {
+                let key = file.with_extension("key");
+                if !key.exists() {
+                    return Err(format!(
+                        "{} has no matching {}",
+                        file.display(),
+                        key.display()
+                    ));
+                }
+                // Docker offers every pair; a client presents one, so the first one wins.
+                if layout.identity.is_none() {
+                    layout.identity = Some((file.clone(), key));
+                }
+            }
+            Some("key") => {
+                let cert = file.with_extension("cert");
+                if !cert.exists() {
+                    return Err(format!(
+                        "{} has no matching {}",
+                        file.display(),
+                        cert.display()
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    if layout.cas.is_empty() && layout.identity.is_none() {
+        return Err(format!(
+            "{}: no *.crt, *.cert or *.key files (the Docker certs.d layout)",
+            dir.display()
+        ));
+    }
+    Ok(layout)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&bytes)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The key and certificate chain as one PEM document, each checked for what it must hold.
+fn identity_pem(cert: &Path, key: &Path) -> Result<Vec<u8>, String> {
+    read_certs(cert)?;
+    let key_bytes = std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    PrivateKeyDer::from_pem_slice(&key_bytes)
+        .map_err(|_| format!("{}: no PEM private key", key.display()))?;
+    let mut pem = key_bytes;
+    pem.push(b'\n');
+    pem.extend(std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?);
+    Ok(pem)
+}
+
+/// A hint for TLS failures whose library text does not say what to do about them.
+pub fn explain(text: &str) -> Option<&'static str> {
+    if text.contains("CertificateRequired") || text.contains("certificate required") {
+        Some("the upstream requires a client certificate: set client_cert and client_key, or certs_dir")
+    } else if text.contains("UnknownIssuer") {
+        Some("the upstream's certificate is not signed by a trusted CA: set ca or certs_dir")
+    } else if text.contains("NotValidForName") {
+        Some("the upstream's certificate does not name the host in its url")
+    } else if text.contains("BadCertificate") || text.contains("bad certificate") {
+        Some("the upstream refused our client certificate")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certs_dir_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(certs_dir(d).unwrap_err().contains("no *.crt"));
+        std::fs::write(d.join("ca.crt"), "x").unwrap();
+        std::fs::write(d.join("client.cert"), "x").unwrap();
+        assert!(certs_dir(d).unwrap_err().contains("no matching"));
+        std::fs::write(d.join("client.key"), "x").unwrap();
+        std::fs::write(d.join("README"), "x").unwrap();
+        assert_eq!(
+            certs_dir(d).unwrap(),
+            CertsDir {
+                cas: vec![d.join("ca.crt")],
+                identity: Some((d.join("client.cert"), d.join("client.key"))),
+            }
+        );
+        std::fs::write(d.join("orphan.key"), "x").unwrap();
+        assert!(certs_dir(d).unwrap_err().contains("orphan.key"));
+    }
+
+    #[test]
+    fn unreadable_pem_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.crt");
+        std::fs::write(&file, "not pem").unwrap();
+        assert!(read_certs(&file)
+            .unwrap_err()
+            .contains("no PEM certificate"));
+        assert!(read_certs(&dir.path().join("missing"))
+            .unwrap_err()
+            .contains("missing"));
+    }
+}
