@@ -6,39 +6,9 @@ mod fake;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fake::Fake;
+use fake::{client, mirror, Fake};
 use regmirror::oci::Digest;
 use sha2::{Digest as _, Sha256};
-
-struct Mirror {
-    url: String,
-    _dir: tempfile::TempDir,
-    root: std::path::PathBuf,
-}
-
-async fn mirror(fake: &Fake, extra_cache: &str) -> Mirror {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("data");
-    let text = format!(
-        "listen: 127.0.0.1:0\nstorage: {{ root: {root:?} }}\ncache: {{ {extra_cache} }}\ndefault_upstream: docker.io\nupstreams:\n  docker.io: {{ url: '{}' }}\n",
-        fake.url()
-    );
-    let config = regmirror::Config::parse(&text, "test").unwrap();
-    let state = regmirror::state(&config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, regmirror::app(state)).await.unwrap() });
-    Mirror {
-        url,
-        _dir: dir,
-        root,
-    }
-}
-
-fn client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().build().unwrap()
-}
 
 fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -59,7 +29,7 @@ async fn error_code(response: reqwest::Response) -> (u16, String) {
 async fn manifest_miss_then_hit_with_consistent_head() {
     let fake = Fake::start().await;
     let image = fake.put_image("library/alpine", "3.20", &[1000], 1);
-    let m = mirror(&fake, "tag_ttl: 5m").await;
+    let m = mirror(&fake, "cache: { tag_ttl: 5m }").await;
     let http = client();
     for (round, expect) in [(0, "miss"), (1, "hit")] {
         let r = http
@@ -254,7 +224,7 @@ async fn dropped_upstream_connection_is_resumed_with_range() {
 async fn tags_revalidate_after_ttl_and_follow_moves() {
     let fake = Fake::start().await;
     let first = fake.put_image("library/app", "latest", &[10], 6);
-    let m = mirror(&fake, "tag_ttl: 0s").await;
+    let m = mirror(&fake, "cache: { tag_ttl: 0s }").await;
     let http = client();
     let url = format!("{}/v2/app/manifests/latest", m.url);
     let r = http.get(&url).send().await.unwrap();
@@ -277,7 +247,7 @@ async fn tags_revalidate_after_ttl_and_follow_moves() {
 async fn serves_stale_when_upstream_fails_and_maps_errors_otherwise() {
     let fake = Fake::start().await;
     let image = fake.put_image("library/app", "1", &[10], 8);
-    let m = mirror(&fake, "tag_ttl: 0s").await;
+    let m = mirror(&fake, "cache: { tag_ttl: 0s }").await;
     let http = client();
     let get = |path: String| http.get(format!("{}{path}", m.url)).send();
     assert_eq!(

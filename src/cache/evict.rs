@@ -24,7 +24,12 @@ pub struct Readers {
 impl Readers {
     /// Pins `digest` until the guard is dropped.
     pub fn pin(self: &Arc<Self>, digest: &Digest) -> ReadGuard {
-        *self.open.lock().expect("readers lock").entry(digest.clone()).or_default() += 1;
+        *self
+            .open
+            .lock()
+            .expect("readers lock")
+            .entry(digest.clone())
+            .or_default() += 1;
         ReadGuard {
             readers: self.clone(),
             digest: digest.clone(),
@@ -74,7 +79,13 @@ pub struct Evictor {
 }
 
 impl Evictor {
-    pub fn new(store: Arc<Store>, readers: Arc<Readers>, metrics: Arc<Metrics>, max_size: u64, low_watermark_percent: u8) -> Evictor {
+    pub fn new(
+        store: Arc<Store>,
+        readers: Arc<Readers>,
+        metrics: Arc<Metrics>,
+        max_size: u64,
+        low_watermark_percent: u8,
+    ) -> Evictor {
         Evictor {
             store,
             readers,
@@ -114,7 +125,9 @@ impl Evictor {
         let tagged = self.store.index.tagged_digests().unwrap_or_default();
         // Orphans (layers, configs, untagged manifests) by age first, then tagged manifests by
         // age: a tag we can still answer offline is worth more than a layer nobody asked for.
-        let (mut order, kept): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(digest, _)| !tagged.contains(digest));
+        let (mut order, kept): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|(digest, _)| !tagged.contains(digest));
         order.extend(kept);
         for (digest, _) in order {
             if self.store.used_bytes() <= self.low {
@@ -133,7 +146,12 @@ impl Evictor {
             }
         }
         self.metrics.evicted(evicted.blobs as u64, evicted.bytes);
-        info!(blobs = evicted.blobs, bytes = evicted.bytes, used = self.store.used_bytes(), "evicted least recently used blobs");
+        info!(
+            blobs = evicted.blobs,
+            bytes = evicted.bytes,
+            used = self.store.used_bytes(),
+            "evicted least recently used blobs"
+        );
         evicted
     }
 

@@ -126,11 +126,15 @@ impl Blob {
     ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> {
         match self.body {
             BlobBody::Stored(file, guard) => {
-                Box::pin(file_stream(file, start, end).map(move |chunk| {
-                    // The pin lives as long as the stream.
-                    let _ = &guard;
-                    chunk
-                }))
+                // The pin travels with the stream and is released when the response ends.
+                let chunks = Box::pin(file_stream(file, start, end));
+                Box::pin(futures_util::stream::unfold(
+                    (chunks, guard),
+                    |(mut chunks, guard)| async move {
+                        let chunk = chunks.next().await?;
+                        Some((chunk, (chunks, guard)))
+                    },
+                ))
             }
             BlobBody::Flight(reader) => Box::pin(reader.stream(start, end)),
             BlobBody::Direct(response, digest) => {
@@ -201,7 +205,12 @@ impl Cache {
         let fetch_slots = upstreams
             .all()
             .into_iter()
-            .map(|u| (u.name.clone(), Arc::new(Semaphore::new(policy.max_concurrent_fetches))))
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    Arc::new(Semaphore::new(policy.max_concurrent_fetches)),
+                )
+            })
             .collect();
         Arc::new(Cache {
             store,
@@ -413,7 +422,10 @@ impl Cache {
             digest,
             media_type: remote.media_type,
         };
-        match self.store.put_verified(&manifest.digest, &manifest.bytes, &manifest.media_type) {
+        match self
+            .store
+            .put_verified(&manifest.digest, &manifest.bytes, &manifest.media_type)
+        {
             Ok(()) => {}
             Err(storage::Error::NoSpace) => {
                 // A full disk must not take the mirror down: serve what we fetched, uncached.
@@ -602,7 +614,9 @@ impl Cache {
             .await
             .map_err(blob_error)?;
         let size = response.content_length().ok_or_else(|| {
-            Error::Upstream(upstream::Error::Invalid("blob without Content-Length".into()))
+            Error::Upstream(upstream::Error::Invalid(
+                "blob without Content-Length".into(),
+            ))
         })?;
         self.metrics.passthrough();
         Ok(Blob {
@@ -661,7 +675,12 @@ impl Cache {
                 info!(%digest, bytes = total, "blob larger than the cache may hold, passing it through");
                 return Ok(None);
             }
-            if self.store.blobs.available_bytes().is_some_and(|free| free < total.saturating_add(DISK_RESERVE)) {
+            if self
+                .store
+                .blobs
+                .available_bytes()
+                .is_some_and(|free| free < total.saturating_add(DISK_RESERVE))
+            {
                 warn!(%digest, bytes = total, "store disk nearly full, passing the blob through uncached");
                 return Ok(None);
             }

@@ -62,7 +62,8 @@ pub fn verified_range(
                         let actual = std::mem::take(&mut state.hasher).finish();
                         if actual != digest {
                             tracing::warn!(expected = %digest, %actual, "pass-through blob digest mismatch");
-                            let err = io::Error::other("upstream content does not match its digest");
+                            let err =
+                                io::Error::other("upstream content does not match its digest");
                             return Some((Err(err), state));
                         }
                         return state.held.take().map(|last| (Ok(last), state));

@@ -19,7 +19,7 @@ pub struct BlobEntry {
     pub v: u8,
     /// Size in bytes of the file.
     pub size: u64,
-    /// Last time it was served or stored, seconds since the Unix epoch (for LRU eviction).
+    /// Last time it was served or stored, milliseconds since the Unix epoch (for LRU eviction).
     pub accessed: u64,
     /// Media type, for manifests (the `Content-Type` to serve them with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,8 +88,8 @@ impl Index {
         Ok(())
     }
 
-    /// Records an access; writes only when the stored time is older than `granularity` seconds,
-    /// so a hot blob costs one index write a minute, not one per request.
+    /// Records an access; writes only when the stored time is older than `granularity`, so a
+    /// hot blob costs one index write a second, not one per request.
     pub fn touch(&self, digest: &Digest, now: u64, granularity: u64) -> Result<(), IndexError> {
         if let Some(mut entry) = self.get_blob(digest)? {
             if entry.accessed + granularity <= now {

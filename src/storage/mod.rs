@@ -100,7 +100,7 @@ impl Store {
                 }
             }
         }
-        let now = now();
+        let now = now_millis();
         for (digest, size) in &files {
             if !known.contains(digest) {
                 // Committed files were verified before their rename; a crash between rename and
@@ -140,7 +140,7 @@ impl Store {
         let media_type =
             media_type.or_else(|| previous.as_ref().and_then(|e| e.media_type.clone()));
         self.index
-            .put_blob(digest, &blob_entry(size, now(), media_type))?;
+            .put_blob(digest, &blob_entry(size, now_millis(), media_type))?;
         if previous.is_none() {
             self.used.fetch_add(size, Ordering::Relaxed);
             self.count.fetch_add(1, Ordering::Relaxed);
@@ -175,13 +175,22 @@ impl Store {
 
     /// Records an access for LRU purposes.
     pub fn touch(&self, digest: &Digest) -> Result<(), Error> {
-        Ok(self.index.touch(digest, now(), 60)?)
+        Ok(self.index.touch(digest, now_millis(), 1000)?)
     }
 
     /// `/readyz`: the disk takes writes and the index answers.
     pub fn ready(&self) -> bool {
         self.index.healthy() && self.blobs.writable()
     }
+}
+
+/// Milliseconds since the Unix epoch (access times: LRU order must tell apart blobs used in the
+/// same second).
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the Unix epoch.

@@ -33,6 +33,8 @@ pub struct Faults {
     pub corrupt: AtomicBool,
     /// Require `Authorization: Bearer <token>` issued by `/token`.
     pub require_token: AtomicBool,
+    /// Accept requests and never answer them.
+    pub hang: AtomicBool,
 }
 
 #[derive(Default)]
@@ -211,6 +213,9 @@ async fn registry(
         )
             .into_response();
     }
+    if fake.faults.hang.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     if let Some(status) = *fake.faults.status.lock().unwrap() {
         return StatusCode::from_u16(status).unwrap().into_response();
     }
@@ -336,4 +341,54 @@ async fn registry(
             .into_response();
     }
     StatusCode::NOT_FOUND.into_response()
+}
+
+/// regmirror in-process, bound on 127.0.0.1:0, in front of a fake.
+pub struct Mirror {
+    pub url: String,
+    pub root: std::path::PathBuf,
+    pub state: regmirror::AppState,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Starts regmirror with `extra` YAML (top-level keys such as `cache: { tag_ttl: 0s }`) and its
+/// store in a fresh temporary directory.
+pub async fn mirror(fake: &Fake, extra: &str) -> Mirror {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let mut mirror = mirror_at(fake, &root, extra).await;
+    mirror._dir = Some(dir);
+    mirror
+}
+
+/// Starts regmirror with its store at `root`.
+pub async fn mirror_at(fake: &Fake, root: &std::path::Path, extra: &str) -> Mirror {
+    // The store's root goes into the test's own `storage:` section when it has one.
+    let storage = format!("storage: {{ root: {root:?}, ");
+    let extra = if extra.contains("storage: {") {
+        extra.replacen("storage: {", &storage, 1)
+    } else {
+        format!("{extra}\nstorage: {{ root: {root:?} }}")
+    };
+    let text = format!(
+        "listen: 127.0.0.1:0\ndefault_upstream: docker.io\nupstreams:\n  docker.io: {{ url: '{}', read_timeout: 2s }}\n{extra}\n",
+        fake.url()
+    );
+    let config = regmirror::Config::parse(&text, "test").unwrap();
+    let state = regmirror::state(&config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = regmirror::app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Mirror {
+        url,
+        root: root.to_owned(),
+        state,
+        _dir: None,
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().build().unwrap()
 }
