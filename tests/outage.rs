@@ -1,0 +1,265 @@
+//! The day the upstream is down: real clients (skopeo, a real dockerd) still pull what the
+//! mirror holds from a real regmirror process once the real distribution upstream is killed;
+//! SIGTERM lets in-flight downloads finish; a load of 200 clients sees no errors.
+
+mod common;
+mod fake;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_images_still_pull_with_skopeo_and_dockerd_when_the_upstream_is_killed() {
+    let mut dist = Distribution::start().await;
+    let pusher = Pusher::new(&dist.url());
+    let image = pusher
+        .push_image("library/outage", "v1", &ImageSpec::new(&[20_000, 300_000]))
+        .await;
+    // Revalidate every time, so the second pulls really ask the (dead) upstream.
+    let rm = RegmirrorConfig::docker_io(&dist.url())
+        .tag_ttl("0s")
+        .start()
+        .await;
+    let docker = Dockerd::start(Containerd::start().await, &rm.url()).await;
+    let dir = tempdir("outage");
+
+    skopeo_copy_to_dir(
+        &format!("docker://{}/library/outage:v1", rm.host()),
+        &dir.path().join("warm"),
+        false,
+    )
+    .await
+    .assert_success();
+    docker.docker_pull("outage:v1").await.assert_success();
+
+    dist.kill9();
+
+    let cold = dir.path().join("cold");
+    let out = skopeo_copy_to_dir(
+        &format!("docker://{}/library/outage:v1", rm.host()),
+        &cold,
+        false,
+    )
+    .await;
+    assert!(out.success, "{out}\n--- regmirror ---\n{}", tail(&rm.log()));
+    assert_skopeo_dir_holds(&cold, &image, "manifest.json");
+
+    docker.docker(&["rmi", "outage:v1"]).await.assert_success();
+    let out = docker.docker_pull("outage:v1").await;
+    assert!(out.success, "{out}\n--- regmirror ---\n{}", tail(&rm.log()));
+    assert_eq!(
+        docker.repo_digests("outage:v1").await,
+        vec![format!("outage@{}", image.manifest_digest)]
+    );
+    assert!(
+        rm.log().contains("serving cached tag"),
+        "the stale answer is logged"
+    );
+
+    // What was never cached fails fast with an OCI error.
+    let started = Instant::now();
+    let r = http()
+        .get(format!("{}/v2/library/never/manifests/v1", rm.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_in_flight_downloads_finish() {
+    let upstream = fake::Fake::start().await;
+    let image = upstream.put_image("library/slow", "1", &[8 << 20], 700);
+    let digest = image.layers[0].0.clone();
+    // About 2.5 s for the whole blob.
+    upstream.faults.chunk_delay_ms.store(20, Ordering::SeqCst);
+    let rm = RegmirrorConfig::docker_io(&upstream.url()).start().await;
+    let mut response = http()
+        .get(format!("{}/v2/slow/blobs/{digest}", rm.url()))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.chunk().await.unwrap().unwrap().to_vec();
+    let pid = rm.pid().expect("running");
+    assert_eq!(send_signal(pid, "TERM"), 0);
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .expect("the in-flight response completes")
+    {
+        body.extend_from_slice(&chunk);
+    }
+    assert_eq!(sha256_digest(&body), digest.as_str());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "regmirror did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rm.log().contains("shutting down"));
+}
+
+/// Sends a signal with the `kill` program (no libc in the tests).
+fn send_signal(pid: u32, signal: &str) -> i32 {
+    std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .code()
+        .unwrap_or(-1)
+}
+
+/// 200 clients for 60 s against a mix of cached and uncached blobs and manifests, with a cache
+/// small enough that eviction churns all along: no errors, bounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_clients_for_a_minute_see_no_errors() {
+    let upstream = fake::Fake::start().await;
+    let images: Vec<_> = (0..60)
+        .map(|i| {
+            upstream.put_image(
+                &format!("library/load{i}"),
+                "1",
+                &[64 * 1024, 1 << 20],
+                800 + i,
+            )
+        })
+        .collect();
+    let images = Arc::new(images);
+    let mut config = RegmirrorConfig::docker_io(&upstream.url());
+    // ~65 MiB of content against a 24 MiB cache: misses, hits and evictions all the time.
+    config.extra_yaml = "storage: { max_size: 24MiB }\n".into();
+    config.log_level = "warn".into();
+    // The builder writes `storage: { root: … }`; the extra key must not repeat it.
+    let yaml = config
+        .to_yaml()
+        .replace("storage: { root: @ROOT@ }\n", "")
+        .replace(
+            "storage: { max_size: 24MiB }",
+            "storage: { root: @ROOT@, max_size: 24MiB }",
+        );
+    let rm = Regmirror::start(&yaml).await;
+    let pid = rm.pid().unwrap();
+    let http = http();
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut clients = Vec::new();
+    for client in 0..200u64 {
+        let (http, base, images, ok, errors) = (
+            http.clone(),
+            rm.url(),
+            images.clone(),
+            ok.clone(),
+            errors.clone(),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut n = client;
+            while Instant::now() < until {
+                n = n
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let image = &images[(n >> 33) as usize % images.len()];
+                let repo = format!("load{}", (n >> 33) as usize % images.len());
+                let url = match (n >> 20) % 3 {
+                    0 => format!("{base}/v2/{repo}/manifests/1"),
+                    1 => format!("{base}/v2/{repo}/blobs/{}", image.layers[0].0),
+                    _ => format!("{base}/v2/{repo}/blobs/{}", image.layers[1].0),
+                };
+                let result = async {
+                    let r = http.get(&url).send().await?;
+                    let status = r.status();
+                    let body = r.bytes().await?;
+                    Ok::<_, reqwest::Error>((status, body))
+                }
+                .await;
+                match result {
+                    Ok((status, body))
+                        if status == 200
+                            && (url.contains("/manifests/")
+                                || sha256_digest(&body) == url.rsplit('/').next().unwrap()) =>
+                    {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((status, _)) => {
+                        eprintln!("{url}: status {status}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        eprintln!("{url}: {err}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let (ok, errors) = (ok.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    // Eviction runs right after the commits that overfill the store; give the last pass a moment.
+    let mut used = du(&rm.data_dir().join("blobs"));
+    for _ in 0..50 {
+        if used <= 24 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        used = du(&rm.data_dir().join("blobs"));
+    }
+    eprintln!(
+        "soak: {ok} good responses, {errors} errors, peak RSS {} MiB, store {} MiB",
+        peak_kib / 1024,
+        used >> 20
+    );
+    assert_eq!(errors, 0, "errors under load");
+    assert!(ok > 1000, "the load really ran: {ok}");
+    assert!(peak_kib < 512 * 1024, "peak RSS {peak_kib} KiB");
+    assert!(used <= 24 << 20, "store {used} bytes over max_size");
+}
+
+/// Whether a process runs (a zombie waiting to be reaped has exited).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn du(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() {
+            du(&entry.path())
+        } else {
+            meta.len()
+        };
+    }
+    total
+}
+
+/// The end of a log, for failure messages.
+fn tail(log: &str) -> &str {
+    let start = log.len().saturating_sub(4000);
+    let start = (start..log.len())
+        .find(|&i| log.is_char_boundary(i))
+        .unwrap_or(log.len());
+    &log[start..]
+}
