@@ -303,11 +303,7 @@ impl Cache {
         repo: &RepoName,
         tag: &str,
     ) -> Result<(Manifest, Outcome), Error> {
-        let cached = self
-            .store
-            .index
-            .get_tag(&upstream.name, repo.as_str(), tag)
-            .map_err(storage::Error::from)?;
+        let cached = self.cached_tag(upstream, repo, tag)?;
         if let Some(entry) = &cached {
             let age = storage::now().saturating_sub(entry.confirmed);
             if Duration::from_secs(age) < self.policy.tag_ttl {
@@ -337,11 +333,7 @@ impl Cache {
         repo: &RepoName,
         tag: &str,
     ) -> Result<(Manifest, Outcome), Error> {
-        let cached = self
-            .store
-            .index
-            .get_tag(&upstream.name, repo.as_str(), tag)
-            .map_err(storage::Error::from)?;
+        let cached = self.cached_tag(upstream, repo, tag)?;
         let held = match &cached {
             Some(entry) => self.stored_manifest(&entry.digest)?,
             None => None,
@@ -384,6 +376,18 @@ impl Cache {
             }
             Err(err) => Err(manifest_error(err)),
         }
+    }
+
+    fn cached_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+    ) -> Result<Option<storage::TagEntry>, Error> {
+        self.store
+            .index
+            .get_tag(&upstream.name, repo.as_str(), tag)
+            .map_err(|e| storage::Error::from(e).into())
     }
 
     fn put_tag(
