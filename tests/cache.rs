@@ -464,3 +464,45 @@ async fn cached_blob_is_not_served_under_a_repository_that_never_showed_it() {
         .unwrap();
     assert_eq!(error_code(r).await, (404, "BLOB_UNKNOWN".to_owned()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_pass_through_and_404_sends_clients_to_the_fallback() {
+    let fake = Fake::start().await;
+    let image = fake.put_image("library/signed", "1", &[10], 13);
+    let index = bytes::Bytes::from_static(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#);
+    fake.content
+        .referrers
+        .lock()
+        .unwrap()
+        .insert(image.digest.clone(), index.clone());
+    let m = mirror(&fake, "").await;
+    let http = client();
+    let r = http
+        .get(format!(
+            "{}/v2/signed/referrers/{}?artifactType=x%2Fy&junk=1",
+            m.url, image.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(r.bytes().await.unwrap(), index);
+    assert!(fake
+        .counters
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, p, _)| p.contains("/referrers/")));
+    let other = Digest::sha256_of(b"unsigned");
+    let r = http
+        .get(format!("{}/v2/signed/referrers/{other}", m.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".to_owned()));
+}

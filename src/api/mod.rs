@@ -193,10 +193,9 @@ async fn registry(
             blob(&state, &endpoint, &headers, head).await
         }
         (&Method::GET, Target::Tags) => tags(&state, &endpoint, query).await,
-        (&Method::GET | &Method::HEAD, Target::Referrers(_)) => Err((
-            ApiError::new(ErrorCode::Unsupported).with_message("referrers are not mirrored yet"),
-            None,
-        )),
+        (&Method::GET | &Method::HEAD, Target::Referrers(_)) => {
+            referrers(&state, &endpoint, query, head).await
+        }
         // A mirror is read-only: pushes and deletes belong to the upstream.
         _ => Err((
             ApiError::new(ErrorCode::Unsupported)
@@ -319,6 +318,31 @@ async fn blob(state: &AppState, endpoint: &Endpoint, headers: &HeaderMap, head: 
             .expect("valid headers"),
         outcome,
     ))
+}
+
+async fn referrers(state: &AppState, endpoint: &Endpoint, query: &str, head: bool) -> Answer {
+    let Target::Referrers(digest) = &endpoint.target else {
+        unreachable!("dispatched on Target::Referrers")
+    };
+    // The spec's only filter; anything else stays here.
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k == "artifactType"))
+        .finish();
+    let (body, outcome) = state
+        .cache
+        .referrers(&endpoint.upstream, &endpoint.repo, digest, &query)
+        .await
+        .map_err(failed)?;
+    let response = Response::builder()
+        .header(header::CONTENT_TYPE, crate::oci::media_type::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(if head {
+            Body::empty()
+        } else {
+            Body::from(body)
+        })
+        .expect("valid headers");
+    Ok((response, outcome))
 }
 
 async fn tags(state: &AppState, endpoint: &Endpoint, query: &str) -> Answer {

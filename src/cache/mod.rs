@@ -806,6 +806,22 @@ impl Cache {
             Err(err) => Err(Error::Upstream(err)),
         }
     }
+
+    /// Referrers of a manifest, from the upstream (not cached: the answer changes whenever a
+    /// signature or SBOM is pushed).
+    pub async fn referrers(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        query: &str,
+    ) -> Result<(Bytes, Outcome), Error> {
+        let body = upstream
+            .referrers(repo, digest, query)
+            .await
+            .map_err(manifest_error)?;
+        Ok((body, Outcome::Miss))
+    }
 }
 
 fn manifest_error(err: upstream::Error) -> Error {

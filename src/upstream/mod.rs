@@ -276,7 +276,27 @@ impl Upstream {
         let response = self
             .send(Method::GET, repo, &path, HeaderMap::new())
             .await?;
-        response.bytes().await.map_err(Error::from_reqwest)
+        small_body(response).await
+    }
+
+    /// The upstream's referrers of `digest` (an OCI image index), passed through with the
+    /// `artifactType` filter when given. An upstream without the referrers API answers 404, and
+    /// so do we, which sends OCI 1.1 clients to the tag-schema fallback.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        query: &str,
+    ) -> Result<Bytes, Error> {
+        let path = if query.is_empty() {
+            format!("{repo}/referrers/{digest}")
+        } else {
+            format!("{repo}/referrers/{digest}?{query}")
+        };
+        let response = self
+            .send(Method::GET, repo, &path, HeaderMap::new())
+            .await?;
+        small_body(response).await
     }
 
     /// Sends a request with the cached token for the repository's pull scope; on a 401, answers
@@ -454,6 +474,19 @@ impl Upstream {
         Url::parse(&format!("{base}/v2/{path}"))
             .map_err(|_| Error::Invalid("bad upstream URL".into()))
     }
+}
+
+/// Reads a JSON answer (tag list, referrers index) with the manifest size cap, so a hostile
+/// upstream cannot make us buffer without bound.
+async fn small_body(mut response: reqwest::Response) -> Result<Bytes, Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
+        if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::Invalid("response larger than 4 MiB".into()));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
 }
 
 /// Turns non-success statuses into errors.

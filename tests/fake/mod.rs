@@ -60,6 +60,8 @@ pub struct Content {
     pub blobs: Mutex<HashMap<Digest, Bytes>>,
     /// Which repositories hold which blobs, as a registry scopes them.
     pub repo_blobs: Mutex<std::collections::HashSet<(String, Digest)>>,
+    /// Referrers index bodies by subject digest (no entry: the API is not supported, 404).
+    pub referrers: Mutex<HashMap<Digest, Bytes>>,
     /// (repository, tag or digest) → (body, media type)
     pub manifests: Mutex<HashMap<(String, String), (Bytes, String)>>,
 }
@@ -321,6 +323,23 @@ async fn registry(
             },
         );
         return builder.body(Body::from_stream(stream)).unwrap();
+    }
+    if let Some((_, subject)) = rest.rsplit_once("/referrers/") {
+        let found = subject
+            .parse::<Digest>()
+            .ok()
+            .and_then(|d| fake.content.referrers.lock().unwrap().get(&d).cloned());
+        return match found {
+            Some(body) => (
+                [(
+                    header::CONTENT_TYPE,
+                    "application/vnd.oci.image.index.v1+json",
+                )],
+                body,
+            )
+                .into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        };
     }
     if rest.ends_with("/tags/list") {
         let repo = rest.trim_end_matches("/tags/list");
