@@ -8,6 +8,7 @@
 pub mod auth;
 mod endpoint;
 mod ops;
+mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/", get(status::page))
+        .route("/status", get(status::page))
         .layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
@@ -203,6 +206,11 @@ async fn registry(
             None,
         )),
     };
+    if let (Ok((_, outcome)), Target::Manifest(_) | Target::Blob(_)) = (&result, &endpoint.target) {
+        // For the status page's busiest repositories; never a metrics label.
+        let (upstream, repo) = (&endpoint.upstream.name, endpoint.repo.as_str());
+        state.metrics.repository_request(upstream, repo, *outcome);
+    }
     let mut response = match result {
         Ok((response, outcome)) => mark(response, route, Some(outcome)),
         Err((error, outcome)) => mark(error.into_response(), route, outcome),
