@@ -198,11 +198,18 @@ pub struct MetricsConfig {
     /// Serve `/metrics`.
     #[serde(default = "defaults::yes")]
     pub enabled: bool,
+    /// Serve `/metrics` on this address instead of the registry's port (e.g. `127.0.0.1:9090`,
+    /// so only a local Prometheus can scrape it). Unset: `/metrics` is on `listen`.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { enabled: true }
+        MetricsConfig {
+            enabled: true,
+            listen: None,
+        }
     }
 }
 
