@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
 
 #[test]
 fn parses_distribution_log() {
@@ -25,22 +24,6 @@ fn parses_distribution_log() {
     assert_eq!(r[0].ns(), Some("docker.io"));
     assert_eq!(r[1].status, 404);
     assert!(!r[2].is_blob());
-}
-
-/// Reads what `skopeo copy ... dir:` wrote for a single image and checks it is the
-/// pushed image byte for byte.
-fn assert_dir_holds(dir: &Path, img: &PushedImage, manifest_file: &str) {
-    let manifest = std::fs::read(dir.join(manifest_file)).unwrap();
-    assert_eq!(
-        manifest,
-        img.manifest_bytes,
-        "manifest in {} differs from the pushed one",
-        dir.display()
-    );
-    for d in img.blob_digests() {
-        let hex = d.strip_prefix("sha256:").unwrap();
-        assert_eq!(sha256_file(&dir.join(hex)), d, "blob {d}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -76,13 +59,13 @@ async fn pusher_and_skopeo_against_distribution() {
     skopeo_copy_to_dir(&format!("docker://{}/library/x:t", dist.host()), &d1, false)
         .await
         .assert_success();
-    assert_dir_holds(&d1, &docker, "manifest.json");
+    assert_skopeo_dir_holds(&d1, &docker, "manifest.json");
 
     let d2 = out.path().join("y");
     skopeo_copy_to_dir(&format!("docker://{}/org/y:t", dist.host()), &d2, false)
         .await
         .assert_success();
-    assert_dir_holds(&d2, &oci, "manifest.json");
+    assert_skopeo_dir_holds(&d2, &oci, "manifest.json");
 
     for idx in [&index, &list] {
         let d = out.path().join(&idx.tag);
@@ -96,7 +79,7 @@ async fn pusher_and_skopeo_against_distribution() {
         assert_eq!(std::fs::read(d.join("manifest.json")).unwrap(), idx.bytes);
         for img in &idx.images {
             let hex = img.manifest_digest.strip_prefix("sha256:").unwrap();
-            assert_dir_holds(&d, img, &format!("{hex}.manifest.json"));
+            assert_skopeo_dir_holds(&d, img, &format!("{hex}.manifest.json"));
         }
     }
 

@@ -174,23 +174,43 @@ impl Drop for Containerd {
     }
 }
 
+/// The placeholder mirror address in the snippets under `deploy/clients/`.
+pub const SNIPPET_MIRROR_URL: &str = "http://mirror.example:5000";
+
 /// Writes `<dir>/<host>/hosts.toml` naming `mirror_url` as a pull/resolve mirror for
 /// `host`, the way users configure containerd, and returns the path of the file.
+///
+/// For the hosts `deploy/clients/containerd/` ships a file for (docker.io, ghcr.io,
+/// quay.io), that file is used with its placeholder address replaced, so the tests
+/// exercise exactly what users copy.
 pub fn write_hosts_toml(dir: &Path, host: &str, mirror_url: &str) -> PathBuf {
-    let server = if host == "docker.io" {
-        "https://registry-1.docker.io".to_owned()
-    } else {
-        format!("https://{host}")
+    let snippet = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/clients/containerd")
+        .join(host)
+        .join("hosts.toml");
+    let content = match std::fs::read_to_string(&snippet) {
+        Ok(text) => {
+            assert!(
+                text.contains(SNIPPET_MIRROR_URL),
+                "{} does not name the placeholder {SNIPPET_MIRROR_URL}",
+                snippet.display()
+            );
+            text.replace(SNIPPET_MIRROR_URL, mirror_url)
+        }
+        Err(_) => {
+            let server = if host == "docker.io" {
+                "https://registry-1.docker.io".to_owned()
+            } else {
+                format!("https://{host}")
+            };
+            format!(
+                "server = \"{server}\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            )
+        }
     };
     let d = dir.join(host);
     std::fs::create_dir_all(&d).unwrap();
     let file = d.join("hosts.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "server = \"{server}\"\n\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, content).unwrap();
     file
 }

@@ -19,6 +19,23 @@ pub struct DistributionOptions {
     pub htpasswd: Option<(String, String)>,
     /// Serve HTTPS with this certificate and key (PEM files); `url()` becomes `https://`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// With `tls`: require client certificates signed by this CA (`http.tls.clientcas`).
+    pub client_ca: Option<PathBuf>,
+    /// Require bearer tokens from a token server (`auth: token`).
+    pub token: Option<TokenAuth>,
+    /// Storage directory, to share content with another instance (push to an open one, pull
+    /// from a guarded one); a fresh one by default.
+    pub root: Option<PathBuf>,
+}
+
+/// distribution's `auth: token` settings: tokens are JWTs signed by a key whose certificate
+/// chains to `rootcertbundle`.
+#[derive(Clone, Debug)]
+pub struct TokenAuth {
+    pub realm: String,
+    pub service: String,
+    pub issuer: String,
+    pub rootcertbundle: PathBuf,
 }
 
 /// One request as distribution logged it.
@@ -74,7 +91,7 @@ impl Distribution {
         let bin = require_tool("docker-registry");
         let dir = tempdir("dist-");
         let port = free_port();
-        let data = dir.path().join("data");
+        let data = opts.root.clone().unwrap_or_else(|| dir.path().join("data"));
         std::fs::create_dir_all(&data).unwrap();
         let log = dir.path().join("registry.log");
 
@@ -93,6 +110,16 @@ impl Distribution {
                 file.display()
             );
         }
+        if let Some(token) = &opts.token {
+            assert!(opts.htpasswd.is_none(), "one auth method at a time");
+            auth = format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                token.realm,
+                token.service,
+                token.issuer,
+                token.rootcertbundle.display()
+            );
+        }
         let mut tls = String::new();
         let mut scheme = "http";
         if let Some((cert, key)) = &opts.tls {
@@ -102,6 +129,9 @@ impl Distribution {
                 cert.display(),
                 key.display()
             );
+            if let Some(ca) = &opts.client_ca {
+                tls.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
         }
         // The access log is off: it is a second, unstructured line per request.
         let config = format!(
@@ -126,7 +156,12 @@ impl Distribution {
         }
         let mut proc = ChildProc::spawn("docker-registry", cmd, &log);
         let base = format!("{scheme}://127.0.0.1:{port}");
-        wait_for_v2(&base, &mut proc, Duration::from_secs(30)).await;
+        if opts.tls.is_some() {
+            // The harness client trusts no test CA (and may have no client certificate).
+            wait_for_tcp(port, &mut proc, Duration::from_secs(30)).await;
+        } else {
+            wait_for_v2(&base, &mut proc, Duration::from_secs(30)).await;
+        }
         Distribution {
             proc,
             port,
@@ -228,6 +263,35 @@ impl Distribution {
     /// Kills the registry now (to simulate an upstream outage).
     pub fn kill9(&mut self) {
         self.proc.kill9();
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` (for TLS servers,
+/// whose certificates the harness client does not trust), panicking with the log if `proc`
+/// exits first.
+pub async fn wait_for_tcp(port: u16, proc: &mut ChildProc, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc.exited() {
+            panic!(
+                "{} exited with {status} before listening on {port}\n--- log ---\n{}",
+                proc.name,
+                super::log_tail(&proc.log, 8000)
+            );
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen on {port} within {timeout:?}\n--- log ---\n{}",
+            proc.name,
+            super::log_tail(&proc.log, 8000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

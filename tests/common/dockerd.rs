@@ -1,11 +1,12 @@
-//! A real dockerd (20.10) with `--registry-mirror`, on its own containerd.
+//! A real dockerd (20.10) with a registry mirror, on its own containerd.
 //!
 //! Everything lives under a temporary directory: data root, exec root, pid file, socket
-//! and daemon.json (so /etc/docker/daemon.json cannot interfere). The sandbox-safe flags
-//! are `--storage-driver=vfs --iptables=false --ip6tables=false --bridge=none
-//! --ip-masq=false`. The classic daemon sends a mirror plain `/v2/library/x/...` paths
-//! (no `ns`); with no internet a fallback to Docker Hub fails, so a successful pull came
-//! through the mirror.
+//! and daemon.json (so /etc/docker/daemon.json cannot interfere); daemon.json is
+//! `deploy/clients/docker/daemon.json` with the mirror's address filled in. The
+//! sandbox-safe flags are `--storage-driver=vfs --iptables=false --ip6tables=false
+//! --bridge=none --ip-masq=false`. The classic daemon sends a mirror plain
+//! `/v2/library/x/...` paths (no `ns`); with no internet a fallback to Docker Hub fails,
+//! so a successful pull came through the mirror.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,8 +46,9 @@ impl Dockerd {
         let d = dir.path();
         let sock = d.join("docker.sock");
         let log = d.join("dockerd.log");
+        // deploy/clients/docker/daemon.json, what users copy, with the mirror's address.
         let daemon_json = d.join("daemon.json");
-        std::fs::write(&daemon_json, "{}").unwrap();
+        std::fs::write(&daemon_json, daemon_json_for(registry_mirror_url)).unwrap();
         let mut cmd = Command::new(bin);
         cmd.arg("--config-file")
             .arg(&daemon_json)
@@ -67,7 +69,6 @@ impl Dockerd {
                 "--userland-proxy=false",
                 "--debug",
             ])
-            .arg(format!("--registry-mirror={registry_mirror_url}"))
             .arg("--containerd")
             .arg(containerd.socket());
         for v in [
@@ -172,6 +173,20 @@ impl Dockerd {
         }
         unmount_under(self.dir.path());
     }
+}
+
+/// `deploy/clients/docker/daemon.json` with its placeholder mirror replaced by `mirror_url`.
+fn daemon_json_for(mirror_url: &str) -> String {
+    let snippet = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/docker/daemon.json");
+    let text = std::fs::read_to_string(&snippet)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", snippet.display()));
+    assert!(
+        text.contains(super::containerd::SNIPPET_MIRROR_URL),
+        "{} does not name the placeholder {}",
+        snippet.display(),
+        super::containerd::SNIPPET_MIRROR_URL
+    );
+    text.replace(super::containerd::SNIPPET_MIRROR_URL, mirror_url)
 }
 
 impl Drop for Dockerd {

@@ -10,6 +10,8 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
+use serde::Serialize;
 use serde_json::json;
 
 use super::{http, sha256_digest};
@@ -72,13 +74,60 @@ impl Platform {
         variant: Some("v8"),
     };
 
-    fn json(self) -> serde_json::Value {
-        let mut p = json!({ "architecture": self.architecture, "os": "linux" });
-        if let Some(v) = self.variant {
-            p["variant"] = json!(v);
+    fn descriptor_platform(self) -> DescriptorPlatform {
+        DescriptorPlatform {
+            architecture: self.architecture,
+            os: "linux",
+            variant: self.variant,
         }
-        p
     }
+}
+
+// Manifests are serialised from structs so their keys keep Docker's order (schemaVersion
+// first) and Docker's three-space indent: not the sorted, compact form a mirror that
+// re-serialises JSON would produce, so byte-identity checks catch one.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DescriptorPlatform {
+    architecture: &'static str,
+    os: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    media_type: String,
+    size: u64,
+    digest: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<DescriptorPlatform>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestJson {
+    schema_version: u32,
+    media_type: &'static str,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexJson {
+    schema_version: u32,
+    media_type: &'static str,
+    manifests: Vec<Descriptor>,
+}
+
+fn docker_style_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"   ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    value.serialize(&mut ser).unwrap();
+    out
 }
 
 /// What image to generate.
@@ -116,19 +165,22 @@ impl ImageSpec {
 }
 
 /// One generated layer.
+#[derive(Clone)]
 pub struct GeneratedLayer {
     /// Digest of the gzip'd tar (the blob).
     pub digest: String,
     /// Digest of the uncompressed tar.
     pub diff_id: String,
-    pub blob: Vec<u8>,
+    /// Cheap to clone, so one generated image can be pushed to many registries.
+    pub blob: Bytes,
 }
 
 /// An image ready to push.
+#[derive(Clone)]
 pub struct GeneratedImage {
     pub media_types: MediaTypes,
     pub platform: Platform,
-    pub config: Vec<u8>,
+    pub config: Bytes,
     pub config_digest: String,
     pub layers: Vec<GeneratedLayer>,
     pub manifest: Vec<u8>,
@@ -248,7 +300,7 @@ fn generate_layer(index: usize, size: usize, seed: u64) -> GeneratedLayer {
         flate2::Compression::none(),
     );
     gz.write_all(&tar).unwrap();
-    let blob = gz.finish().unwrap();
+    let blob = Bytes::from(gz.finish().unwrap());
     GeneratedLayer {
         digest: sha256_digest(&blob),
         diff_id,
@@ -291,28 +343,30 @@ pub fn generate_image(spec: &ImageSpec) -> GeneratedImage {
     }
     let config = serde_json::to_vec(&config).unwrap();
     let config_digest = sha256_digest(&config);
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": m.manifest(),
-        "config": {
-            "mediaType": m.config(),
-            "size": config.len(),
-            "digest": config_digest
+    let manifest = docker_style_json(&ManifestJson {
+        schema_version: 2,
+        media_type: m.manifest(),
+        config: Descriptor {
+            media_type: m.config().to_owned(),
+            size: config.len() as u64,
+            digest: config_digest.clone(),
+            platform: None,
         },
-        "layers": layers.iter().map(|l| json!({
-            "mediaType": m.layer(),
-            "size": l.blob.len(),
-            "digest": l.digest
-        })).collect::<Vec<_>>()
+        layers: layers
+            .iter()
+            .map(|l| Descriptor {
+                media_type: m.layer().to_owned(),
+                size: l.blob.len() as u64,
+                digest: l.digest.clone(),
+                platform: None,
+            })
+            .collect(),
     });
-    // Pretty-printed like docker's own manifests: byte-identity checks then also catch a
-    // mirror that re-serialises JSON.
-    let manifest = serde_json::to_vec_pretty(&manifest).unwrap();
     let manifest_digest = sha256_digest(&manifest);
     GeneratedImage {
         media_types: m,
         platform: spec.platform,
-        config,
+        config: Bytes::from(config),
         config_digest,
         layers,
         manifest,
@@ -351,7 +405,7 @@ impl Pusher {
     }
 
     /// Uploads one blob unless the registry already has it in `repo`.
-    pub async fn push_blob(&self, repo: &str, digest: &str, bytes: Vec<u8>) {
+    pub async fn push_blob(&self, repo: &str, digest: &str, bytes: Bytes) {
         let head = self
             .req(
                 reqwest::Method::HEAD,
@@ -444,7 +498,7 @@ impl Pusher {
         &self,
         repo: &str,
         reference: &str,
-        img: GeneratedImage,
+        img: &GeneratedImage,
     ) -> PushedImage {
         let pushed = PushedImage {
             repo: repo.to_owned(),
@@ -454,14 +508,15 @@ impl Pusher {
             manifest_digest: img.manifest_digest.clone(),
             manifest_bytes: img.manifest.clone(),
             config_digest: img.config_digest.clone(),
-            config_bytes: img.config.clone(),
+            config_bytes: img.config.to_vec(),
             layer_digests: img.layers.iter().map(|l| l.digest.clone()).collect(),
             layer_sizes: img.layers.iter().map(|l| l.blob.len() as u64).collect(),
             diff_ids: img.layers.iter().map(|l| l.diff_id.clone()).collect(),
         };
-        self.push_blob(repo, &img.config_digest, img.config).await;
-        for l in img.layers {
-            self.push_blob(repo, &l.digest, l.blob).await;
+        self.push_blob(repo, &img.config_digest, img.config.clone())
+            .await;
+        for l in &img.layers {
+            self.push_blob(repo, &l.digest, l.blob.clone()).await;
         }
         self.push_manifest(repo, reference, &pushed.media_type, &img.manifest)
             .await;
@@ -473,7 +528,7 @@ impl Pusher {
         let img = tokio::task::spawn_blocking(move || generate_image(&spec))
             .await
             .unwrap();
-        self.push_generated(repo, tag, img).await
+        self.push_generated(repo, tag, &img).await
     }
 
     /// Pushes one small image per platform (by digest), then an index naming them.
@@ -493,19 +548,21 @@ impl Pusher {
                 .await
                 .unwrap();
             let digest = img.manifest_digest.clone();
-            images.push(self.push_generated(repo, &digest, img).await);
+            images.push(self.push_generated(repo, &digest, &img).await);
         }
-        let index = json!({
-            "schemaVersion": 2,
-            "mediaType": media_types.index(),
-            "manifests": images.iter().map(|i| json!({
-                "mediaType": i.media_type,
-                "size": i.manifest_bytes.len(),
-                "digest": i.manifest_digest,
-                "platform": i.platform.json()
-            })).collect::<Vec<_>>()
+        let bytes = docker_style_json(&IndexJson {
+            schema_version: 2,
+            media_type: media_types.index(),
+            manifests: images
+                .iter()
+                .map(|i| Descriptor {
+                    media_type: i.media_type.clone(),
+                    size: i.manifest_bytes.len() as u64,
+                    digest: i.manifest_digest.clone(),
+                    platform: Some(i.platform.descriptor_platform()),
+                })
+                .collect(),
         });
-        let bytes = serde_json::to_vec_pretty(&index).unwrap();
         self.push_manifest(repo, tag, media_types.index(), &bytes)
             .await;
         PushedIndex {

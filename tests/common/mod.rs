@@ -10,6 +10,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod dockerd;
 pub mod image;
+pub mod pki;
 pub mod regmirror;
 
 #[allow(unused_imports)]
@@ -20,8 +21,8 @@ pub use distribution::{Distribution, DistributionOptions, Request};
 pub use dockerd::Dockerd;
 #[allow(unused_imports)]
 pub use image::{
-    push_image, push_image_with, push_index, ImageSpec, MediaTypes, Platform, PushedImage,
-    PushedIndex, Pusher,
+    generate_image, push_image, push_image_with, push_index, GeneratedImage, ImageSpec, MediaTypes,
+    Platform, PushedImage, PushedIndex, Pusher, ACCEPT_ALL_MANIFESTS,
 };
 #[allow(unused_imports)]
 pub use regmirror::{Regmirror, RegmirrorConfig};
@@ -169,6 +170,16 @@ impl ChildProc {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .process_group(0);
+        // If the test process is killed outright (a CI timeout), Drop never runs; the
+        // kernel then kills the server when the spawning thread dies. Servers are spawned
+        // from the test runtime's worker threads, which outlive every guard.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {name} ({cmd:?}): {e}"));
@@ -456,4 +467,43 @@ pub async fn skopeo_copy_to_dir(src: &str, dest: &Path, all: bool) -> CmdOutput 
     let out = run(cmd, Duration::from_secs(300)).await;
     drop(work);
     out
+}
+
+/// Checks that what `skopeo copy ... dir:DIR` wrote for one image is the pushed image
+/// byte for byte: the manifest file (`manifest.json`, or `<hex>.manifest.json` for an
+/// index member) and every blob, by digest.
+pub fn assert_skopeo_dir_holds(dir: &Path, img: &PushedImage, manifest_file: &str) {
+    let manifest = std::fs::read(dir.join(manifest_file))
+        .unwrap_or_else(|e| panic!("reading {manifest_file} in {}: {e}", dir.display()));
+    assert!(
+        manifest == img.manifest_bytes,
+        "manifest {manifest_file} in {} differs from the pushed one:\n{}\n--- pushed ---\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&manifest),
+        String::from_utf8_lossy(&img.manifest_bytes)
+    );
+    for d in img.blob_digests() {
+        let hex = d.strip_prefix("sha256:").unwrap();
+        assert_eq!(
+            sha256_file(&dir.join(hex)),
+            d,
+            "blob {d} in {}",
+            dir.display()
+        );
+    }
+}
+
+/// Checks a `skopeo copy --all ... dir:DIR` of an index: the index and every member.
+pub fn assert_skopeo_dir_holds_index(dir: &Path, idx: &PushedIndex) {
+    let index = std::fs::read(dir.join("manifest.json")).unwrap();
+    assert!(
+        index == idx.bytes,
+        "index in {} differs from the pushed one:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&index)
+    );
+    for img in &idx.images {
+        let hex = img.manifest_digest.strip_prefix("sha256:").unwrap();
+        assert_skopeo_dir_holds(dir, img, &format!("{hex}.manifest.json"));
+    }
 }

@@ -83,6 +83,10 @@ pub struct Regmirror {
     config_path: PathBuf,
     data: PathBuf,
     log: PathBuf,
+    /// `https` when the config has a top-level `tls:` section.
+    scheme: &'static str,
+    /// Extra environment for the process (credentials, proxies), kept across restarts.
+    env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -90,6 +94,12 @@ impl Regmirror {
     /// Starts `regmirror serve --config FILE` with `config_yaml` (placeholders
     /// `@LISTEN@`, `@ROOT@` filled in) and waits until `GET /v2/` answers.
     pub async fn start(config_yaml: &str) -> Self {
+        Self::start_with_env(config_yaml, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables (set after the proxy
+    /// variables are cleared, so a test may set its own).
+    pub async fn start_with_env(config_yaml: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempdir("regmirror-");
         let port = free_port();
         let data = dir.path().join("data");
@@ -100,12 +110,18 @@ impl Regmirror {
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, yaml).unwrap();
         let log = dir.path().join("regmirror.log");
+        let tls = config_yaml.starts_with("tls:") || config_yaml.contains("\ntls:");
         let mut r = Regmirror {
             proc: None,
             port,
             config_path,
             data,
             log,
+            scheme: if tls { "https" } else { "http" },
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             dir,
         };
         r.spawn().await;
@@ -138,14 +154,19 @@ impl Regmirror {
         }
         // Backtraces in the log make a crash diagnosable from a test failure.
         cmd.env("RUST_BACKTRACE", "1");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut proc = ChildProc::spawn("regmirror", cmd, &self.log);
-        wait_for_v2(&self.url(), &mut proc, Duration::from_secs(30)).await;
+        if self.scheme == "https" {
+            super::distribution::wait_for_tcp(self.port, &mut proc, Duration::from_secs(30)).await;
+        } else {
+            wait_for_v2(&self.url(), &mut proc, Duration::from_secs(30)).await;
+        }
         self.proc = Some(proc);
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with `tls:`)
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     /// `127.0.0.1:PORT`
