@@ -153,6 +153,17 @@ pub async fn run(
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stopped| *stopped).await;
     };
+    let state = match config.metrics.listen.filter(|_| config.metrics.enabled) {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?;
+            let addr = listener.local_addr().map_err(RunError::Serve)?;
+            tracing::info!(%addr, "metrics listening");
+            api::serve_metrics(listener, state, until_stopped(stopped.clone()))
+        }
+        None => state,
+    };
     tokio::spawn(state.cache.evictor().clone().run(until_stopped(stopped.clone())));
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));

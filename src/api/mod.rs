@@ -58,6 +58,31 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// With `metrics.listen`: serves `/metrics` alone on `listener` until `shutdown`, and answers
+/// the state for the main router, which then no longer serves it.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> AppState {
+    let router = Router::new()
+        .route("/metrics", get(ops::metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .with_state(state.clone());
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(%error, "metrics listener failed");
+        }
+    });
+    AppState {
+        metrics_enabled: false,
+        ..state
+    }
+}
+
 /// Facts a handler leaves on its response for the access log and metrics.
 #[derive(Clone, Copy)]
 struct Served {
