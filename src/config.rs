@@ -157,8 +157,9 @@ pub struct UpstreamConfig {
     /// certificate.
     #[serde(default)]
     pub certs_dir: Option<PathBuf>,
-    /// Proxy for this upstream (`http://proxy:3128`, `${VAR}`-expanded), or `direct` for none.
-    /// Without it `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` apply.
+    /// Proxy for everything sent for this upstream, token realm and redirects included
+    /// (`http://proxy:3128`, `${VAR}`-expanded), or `direct` for none. Without it
+    /// `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` apply.
     #[serde(default)]
     pub proxy: Option<String>,
 }

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use reqwest::{Certificate, ClientBuilder, Identity, NoProxy, Proxy};
+use reqwest::{Certificate, ClientBuilder, Identity, Proxy};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -65,11 +65,12 @@ pub fn configure(
         None => {}
         Some(DIRECT) => builder = builder.no_proxy(),
         Some(url) => {
-            // A proxy URL may carry a password from the environment; it is never logged.
+            // A proxy URL may carry a password from the environment; it is never logged. An
+            // explicit proxy carries everything this upstream's client sends (registry, token
+            // realm, blob redirects): NO_PROXY is for the environment's proxies.
             let url = expand_env(url).map_err(|e| format!("{}: {e}", key("proxy")))?;
-            let proxy = Proxy::all(&url)
-                .map_err(|_| format!("{}: not a proxy URL", key("proxy")))?
-                .no_proxy(NoProxy::from_env());
+            let proxy =
+                Proxy::all(&url).map_err(|_| format!("{}: not a proxy URL", key("proxy")))?;
             builder = builder.proxy(proxy);
         }
     }
@@ -156,14 +157,19 @@ fn identity_pem(cert: &Path, key: &Path) -> Result<Vec<u8>, String> {
 
 /// A hint for TLS failures whose library text does not say what to do about them.
 pub fn explain(text: &str) -> Option<&'static str> {
-    if text.contains("CertificateRequired") || text.contains("certificate required") {
-        Some("the upstream requires a client certificate: set client_cert and client_key, or certs_dir")
+    // Servers answer a missing client certificate with `certificate_required` (TLS 1.3) or
+    // `bad_certificate` (Go, and TLS 1.2), and a rejected one with `bad_certificate` too.
+    let client_certificate = [
+        "CertificateRequired",
+        "BadCertificate",
+        "certificate required",
+    ];
+    if client_certificate.iter().any(|t| text.contains(t)) {
+        Some("the upstream requires a client certificate, or refused ours: set client_cert and client_key, or certs_dir")
     } else if text.contains("UnknownIssuer") {
         Some("the upstream's certificate is not signed by a trusted CA: set ca or certs_dir")
     } else if text.contains("NotValidForName") {
         Some("the upstream's certificate does not name the host in its url")
-    } else if text.contains("BadCertificate") || text.contains("bad certificate") {
-        Some("the upstream refused our client certificate")
     } else {
         None
     }
