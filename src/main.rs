@@ -40,10 +40,17 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {
         Command::CheckConfig { config } => match load(config.as_ref()) {
-            Ok(_) => {
-                println!("configuration ok");
-                ExitCode::SUCCESS
-            }
+            // Credentials, certificates and htpasswd are read as `serve` would read them.
+            Ok(config) => match regmirror::check(&config) {
+                Ok(()) => {
+                    println!("configuration ok");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("{err}");
+                    ExitCode::from(2)
+                }
+            },
             Err(err) => {
                 eprintln!("{err}");
                 ExitCode::from(2)
