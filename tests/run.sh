@@ -49,4 +49,5 @@ fi
 # Dropped so that no test traffic to 127.0.0.1 is sent to a proxy.
 unset HTTP_PROXY HTTPS_PROXY http_proxy https_proxy ALL_PROXY all_proxy
 
-exec cargo test --release --all-targets "$@"
+# --no-fail-fast: one failing target must not hide the results of the others.
+exec cargo test --release --all-targets --no-fail-fast "$@"
