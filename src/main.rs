@@ -26,6 +26,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Exit 0 if a plain-HTTP GET of the URL answers 2xx: the container HEALTHCHECK, since a
+    /// scratch image has no curl.
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:5000/healthz")]
+        url: String,
+        /// Seconds allowed for connecting and for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
@@ -39,6 +48,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {
+        Command::Healthcheck { url, timeout } => {
+            match healthcheck(&url, std::time::Duration::from_secs(timeout)) {
+                Ok(status) => {
+                    println!("{url}: {status}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("{url}: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match load(config.as_ref()) {
             // Credentials, certificates and htpasswd are read as `serve` would read them.
             Ok(config) => match regmirror::check(&config) {
@@ -75,6 +96,53 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// One HTTP/1.0 GET over a std `TcpStream`; returns the status line if the status is 2xx.
+///
+/// Deliberately tiny (no TLS, no redirects, no runtime): it probes the local listener only.
+fn healthcheck(url: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|err| format!("resolving {authority}: {err}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} has no address"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: regmirror-healthcheck\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    // The status line is all we need; HTTP/1.0 makes the server close after the body.
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.contains(&b'\n') && head.len() < 4096 {
+        match stream.read(&mut buf).map_err(|e| e.to_string())? {
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status_line = text.lines().next().unwrap_or("").trim().to_owned();
+    match status_line.split_whitespace().nth(1) {
+        Some(code) if code.starts_with('2') && code.len() == 3 => Ok(status_line),
+        _ if status_line.is_empty() => Err("no HTTP answer".to_owned()),
+        _ => Err(status_line),
     }
 }
 

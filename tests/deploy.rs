@@ -1,0 +1,1012 @@
+//! Deployment artefacts, tested as users run them: the container image built from
+//! `deploy/Dockerfile` and run by `compose.yaml` on a real Docker engine, the Kubernetes
+//! manifests rendered by kustomize and validated against the Kubernetes schemas, the systemd
+//! unit checked by `systemd-analyze`, and the client snippets under `deploy/clients/`.
+//!
+//! The files are read where users find them, never copied into the tests; only the
+//! addresses that must differ on this machine (listen port, upstream) are substituted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ::regmirror::config::Config;
+use common::*;
+
+/// The repository root: compose.yaml, deploy/ and the Docker build context.
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    let path = repo().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Proxy variables would send test traffic for 127.0.0.1 elsewhere.
+fn no_proxy(cmd: &mut Command) -> &mut Command {
+    for v in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd
+}
+
+/// Parses a TOML file with Python's `tomllib` (the crate has no TOML parser) into JSON.
+fn toml_to_json(path: &Path) -> serde_json::Value {
+    let python = require_tool("python3");
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-c",
+        "import json, sys, tomllib; print(json.dumps(tomllib.load(open(sys.argv[1], 'rb'))))",
+    ])
+    .arg(path);
+    let out = run_blocking(cmd, Duration::from_secs(30));
+    out.assert_success();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+fn yaml(text: &str, what: &str) -> serde_json::Value {
+    serde_yaml_ng::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Static binary and image
+// ---------------------------------------------------------------------------------------
+
+/// The target directory of this build (`…/target`), from the path of the tested binary.
+fn target_dir() -> PathBuf {
+    Path::new(Regmirror::binary())
+        .parent()
+        .and_then(Path::parent)
+        .expect("the regmirror binary lives in <target>/<profile>/")
+        .to_owned()
+}
+
+/// Builds the statically linked binary the image packages (a no-op when it is fresh;
+/// tests/run.sh builds it before the tests) and checks that it is static.
+fn static_binary() -> PathBuf {
+    const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo())
+        .args(["build", "--release", "--locked", "--bin", "regmirror"])
+        .args(["--target", TRIPLE])
+        .arg("--target-dir")
+        .arg(target_dir())
+        // With an explicit --target these flags reach only the binary, not build scripts
+        // and proc-macros, which must stay dynamic.
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        );
+    let out = run_blocking(cmd, Duration::from_secs(1800));
+    out.assert_success();
+    let bin = target_dir().join(TRIPLE).join("release/regmirror");
+    let mut ldd = Command::new(require_tool("ldd"));
+    ldd.arg(&bin);
+    let out = run_blocking(ldd, Duration::from_secs(30));
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        text.contains("statically linked") || text.contains("not a dynamic executable"),
+        "{} is not static:\n{text}",
+        bin.display()
+    );
+    bin
+}
+
+/// Stages the binary and a CA bundle where the Dockerfile's `prebuilt` stage takes them:
+/// a directory under `target/image/` (the only part of target/ in the build context).
+struct Staged {
+    dir: PathBuf,
+    rel: String,
+}
+
+impl Staged {
+    fn new(binary: &Path) -> Self {
+        let rel = format!("target/image/deploy-test-{}", std::process::id());
+        let dir = repo().join(&rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(binary, dir.join("regmirror")).unwrap();
+        // As the Dockerfile's builder does: line tables out, symbols kept for backtraces.
+        let mut strip = Command::new(require_tool("strip"));
+        strip.arg("--strip-debug").arg(dir.join("regmirror"));
+        run_blocking(strip, Duration::from_secs(60)).assert_success();
+        std::fs::copy(
+            "/etc/ssl/certs/ca-certificates.crt",
+            dir.join("ca-certificates.crt"),
+        )
+        .expect("the CA bundle /etc/ssl/certs/ca-certificates.crt (Debian ca-certificates)");
+        Staged { dir, rel }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `docker-compose` (v1, Debian's package) against the test's dockerd, on the files
+/// `files` (compose.yaml and the test override, then their rendered merge); `down -v` and
+/// the image removal happen on drop, before dockerd stops (containers would otherwise
+/// outlive it).
+struct ComposeProject {
+    project: String,
+    files: Vec<PathBuf>,
+    docker_host: String,
+    env: Vec<(String, String)>,
+    image: String,
+}
+
+impl ComposeProject {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(require_tool("docker-compose"));
+        cmd.current_dir(repo())
+            .arg("--project-name")
+            .arg(&self.project)
+            .arg("--project-directory")
+            .arg(repo());
+        for file in &self.files {
+            cmd.arg("--file").arg(file);
+        }
+        cmd.args(args)
+            .env("DOCKER_HOST", &self.docker_host)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        no_proxy(&mut cmd);
+        cmd
+    }
+
+    /// Merges compose.yaml with the override (`docker-compose config`) and drops the one
+    /// thing host networking cannot have: compose v1's Docker client refuses published
+    /// ports with `network_mode: host`, where the engine and compose v2 would ignore them.
+    /// Everything else runs as compose.yaml says.
+    async fn render_for_host_network(&mut self, dir: &Path) {
+        let out = self.run(&["config"]).await;
+        out.assert_success();
+        let mut merged = yaml(&out.stdout, "docker-compose config");
+        let service = merged["services"]["regmirror"]
+            .as_object_mut()
+            .expect("a regmirror service");
+        assert_eq!(service["network_mode"], "host", "the override applies");
+        let ports = service
+            .remove("ports")
+            .expect("compose.yaml publishes a port");
+        assert!(
+            ports.to_string().contains("5000"),
+            "compose.yaml publishes port 5000: {ports}"
+        );
+        let rendered = dir.join("compose.rendered.yaml");
+        std::fs::write(&rendered, serde_yaml_ng::to_string(&merged).unwrap()).unwrap();
+        self.files = vec![rendered];
+    }
+
+    async fn run(&self, args: &[&str]) -> CmdOutput {
+        run(self.command(args), Duration::from_secs(180)).await
+    }
+
+    fn docker(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(docker_cli());
+        cmd.arg("-H").arg(&self.docker_host).args(args);
+        cmd
+    }
+
+    async fn container_id(&self) -> String {
+        let out = self.run(&["ps", "-q", "regmirror"]).await;
+        out.assert_success();
+        let id = out.stdout.trim().to_owned();
+        assert!(!id.is_empty(), "no regmirror container: {out}");
+        id
+    }
+
+    /// Polls the container's health until `healthy`; returns how long that took.
+    async fn wait_healthy(&self, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        let id = self.container_id().await;
+        loop {
+            let out = run(
+                self.docker(&[
+                    "inspect",
+                    "--format",
+                    "{{.State.Status}} {{.State.Health.Status}}",
+                    &id,
+                ]),
+                Duration::from_secs(30),
+            )
+            .await;
+            out.assert_success();
+            let state = out.stdout.trim().to_owned();
+            if state == "running healthy" {
+                return start.elapsed();
+            }
+            if state.starts_with("exited") || start.elapsed() > timeout {
+                let logs = run(self.docker(&["logs", &id]), Duration::from_secs(30)).await;
+                let health = run(
+                    self.docker(&["inspect", "--format", "{{json .State.Health}}", &id]),
+                    Duration::from_secs(30),
+                )
+                .await;
+                panic!(
+                    "regmirror container is `{state}` after {:?}\n--- health ---\n{}\n--- logs ---\n{}{}",
+                    start.elapsed(),
+                    health.stdout,
+                    logs.stdout,
+                    logs.stderr
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn inspect_container(&self) -> serde_json::Value {
+        let id = self.container_id().await;
+        let out = run(self.docker(&["inspect", &id]), Duration::from_secs(30)).await;
+        out.assert_success();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v[0].clone()
+    }
+}
+
+impl Drop for ComposeProject {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = run_blocking(
+                self.command(&["logs", "--no-color"]),
+                Duration::from_secs(30),
+            );
+            eprintln!(
+                "--- docker-compose logs ---\n{}{}",
+                logs.stdout, logs.stderr
+            );
+        }
+        let down = run_blocking(
+            self.command(&["down", "--volumes", "--remove-orphans"]),
+            Duration::from_secs(120),
+        );
+        if !down.success {
+            eprintln!("docker-compose down failed: {down}");
+        }
+        let _ = run_blocking(
+            self.docker(&["rmi", "--force", &self.image]),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+/// The docker CLI of the engine's own version (Debian's docker.io), as the harness uses.
+fn docker_cli() -> PathBuf {
+    let packaged = PathBuf::from("/usr/bin/docker");
+    if packaged.exists() {
+        packaged
+    } else {
+        require_tool("docker")
+    }
+}
+
+/// The whole compose story: build the image from the static binary, `up`, wait for
+/// healthy, pull through it with two clients (dockerd via daemon.json, containerd via the
+/// hosts.toml snippet), `down` (keeping the volume), `up` again, and pull everything again
+/// with zero blob downloads from the upstream. The upstream requires credentials, which
+/// reach regmirror as a compose secret.
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_serves_from_its_volume_after_down_and_up() {
+    require_root("the compose test");
+    require_tool("docker-compose");
+    require_tool("skopeo");
+    let binary = tokio::task::spawn_blocking(static_binary).await.unwrap();
+
+    // An upstream "Docker Hub" that wants a password.
+    let (user, password) = ("hubuser", "s3cret-hub-token");
+    let dist = Distribution::start_with(DistributionOptions {
+        htpasswd: Some((user.into(), password.into())),
+        ..Default::default()
+    })
+    .await;
+    let img = Pusher::new(&dist.url())
+        .basic_auth(user, password)
+        .push_image(
+            "library/deploytest",
+            "v1",
+            &ImageSpec::new(&[3000, 1_500_000, 4_000_000]),
+        )
+        .await;
+
+    let port = free_port();
+    let mirror = format!("http://127.0.0.1:{port}");
+    let containerd = Containerd::start().await;
+    let dockerd = Dockerd::start(containerd, &mirror).await;
+    let docker_host = format!("unix://{}", dockerd.dir().join("docker.sock").display());
+
+    // The image, from the `prebuilt` target.
+    let staged = Staged::new(&binary);
+    let image = format!("regmirror:deploy-test-{}", std::process::id());
+    let started = Instant::now();
+    let dockerfile = repo().join("deploy/Dockerfile");
+    let build = dockerd
+        .docker(&[
+            "build",
+            "--file",
+            dockerfile.to_str().unwrap(),
+            "--target",
+            "prebuilt",
+            "--build-arg",
+            &format!("PREBUILT={}", staged.rel),
+            "--tag",
+            &image,
+            repo().to_str().unwrap(),
+        ])
+        .await;
+    build.assert_success();
+    eprintln!("docker build --target prebuilt: {:?}", started.elapsed());
+    let inspect = dockerd.image_inspect(&image).await.expect("built image");
+    let config = &inspect["Config"];
+    assert_eq!(config["User"], "65532:65532", "{config:#}");
+    assert!(
+        config["ExposedPorts"].get("5000/tcp").is_some(),
+        "{config:#}"
+    );
+    assert!(
+        config["Volumes"].get("/var/lib/regmirror").is_some(),
+        "{config:#}"
+    );
+    assert_eq!(
+        config["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/regmirror"])
+    );
+    let healthcheck = config["Healthcheck"]["Test"].to_string();
+    assert!(healthcheck.contains("healthcheck"), "{config:#}");
+    eprintln!(
+        "image size: {} bytes",
+        inspect["Size"].as_u64().unwrap_or_default()
+    );
+
+    // The configurations that ship with the image and the Kubernetes manifests are valid
+    // inside the image, with the files they name (check-config reads them all).
+    check_config_in_image(&dockerd, &image, &[]).await;
+    let k8s_base = repo().join("deploy/kubernetes/base/config.yml");
+    check_config_in_image(
+        &dockerd,
+        &image,
+        &[(k8s_base.to_str().unwrap(), "/etc/regmirror/config.yml")],
+    )
+    .await;
+    let scratch = tempdir("deploy-");
+    let secret = yaml(
+        &read("deploy/kubernetes/components/credentials/upstream-credentials.example.yaml"),
+        "upstream-credentials.example.yaml",
+    );
+    let dockerconfigjson = scratch.path().join("dockerconfigjson");
+    std::fs::write(
+        &dockerconfigjson,
+        secret["stringData"][".dockerconfigjson"]
+            .as_str()
+            .expect("stringData.\".dockerconfigjson\""),
+    )
+    .unwrap();
+    set_mode(&dockerconfigjson, 0o444);
+    let k8s_credentials = repo().join("deploy/kubernetes/components/credentials/config.yml");
+    check_config_in_image(
+        &dockerd,
+        &image,
+        &[
+            (
+                k8s_credentials.to_str().unwrap(),
+                "/etc/regmirror/config.yml",
+            ),
+            (
+                dockerconfigjson.to_str().unwrap(),
+                "/run/secrets/regmirror/.dockerconfigjson",
+            ),
+        ],
+    )
+    .await;
+
+    // compose's config with this machine's addresses; the upstream by name, resolved
+    // through the container's /etc/hosts.
+    let compose_config = read("deploy/compose/config.yml");
+    for needle in ["listen: 0.0.0.0:5000", "url: https://registry-1.docker.io"] {
+        assert!(
+            compose_config.contains(needle),
+            "deploy/compose/config.yml has no `{needle}`"
+        );
+    }
+    let test_config = compose_config
+        .replace("listen: 0.0.0.0:5000", &format!("listen: 127.0.0.1:{port}"))
+        .replace(
+            "url: https://registry-1.docker.io",
+            &format!("url: http://upstream.regmirror.test:{}", dist_port(&dist)),
+        );
+    let config_path = scratch.path().join("config.yml");
+    std::fs::write(&config_path, test_config).unwrap();
+    set_mode(&config_path, 0o444);
+    // The secret as the compose.yaml comment says to store it: owned by 65532, mode 0400.
+    let token_path = scratch.path().join("dockerhub-token");
+    std::fs::write(&token_path, password).unwrap();
+    std::os::unix::fs::chown(&token_path, Some(65532), Some(65532)).unwrap();
+    set_mode(&token_path, 0o400);
+
+    let mut project = ComposeProject {
+        project: format!("regmirror-deploy-{}", std::process::id()),
+        files: vec![
+            repo().join("compose.yaml"),
+            repo().join("tests/deploy/compose.test.yaml"),
+        ],
+        docker_host: docker_host.clone(),
+        env: vec![
+            ("DOCKERHUB_USERNAME".into(), user.into()),
+            (
+                "DOCKERHUB_TOKEN_FILE".into(),
+                token_path.display().to_string(),
+            ),
+            ("REGMIRROR_TEST_IMAGE".into(), image.clone()),
+            (
+                "REGMIRROR_TEST_CONFIG".into(),
+                config_path.display().to_string(),
+            ),
+            ("REGMIRROR_TEST_PORT".into(), port.to_string()),
+        ],
+        image: image.clone(),
+    };
+    project.render_for_host_network(scratch.path()).await;
+
+    // First life: cold cache.
+    project
+        .run(&["up", "--detach", "--no-build", "regmirror"])
+        .await
+        .assert_success();
+    let healthy = project.wait_healthy(Duration::from_secs(60)).await;
+    eprintln!("first `up`: healthy after {healthy:?}");
+    let container = project.inspect_container().await;
+    let host_config = &container["HostConfig"];
+    assert_eq!(host_config["ReadonlyRootfs"], true, "{host_config:#}");
+    assert_eq!(host_config["RestartPolicy"]["Name"], "unless-stopped");
+    assert!(
+        host_config["CapDrop"].to_string().contains("ALL"),
+        "{host_config:#}"
+    );
+    let mounts = container["Mounts"].to_string();
+    assert!(
+        mounts.contains("/run/secrets/dockerhub-token"),
+        "the secret is not mounted: {mounts}"
+    );
+
+    // Client 1: dockerd, whose daemon.json is deploy/clients/docker/daemon.json.
+    let tag = "deploytest:v1";
+    dockerd.docker_pull(tag).await.assert_success();
+    let repo_digest = format!("deploytest@{}", img.manifest_digest);
+    assert!(
+        dockerd.repo_digests(tag).await.contains(&repo_digest),
+        "{:?}",
+        dockerd.repo_digests(tag).await
+    );
+    // Client 2: containerd with deploy/clients/containerd/docker.io/hosts.toml.
+    let ctd = Containerd::start().await;
+    let hosts = tempdir("hosts-");
+    write_hosts_toml(hosts.path(), "docker.io", &mirror);
+    ctd.ctr_pull(hosts.path(), "docker.io/library/deploytest:v1")
+        .await
+        .assert_success();
+    assert_eq!(
+        ctd.image_digest("docker.io/library/deploytest:v1")
+            .await
+            .as_deref(),
+        Some(img.manifest_digest.as_str())
+    );
+    let blob_gets_first_life = dist.blob_gets().await;
+    let manifest_gets_first_life = dist.manifest_gets().await;
+    for digest in img.blob_digests() {
+        let authorized = dist
+            .requests()
+            .await
+            .iter()
+            .any(|r| r.method == "GET" && r.path.ends_with(&digest) && r.status == 200);
+        assert!(
+            authorized,
+            "blob {digest} was never fetched with the secret's credentials:\n{:#?}",
+            dist.request_lines().await
+        );
+    }
+
+    // `down` keeps the named volume.
+    project.run(&["down"]).await.assert_success();
+    let volume = format!("{}_regmirror-data", project.project);
+    let volumes = run(
+        project.docker(&["volume", "ls", "--quiet"]),
+        Duration::from_secs(30),
+    )
+    .await;
+    volumes.assert_success();
+    assert!(
+        volumes.stdout.lines().any(|l| l.trim() == volume),
+        "volume {volume} is gone after `down`: {volumes}"
+    );
+
+    // Second life: everything from the volume.
+    project
+        .run(&["up", "--detach", "--no-build", "regmirror"])
+        .await
+        .assert_success();
+    let healthy = project.wait_healthy(Duration::from_secs(60)).await;
+    eprintln!("second `up`: healthy after {healthy:?}");
+    dockerd
+        .docker(&["rmi", "--force", tag])
+        .await
+        .assert_success();
+    dockerd.docker_pull(tag).await.assert_success();
+    assert!(dockerd.repo_digests(tag).await.contains(&repo_digest));
+    let copy = scratch.path().join("copy");
+    skopeo_copy_to_dir(
+        &format!("docker://127.0.0.1:{port}/library/deploytest:v1"),
+        &copy,
+        false,
+    )
+    .await
+    .assert_success();
+    assert_skopeo_dir_holds(&copy, &img, "manifest.json");
+    let new_blob_gets = dist.blob_gets().await - blob_gets_first_life;
+    let new_manifest_gets = dist.manifest_gets().await - manifest_gets_first_life;
+    eprintln!(
+        "upstream GETs: first life {blob_gets_first_life} blob, {manifest_gets_first_life} \
+         manifest; second life {new_blob_gets} blob, {new_manifest_gets} manifest"
+    );
+    assert_eq!(
+        new_blob_gets,
+        0,
+        "blobs were fetched again after down/up:\n{:#?}",
+        dist.request_lines().await
+    );
+    drop(project);
+    drop(ctd);
+    drop(dockerd);
+    drop(staged);
+}
+
+/// `docker run --rm --network none IMAGE check-config` with `mounts` (host file, container
+/// path) bind-mounted read-only.
+async fn check_config_in_image(dockerd: &Dockerd, image: &str, mounts: &[(&str, &str)]) {
+    let mut args: Vec<String> = ["run", "--rm", "--network", "none"]
+        .map(String::from)
+        .to_vec();
+    for (host, container) in mounts {
+        args.push("--volume".into());
+        args.push(format!("{host}:{container}:ro"));
+    }
+    args.extend(
+        [
+            image,
+            "check-config",
+            "--config",
+            "/etc/regmirror/config.yml",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dockerd.docker(&args).await;
+    assert!(out.success, "check-config in the image failed: {out}");
+    assert!(out.stdout.contains("configuration ok"), "{out}");
+}
+
+fn dist_port(dist: &Distribution) -> u16 {
+    dist.host().rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// Bind-mounted files keep their host owner and mode, so uid 65532 must be able to read them.
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// compose.yaml without an engine
+// ---------------------------------------------------------------------------------------
+
+/// `docker-compose config` accepts compose.yaml with the `monitoring` profile, and
+/// `promtool` accepts the Prometheus configuration it mounts.
+#[test]
+fn compose_file_and_monitoring_config_validate() {
+    let mut cmd = Command::new(require_tool("docker-compose"));
+    cmd.current_dir(repo())
+        .args([
+            "--file",
+            "compose.yaml",
+            "--profile",
+            "monitoring",
+            "config",
+        ])
+        .env("DOCKERHUB_USERNAME", "someone")
+        .env_remove("DOCKER_HOST");
+    let out = run_blocking(cmd, Duration::from_secs(60));
+    out.assert_success();
+    let rendered = yaml(&out.stdout, "docker-compose config");
+    for service in ["regmirror", "prometheus", "grafana"] {
+        assert!(
+            rendered["services"].get(service).is_some(),
+            "no service {service}: {}",
+            out.stdout
+        );
+    }
+    let regmirror = &rendered["services"]["regmirror"];
+    assert_eq!(regmirror["restart"], "unless-stopped");
+    assert!(regmirror["healthcheck"]["test"]
+        .to_string()
+        .contains("/healthz"));
+    assert!(rendered["volumes"].get("regmirror-data").is_some());
+    assert!(rendered["secrets"].get("dockerhub-token").is_some());
+
+    // Without the user name compose refuses to start, and says why.
+    let scratch = tempdir("compose-");
+    let empty_env = scratch.path().join("empty.env");
+    std::fs::write(&empty_env, "").unwrap();
+    let mut cmd = Command::new(require_tool("docker-compose"));
+    cmd.current_dir(repo())
+        // A developer's .env must not supply it.
+        .arg("--env-file")
+        .arg(&empty_env)
+        .args(["--file", "compose.yaml", "config"])
+        .env_remove("DOCKERHUB_USERNAME");
+    let out = run_blocking(cmd, Duration::from_secs(60));
+    assert!(!out.success, "{out}");
+    assert!(out.stderr.contains("DOCKERHUB_USERNAME"), "{out}");
+
+    let mut promtool = Command::new(require_tool("promtool"));
+    promtool
+        .args(["check", "config"])
+        .arg(repo().join("deploy/compose/monitoring/prometheus.yml"));
+    run_blocking(promtool, Duration::from_secs(60)).assert_success();
+
+    // Each shipped configuration is valid and keeps its data in the volume.
+    for file in [
+        "deploy/config.yml",
+        "deploy/compose/config.yml",
+        "deploy/kubernetes/base/config.yml",
+        "deploy/kubernetes/components/credentials/config.yml",
+    ] {
+        let config = Config::parse(&read(file), file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.storage.root,
+            Path::new("/var/lib/regmirror"),
+            "{file}"
+        );
+        assert_eq!(config.listen.port(), 5000, "{file}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes
+// ---------------------------------------------------------------------------------------
+
+/// `kustomize build` (standalone, or kubectl's built-in one).
+fn kustomize(dir: &Path) -> String {
+    let mut cmd = match which("kustomize") {
+        Some(k) => {
+            let mut c = Command::new(k);
+            c.arg("build");
+            c
+        }
+        None => {
+            let mut c = Command::new(require_tool("kubectl"));
+            c.arg("kustomize");
+            c
+        }
+    };
+    cmd.arg(dir);
+    let out = run_blocking(cmd, Duration::from_secs(120));
+    out.assert_success();
+    out.stdout
+}
+
+/// Every document of `rendered` against the Kubernetes OpenAPI schemas, strictly (unknown
+/// fields are errors), with `kubernetes-validate` (PyPI; it ships the schemas: offline).
+fn validate_against_schemas(rendered: &str, scratch: &Path, name: &str) {
+    let file = scratch.join(format!("{name}.yaml"));
+    std::fs::write(&file, rendered).unwrap();
+    let mut cmd = Command::new(require_tool("kubernetes-validate"));
+    cmd.args(["--strict", "--quiet"]).arg(&file);
+    let out = run_blocking(cmd, Duration::from_secs(120));
+    assert!(out.success, "{name} does not validate: {out}");
+    assert!(
+        !out.stdout.contains("ERROR") && !out.stderr.contains("ERROR"),
+        "{out}"
+    );
+}
+
+fn documents(rendered: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_str(rendered)
+        .map(|d| serde_json::Value::deserialize(d).expect("kustomize output is YAML"))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in the rendered manifests"))
+}
+
+#[test]
+fn kubernetes_manifests_render_and_validate() {
+    let scratch = tempdir("k8s-");
+    let base = kustomize(&repo().join("deploy/kubernetes"));
+    validate_against_schemas(&base, scratch.path(), "base");
+    let docs = documents(&base);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ConfigMap",
+        "Service",
+        "PersistentVolumeClaim",
+        "Deployment",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+
+    let deployment = find(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert!(selector.as_object().is_some_and(|s| !s.is_empty()));
+    for (k, v) in selector.as_object().unwrap() {
+        assert_eq!(&labels[k], v, "the selector must match the pod labels");
+    }
+    // The ConfigMap the pod mounts is the generated one, and its config.yml is valid.
+    let configmap = find(&docs, "ConfigMap");
+    let mounted = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["configMap"]["name"].as_str())
+        .expect("a configMap volume");
+    assert_eq!(configmap["metadata"]["name"], mounted);
+    let config_yml = configmap["data"]["config.yml"].as_str().unwrap();
+    let config = Config::parse(config_yml, "ConfigMap config.yml").unwrap();
+    assert_eq!(config.storage.root, Path::new("/var/lib/regmirror"));
+    let pvc = find(&docs, "PersistentVolumeClaim");
+    assert!(pod["volumes"]
+        .to_string()
+        .contains(pvc["metadata"]["name"].as_str().unwrap()));
+    let service = find(&docs, "Service");
+    assert_eq!(service["spec"]["ports"][0]["port"], 5000);
+
+    // The overlay with upstream credentials: the dockerconfigjson Secret is mounted where
+    // its config.yml looks for it.
+    let overlay = kustomize(&repo().join("deploy/kubernetes/overlays/with-credentials"));
+    validate_against_schemas(&overlay, scratch.path(), "with-credentials");
+    let docs = documents(&overlay);
+    let secret = find(&docs, "Secret");
+    assert_eq!(secret["type"], "kubernetes.io/dockerconfigjson");
+    let dockerconfig: serde_json::Value =
+        serde_json::from_str(secret["stringData"][".dockerconfigjson"].as_str().unwrap())
+            .expect(".dockerconfigjson is JSON");
+    assert!(dockerconfig["auths"].is_object());
+    let config_yml = find(&docs, "ConfigMap")["data"]["config.yml"]
+        .as_str()
+        .unwrap();
+    let config = Config::parse(config_yml, "overlay config.yml").unwrap();
+    let docker_config = config.upstreams["docker.io"]
+        .docker_config
+        .clone()
+        .expect("docker.io reads the Secret");
+    let pod = &find(&docs, "Deployment")["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "upstream-credentials")
+        .expect("the Secret is mounted");
+    assert_eq!(
+        docker_config,
+        Path::new(mount["mountPath"].as_str().unwrap()).join(".dockerconfigjson")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// systemd
+// ---------------------------------------------------------------------------------------
+
+/// `systemd-analyze verify` in a root holding the unit, the binary at its ExecStart path and
+/// the system's own units: no warnings at all; and `systemd-analyze security` rates the
+/// sandbox "OK" (exposure below 2.0 of 10).
+#[test]
+fn systemd_unit_verifies_and_is_sandboxed() {
+    let analyze = require_tool("systemd-analyze");
+    let root = tempdir("systemd-");
+    let r = root.path();
+    let unit = repo().join("deploy/systemd/regmirror.service");
+    let text = read("deploy/systemd/regmirror.service");
+    for needle in [
+        "ExecStart=/usr/local/bin/regmirror serve --config /etc/regmirror/config.yml",
+        "DynamicUser=yes",
+        "StateDirectory=regmirror",
+        "ProtectSystem=strict",
+    ] {
+        assert!(text.contains(needle), "the unit lacks `{needle}`");
+    }
+    std::fs::create_dir_all(r.join("usr/local/bin")).unwrap();
+    std::fs::copy(Regmirror::binary(), r.join("usr/local/bin/regmirror")).unwrap();
+    std::fs::create_dir_all(r.join("etc/systemd/system")).unwrap();
+    std::fs::copy(&unit, r.join("etc/systemd/system/regmirror.service")).unwrap();
+    copy_dir(
+        Path::new("/lib/systemd/system"),
+        &r.join("usr/lib/systemd/system"),
+    );
+
+    let mut verify = Command::new(&analyze);
+    verify
+        .arg("verify")
+        .arg(format!("--root={}", r.display()))
+        .arg("regmirror.service");
+    let out = run_blocking(verify, Duration::from_secs(60));
+    assert!(out.success, "{out}");
+    assert!(
+        out.stderr.trim().is_empty() && out.stdout.trim().is_empty(),
+        "systemd-analyze verify warned: {out}"
+    );
+
+    let mut security = Command::new(&analyze);
+    security
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(format!("--root={}", r.display()))
+        .arg("regmirror.service");
+    let out = run_blocking(security, Duration::from_secs(60));
+    assert!(out.success, "{out}");
+    let exposure: f64 = out
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for regmirror.service:")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {out}"));
+    eprintln!("systemd-analyze security: exposure {exposure}");
+    assert!(exposure < 2.0, "exposure {exposure}: {}", out.stdout);
+
+    // The config the unit's instructions install keeps its data in the StateDirectory.
+    let config = Config::parse(&read("deploy/config.yml"), "deploy/config.yml").unwrap();
+    assert_eq!(config.storage.root, Path::new("/var/lib/regmirror"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            let link = std::fs::read_link(entry.path()).unwrap();
+            std::os::unix::fs::symlink(link, &target).unwrap();
+        } else if kind.is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client snippets (the containerd and Docker ones are also used by every e2e test)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn client_snippets_name_the_mirror_for_every_upstream() {
+    let placeholder = common::containerd::SNIPPET_MIRROR_URL;
+    let host = placeholder.strip_prefix("http://").unwrap();
+
+    let daemon: serde_json::Value =
+        serde_json::from_str(&read("deploy/clients/docker/daemon.json")).unwrap();
+    assert_eq!(daemon["registry-mirrors"], serde_json::json!([placeholder]));
+
+    for (upstream, server) in [
+        ("docker.io", "https://registry-1.docker.io"),
+        ("ghcr.io", "https://ghcr.io"),
+        ("quay.io", "https://quay.io"),
+    ] {
+        let hosts =
+            toml_to_json(&repo().join(format!("deploy/clients/containerd/{upstream}/hosts.toml")));
+        assert_eq!(hosts["server"], server, "{upstream}");
+        assert_eq!(
+            hosts["host"][placeholder]["capabilities"],
+            serde_json::json!(["pull", "resolve"]),
+            "{upstream}"
+        );
+    }
+
+    let plain = toml_to_json(&repo().join("deploy/clients/buildkit/buildkitd.toml"));
+    let tls = toml_to_json(&repo().join("deploy/clients/buildkit/buildkitd-tls.toml"));
+    for config in [&plain, &tls] {
+        for upstream in ["docker.io", "ghcr.io", "quay.io"] {
+            assert_eq!(
+                config["registry"][upstream]["mirrors"],
+                serde_json::json!([host]),
+                "{upstream}"
+            );
+        }
+    }
+    // BuildKit reads how to reach a mirror from the mirror's own entry.
+    assert_eq!(plain["registry"][host]["http"], true);
+    let mirror = &tls["registry"][host];
+    assert!(mirror["ca"][0].is_string(), "{mirror:#}");
+    assert!(mirror["keypair"][0]["key"].is_string(), "{mirror:#}");
+    assert!(mirror["keypair"][0]["cert"].is_string(), "{mirror:#}");
+    assert!(mirror.get("http").is_none());
+
+    let k3s = yaml(
+        &read("deploy/clients/k3s/registries.yaml"),
+        "registries.yaml",
+    );
+    for upstream in ["docker.io", "ghcr.io", "quay.io"] {
+        assert_eq!(
+            k3s["mirrors"][upstream]["endpoint"],
+            serde_json::json!([placeholder]),
+            "{upstream}"
+        );
+    }
+
+    // kind: the containerd patch points CRI at certs.d, and the mount puts the hosts.toml
+    // snippets there.
+    let kind = yaml(
+        &read("deploy/clients/kind/cluster.yaml"),
+        "kind cluster.yaml",
+    );
+    assert_eq!(kind["kind"], "Cluster");
+    let patch = kind["containerdConfigPatches"][0].as_str().unwrap();
+    let scratch = tempdir("kind-");
+    let patch_file = scratch.path().join("patch.toml");
+    std::fs::write(&patch_file, patch).unwrap();
+    let patch = toml_to_json(&patch_file);
+    let config_path = patch["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"]
+        .as_str()
+        .unwrap();
+    let mount = &kind["nodes"][0]["extraMounts"][0];
+    assert_eq!(mount["containerPath"], config_path);
+    let host_path = repo().join(mount["hostPath"].as_str().unwrap());
+    assert!(
+        host_path.join("docker.io/hosts.toml").is_file(),
+        "{}",
+        host_path.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The healthcheck subcommand (the image's HEALTHCHECK: a scratch image has no curl)
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_subcommand_reports_the_status() {
+    let dist = Distribution::start().await;
+    let rm = Regmirror::with_docker_io(&dist.url()).await;
+    let check = |url: String| async move {
+        let mut cmd = Command::new(Regmirror::binary());
+        cmd.args(["healthcheck", "--timeout", "2", "--url", &url]);
+        run(cmd, Duration::from_secs(30)).await
+    };
+    let ok = check(format!("{}/healthz", rm.url())).await;
+    assert!(ok.success, "{ok}");
+    assert!(ok.stdout.contains("200"), "{ok}");
+    let missing = check(format!("{}/no-such-endpoint", rm.url())).await;
+    assert!(!missing.success, "{missing}");
+    assert!(missing.stderr.contains("404"), "{missing}");
+    let closed = check(format!("http://127.0.0.1:{}/healthz", free_port())).await;
+    assert!(!closed.success, "{closed}");
+}
