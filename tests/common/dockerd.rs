@@ -39,6 +39,15 @@ fn docker_cli() -> PathBuf {
 
 impl Dockerd {
     pub async fn start(containerd: Containerd, registry_mirror_url: &str) -> Self {
+        Self::start_with_args(containerd, registry_mirror_url, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra daemon flags (`--insecure-registry=HOST:PORT`).
+    pub async fn start_with_args(
+        containerd: Containerd,
+        registry_mirror_url: &str,
+        extra_args: &[String],
+    ) -> Self {
         require_root("dockerd");
         let bin = require_tool("dockerd");
         let docker = docker_cli();
@@ -69,6 +78,7 @@ impl Dockerd {
                 "--userland-proxy=false",
                 "--debug",
             ])
+            .args(extra_args)
             .arg("--containerd")
             .arg(containerd.socket());
         for v in [
