@@ -301,7 +301,12 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
     require_root("the compose test");
     require_tool("docker-compose");
     require_tool("skopeo");
+    let started = Instant::now();
     let binary = tokio::task::spawn_blocking(static_binary).await.unwrap();
+    eprintln!(
+        "static binary (cargo build, fresh or not): {:?}",
+        started.elapsed()
+    );
 
     // An upstream "Docker Hub" that wants a password.
     let (user, password) = ("hubuser", "s3cret-hub-token");
