@@ -133,12 +133,15 @@ enum Mode {
 /// What a server was sent: path and `Authorization`.
 type Log = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
+/// One token request: method, scope, `Authorization`, form body.
+type TokenRequest = (String, String, Option<String>, String);
+
 #[derive(Default)]
 struct Tokens {
     /// token → (scope, expiry)
     issued: Mutex<HashMap<String, (String, Instant)>>,
     /// Every token request: (method, scope, Authorization, form body).
-    requests: Mutex<Vec<(String, String, Option<String>, String)>>,
+    requests: Mutex<Vec<TokenRequest>>,
     expires_in: AtomicU64,
     next: AtomicUsize,
 }
@@ -147,7 +150,7 @@ impl Tokens {
     fn issued_tokens(&self) -> Vec<String> {
         self.issued.lock().unwrap().keys().cloned().collect()
     }
-    fn requests(&self) -> Vec<(String, String, Option<String>, String)> {
+    fn requests(&self) -> Vec<TokenRequest> {
         self.requests.lock().unwrap().clone()
     }
     fn revoke_all(&self) {

@@ -188,10 +188,13 @@ async fn htpasswd_upstream_with_password_file_and_credential_helper() {
 // ---------------------------------------------------------------------------------------------
 // A token server for distribution's `auth: token`.
 
+/// (scope, `Authorization`) of every token request.
+type Requests = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 struct TokenServer {
     url: String,
     /// (scope, Authorization header) of every request.
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Requests,
     issued: Arc<Mutex<Vec<String>>>,
 }
 
@@ -199,7 +202,7 @@ struct TokenServer {
 struct Signer {
     key: Arc<ring::signature::EcdsaKeyPair>,
     cert_der: Arc<Vec<u8>>,
-    requests: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    requests: Requests,
     issued: Arc<Mutex<Vec<String>>>,
 }
 
