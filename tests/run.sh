@@ -12,6 +12,9 @@ required_tools=(skopeo docker-registry containerd ctr dockerd docker umoci htpas
     docker-compose systemd-analyze promtool strip python3)
 packages=(skopeo docker-registry containerd docker.io umoci apache2-utils prometheus jq
     docker-compose systemd binutils python3)
+# tests/credentials.rs and tests/tls.rs: a forward proxy, and test certificates made by openssl.
+required_tools+=(tinyproxy openssl)
+packages+=(tinyproxy openssl)
 
 missing_tools() {
     local t out=()
