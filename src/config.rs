@@ -409,6 +409,12 @@ impl Config {
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {:?}: {err}", self.log.level));
         }
+        if self.metrics.listen == Some(self.listen) && self.listen.port() != 0 {
+            problems.push(format!(
+                "metrics.listen: {} is already `listen`; leave it unset to serve /metrics there",
+                self.listen
+            ));
+        }
         problems
     }
 }
@@ -683,6 +689,20 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_listen_must_differ_from_listen() {
+        let text =
+            format!("{MINIMAL}listen: 127.0.0.1:5000\nmetrics: {{ listen: 127.0.0.1:5000 }}\n");
+        let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        let text = format!("{MINIMAL}metrics: {{ listen: 127.0.0.1:9100 }}\n");
+        let config = Config::parse(&text, "t.yml").unwrap();
+        assert_eq!(
+            config.metrics.listen,
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
     }
 
     #[test]

@@ -2,16 +2,17 @@
 # The project's test command (`bash tests/run.sh`, also what CI runs).
 #
 # The end-to-end tests drive real programs: distribution (docker-registry), skopeo,
-# containerd + ctr, dockerd + docker, umoci, htpasswd, prometheus, jq. Missing ones are
+# containerd + ctr, dockerd + docker, umoci, htpasswd, prometheus, jq, chromium (the status
+# page test renders it headless). Missing ones are
 # installed from Debian when running as root; if any is still missing this fails loudly
 # instead of letting the tests skip. Then every test target runs in release mode.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 required_tools=(skopeo docker-registry containerd ctr dockerd docker umoci htpasswd prometheus jq runc
-    docker-compose systemd-analyze promtool strip python3)
+    docker-compose systemd-analyze promtool strip python3 chromium)
 packages=(skopeo docker-registry containerd docker.io umoci apache2-utils prometheus jq
-    docker-compose systemd binutils python3)
+    docker-compose systemd binutils python3 chromium fonts-dejavu-core)
 # tests/credentials.rs and tests/tls.rs: a forward proxy, and test certificates made by openssl.
 required_tools+=(tinyproxy openssl)
 packages+=(tinyproxy openssl)

@@ -125,6 +125,8 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .extensions()
         .get::<ServedUpstream>()
         .map(|u| u.0.clone());
+    // Handlers that build their body in memory leave Content-Length to hyper; the body knows.
+    let body_size = http_body::Body::size_hint(response.body()).exact();
     let headers = response.headers_mut();
     headers.insert(
         "docker-distribution-api-version",
@@ -140,6 +142,7 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        .or(body_size)
         .unwrap_or(0);
     let status = response.status().as_u16();
     state

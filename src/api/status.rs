@@ -62,6 +62,8 @@ struct Facts {
     /// `(upstream/repository, counts)`, busiest first.
     top: Vec<(String, RepositoryCounts)>,
     upstreams: Vec<(String, UpstreamHealth)>,
+    /// Whether this listener serves `/metrics` (not when `metrics.listen` moved it).
+    metrics_here: bool,
 }
 
 impl Facts {
@@ -101,6 +103,7 @@ impl Facts {
             repositories_cached,
             top,
             upstreams: metrics.upstream_health().into_iter().collect(),
+            metrics_here: state.metrics_enabled,
         }
     }
 }
@@ -250,20 +253,25 @@ fn render(facts: &Facts, now: SystemTime) -> String {
             cached = counts.from_cache,
         );
     }
-    html.push_str(
+    let _ = write!(
+        html,
         r#"</tbody></table>
-<footer>Counts are since the process started; sizes are live. Prometheus metrics at <a href="/metrics">/metrics</a>.</footer>
+<footer>Counts are since the process started; sizes are live.{}</footer>
 </main></body></html>
 "#,
+        if facts.metrics_here {
+            r#" Prometheus metrics at <a href="/metrics">/metrics</a>."#
+        } else {
+            ""
+        }
     );
     html
 }
 
 fn card(html: &mut String, title: &str, figure: &str, detail: &str) {
-    let _ = write!(
+    let _ = writeln!(
         html,
-        r#"<div class="card"><h2>{title}</h2><p class="figure">{figure}</p>{detail}</div>
-"#
+        r#"<div class="card"><h2>{title}</h2><p class="figure">{figure}</p>{detail}</div>"#
     );
 }
 
@@ -276,10 +284,11 @@ fn percent(part: u64, whole: u64) -> f64 {
 }
 
 fn format_percent(part: u64, whole: u64) -> String {
-    if whole == 0 {
-        "–".to_owned()
-    } else {
-        format!("{:.1}%", percent(part, whole))
+    match percent(part, whole) {
+        _ if whole == 0 => "–".to_owned(),
+        // A large cache fills slowly: show that it is filling at all.
+        p if p > 0.0 && p < 1.0 => format!("{p:.2}%"),
+        p => format!("{p:.1}%"),
     }
 }
 
@@ -364,6 +373,7 @@ mod tests {
                     ratelimit_limit: Some(100),
                 },
             )],
+            metrics_here: true,
         }
     }
 
@@ -386,6 +396,8 @@ mod tests {
             assert!(html.contains(want), "missing {want:?} in\n{html}");
         }
         assert!(!html.contains("<script"), "no scripts on the page");
+        assert!(html.contains(r#"href="/metrics""#));
+        assert_eq!(format_percent(3, 10_000), "0.03%");
     }
 
     #[test]
@@ -394,6 +406,7 @@ mod tests {
         facts.limit_bytes = 0;
         facts.lookups = vec![("manifest", 0, 0), ("blob", 0, 0)];
         facts.top.clear();
+        facts.metrics_here = false;
         let html = render(&facts, SystemTime::now());
         assert!(
             html.contains(r#"id="hit-ratio" data-value="0">–<"#),
@@ -401,6 +414,10 @@ mod tests {
         );
         assert!(html.contains("unbounded"));
         assert!(html.contains("nothing cached yet"));
+        assert!(
+            !html.contains("/metrics"),
+            "no link to a /metrics this port does not serve"
+        );
     }
 
     #[test]

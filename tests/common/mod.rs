@@ -60,7 +60,7 @@ pub fn require_tool(name: &str) -> PathBuf {
              The end-to-end tests need `{name}` on PATH and refuse to skip silently.\n\
              Run `bash tests/run.sh` as root (it installs the Debian packages), or\n\
              apt-get install -y skopeo docker-registry containerd docker.io umoci \
-             apache2-utils prometheus jq\n\n"
+             apache2-utils prometheus jq chromium\n\n"
         ),
     }
 }
