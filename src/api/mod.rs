@@ -1,5 +1,5 @@
 //! The HTTP face of regmirror: the OCI distribution read API under `/v2/`, plus `/metrics`,
-//! `/healthz` and `/readyz`.
+//! `/healthz`, `/readyz` and the status page at `/`.
 //!
 //! Handlers parse the request into an [`Endpoint`], ask the cache, and turn its answer into
 //! headers and a streamed body. They know nothing of storage or upstream protocols; errors
