@@ -185,3 +185,36 @@ async fn dockerd_pulls_through_registry_mirror() {
         assert_eq!(dist.blob_gets_for(d).await, 1, "{d}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn distribution_with_htpasswd_requires_basic_auth() {
+    let dist = Distribution::start_with(DistributionOptions {
+        htpasswd: Some(("alice".into(), "s3cret".into())),
+        ..Default::default()
+    })
+    .await;
+    let r = http()
+        .get(format!("{}/v2/", dist.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("WWW-Authenticate").is_some());
+    let img = Pusher::new(&dist.url())
+        .basic_auth("alice", "s3cret")
+        .push_image("org/private", "v1", &ImageSpec::new(&[100]))
+        .await;
+    let r = http()
+        .get(format!(
+            "{}/v2/org/private/manifests/{}",
+            dist.url(),
+            img.manifest_digest
+        ))
+        .basic_auth("alice", Some("s3cret"))
+        .header("Accept", ACCEPT_ALL_MANIFESTS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), img.manifest_bytes);
+}

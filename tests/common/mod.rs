@@ -394,10 +394,7 @@ pub fn unmount_under(dir: &Path) {
         // SAFETY: c is a valid NUL-terminated path.
         let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         if rc != 0 {
-            eprintln!(
-                "umount {p}: {}",
-                std::io::Error::last_os_error().to_string()
-            );
+            eprintln!("umount {p}: {}", std::io::Error::last_os_error());
         }
     }
 }
