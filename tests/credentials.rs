@@ -457,7 +457,7 @@ async fn tls_upstream_requiring_client_certificates() {
     assert_eq!(status, 200, "explicit ca, client_cert and client_key");
 
     for (ns, why) in [
-        ("nocert.test", "requires a client certificate"),
+        ("nocert.test", "client certificate"),
         ("untrusted.test", "not signed by a trusted CA"),
     ] {
         let (status, body) = hay
@@ -479,6 +479,14 @@ async fn tls_upstream_requiring_client_certificates() {
             tail(&mirror)
         );
     }
+    // The probe behind that hint: the guarded registry asks for a client certificate during
+    // the handshake, a plain HTTP one cannot even do TLS.
+    let probe = |url: String| async move {
+        let url = reqwest::Url::parse(&url.replace("http://", "https://")).unwrap();
+        regmirror::upstream::tls::asks_for_client_certificate(&url, Duration::from_secs(5)).await
+    };
+    assert!(probe(guarded.url()).await);
+    assert!(!probe(open.url()).await);
     let key = std::fs::read_to_string(&client.key).unwrap();
     let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
     hay.assert_clean(&mirror, &[key_body]);

@@ -122,6 +122,11 @@ pub struct Upstream {
     /// The upstream answered a `Basic` challenge: send the credentials up front from now on
     /// rather than paying a 401 round trip per request.
     basic: AtomicBool,
+    has_client_certificate: bool,
+    connect_timeout: Duration,
+    /// When the last failed connection was diagnosed, and whether the upstream asked for a
+    /// client certificate; probes are rate-limited to one a minute.
+    diagnosis: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
     /// Every exchange and token fetch is reported here (timing, status, health, rate limit).
     metrics: Arc<Metrics>,
 }
@@ -141,7 +146,8 @@ impl Upstream {
             // reqwest drops Authorization when a redirect leaves the host, scheme or port (blob
             // CDNs), so credentials and tokens stay with the upstream.
             .redirect(reqwest::redirect::Policy::limited(5));
-        let client = tls::configure(builder, name, config)?
+        let (builder, has_client_certificate) = tls::configure(builder, name, config)?;
+        let client = builder
             .build()
             .map_err(|err| format!("upstreams.{name}: cannot build HTTP client: {err}"))?;
         let credentials = match credentials::Source::from_config(name, config) {
@@ -161,6 +167,9 @@ impl Upstream {
             credentials,
             realms,
             basic: AtomicBool::new(false),
+            has_client_certificate,
+            connect_timeout: config.connect_timeout.0,
+            diagnosis: std::sync::Mutex::new(None),
             metrics,
         })
     }
@@ -324,7 +333,10 @@ impl Upstream {
                 request = request.header(header::AUTHORIZATION, value);
             }
             let started = std::time::Instant::now();
-            let response = request.send().await.map_err(Error::from_reqwest);
+            let response = match request.send().await.map_err(Error::from_reqwest) {
+                Err(Error::Transport(text)) => Err(Error::Transport(self.diagnose(text).await)),
+                other => other,
+            };
             self.observe(&response, started);
             let response = response?;
             let status = response.status();
@@ -381,6 +393,34 @@ impl Upstream {
         let error = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
         self.metrics.token_fetch(&self.name, error);
         result
+    }
+
+    /// Adds a hint to a connection failure whose text does not say why: an https upstream
+    /// that wants a client certificate we do not have often shows up only as a closed
+    /// connection.
+    async fn diagnose(&self, text: String) -> String {
+        if self.base.scheme() != "https"
+            || self.has_client_certificate
+            || tls::explain(&text).is_some()
+        {
+            return text;
+        }
+        let cached = *self.diagnosis.lock().expect("diagnosis lock");
+        let asked = match cached {
+            Some((at, asked)) if at.elapsed() < Duration::from_secs(60) => asked,
+            _ => {
+                let asked =
+                    tls::asks_for_client_certificate(&self.base, self.connect_timeout).await;
+                *self.diagnosis.lock().expect("diagnosis lock") =
+                    Some((std::time::Instant::now(), asked));
+                asked
+            }
+        };
+        if asked {
+            format!("{text} (the upstream asks for a client certificate and none is configured: set client_cert and client_key, or certs_dir)")
+        } else {
+            text
+        }
     }
 
     /// The `Authorization: Basic` value, if the upstream has a user and password.

@@ -2,13 +2,21 @@
 //! certificate, Docker's `certs.d` layout, and the proxy.
 //!
 //! Files are read once, when the client is built; a missing or unreadable file is an error
-//! naming the upstream and the key. Nothing here sends a request.
+//! naming the upstream and the key. Nothing here sends a request; the one network use is a
+//! bare handshake to diagnose a server that wants a client certificate.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use reqwest::{Certificate, ClientBuilder, Identity, Proxy};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use super::credentials::expand_env;
 use crate::config::UpstreamConfig;
@@ -16,12 +24,13 @@ use crate::config::UpstreamConfig;
 /// The special `proxy` value that turns off proxies for an upstream, environment included.
 pub const DIRECT: &str = "direct";
 
-/// Adds the upstream's CA certificates, client identity and proxy to `builder`.
+/// Adds the upstream's CA certificates, client identity and proxy to `builder`; answers
+/// whether a client certificate is configured.
 pub fn configure(
     mut builder: ClientBuilder,
     name: &str,
     config: &UpstreamConfig,
-) -> Result<ClientBuilder, String> {
+) -> Result<(ClientBuilder, bool), String> {
     let key = |field: &str| format!("upstreams.{name}.{field}");
     let mut roots = Vec::new();
     let mut identity: Option<(PathBuf, PathBuf)> = None;
@@ -47,6 +56,7 @@ pub fn configure(
         // Like Docker, a registry CA is trusted in addition to the system roots.
         builder = builder.tls_certs_merge(certs);
     }
+    let has_identity = identity.is_some();
     if let Some((cert, key_file)) = identity {
         let pem =
             identity_pem(&cert, &key_file).map_err(|e| format!("{}: {e}", key("client_cert")))?;
@@ -74,7 +84,96 @@ pub fn configure(
             builder = builder.proxy(proxy);
         }
     }
-    Ok(builder)
+    Ok((builder, has_identity))
+}
+
+/// Whether the server at `url` asks for a client certificate during the TLS handshake.
+///
+/// A server that requires one and gets none closes the connection, and which error the HTTP
+/// client reports depends on timing (the TLS alert, or only a closed connection); this probe
+/// tells the operator what is missing. It sends no request and nothing secret, so it does not
+/// verify the server's certificate. Best effort: `false` when anything fails.
+pub async fn asks_for_client_certificate(url: &reqwest::Url, timeout: Duration) -> bool {
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return false;
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let Ok(server_name) = ServerName::try_from(host.clone()) else {
+        return false;
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let asked = Arc::new(AskedForCertificate::default());
+    let Ok(builder) =
+        ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()
+    else {
+        return false;
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_client_cert_resolver(asked.clone());
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        connector.connect(server_name, tcp).await.ok()
+    };
+    let _ = tokio::time::timeout(timeout, handshake).await;
+    asked.0.load(Ordering::Relaxed)
+}
+
+/// Records whether the server sent a certificate request; presents nothing.
+#[derive(Debug, Default)]
+struct AskedForCertificate(AtomicBool);
+
+impl ResolvesClientCert for AskedForCertificate {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.store(true, Ordering::Relaxed);
+        None
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The probe only looks at the handshake, so any server certificate will do.
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// What a Docker `certs.d/<host>/` directory holds: `*.crt` CA bundles and `*.cert`/`*.key`
