@@ -540,6 +540,97 @@ async fn kill9_restart_then_pull_without_upstream(before_kill: std::time::Durati
     assert_skopeo_dir_holds(&d, &img, "manifest.json");
 }
 
+/// A client that goes away mid-download does not cancel the fill: the blob is committed
+/// and the next client is served without a second upstream download.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_does_not_abort_the_fill() {
+    let dist = Distribution::start().await;
+    let img = Pusher::new(&dist.url())
+        .push_generated("library/big", "v1", big_image().await)
+        .await;
+    let rm = Regmirror::with_docker_io(&dist.url()).await;
+    let (digest, size) = img.largest_layer();
+    let url = format!("{}/v2/library/big/blobs/{digest}", rm.url());
+
+    let r = http().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut read = 0;
+    while read < 1 << 20 {
+        read += body.next().await.expect("body ended early").unwrap().len();
+    }
+    drop(body);
+
+    // Give the fill time to finish on its own, then fetch the whole blob.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (status, sha, len) = get_blob(&url).await;
+    assert_eq!((status, len, sha.as_str()), (200, size, digest.as_str()));
+    assert_eq!(
+        dist.blob_gets_for(&digest).await,
+        1,
+        "the abandoned download was not kept: {:#?}",
+        dist.request_lines().await
+    );
+}
+
+/// A tag is answered from the cache within `tag_ttl`; after it, regmirror revalidates
+/// with a HEAD (no GET of the tag upstream) and serves the new digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_is_revalidated_with_head_after_ttl() {
+    let dist = Distribution::start().await;
+    let v1 = push_image(&dist.url(), "library/tagged", "latest", &[1000]).await;
+    let rm = RegmirrorConfig::docker_io(&dist.url())
+        .tag_ttl("1s")
+        .start()
+        .await;
+    let url = format!("{}/v2/tagged/manifests/latest", rm.url());
+    let media = MediaTypes::Docker.manifest();
+
+    assert_manifest(
+        &get_manifest(&url).await,
+        &v1.manifest_bytes,
+        media,
+        "first",
+    );
+    let upstream_manifest_requests = |reqs: Vec<Request>| -> Vec<(String, String)> {
+        reqs.into_iter()
+            .filter(|r| r.is_manifest() && r.method != "PUT")
+            .map(|r| (r.method, r.path))
+            .collect()
+    };
+    let filled = upstream_manifest_requests(dist.requests().await).len();
+    assert_manifest(
+        &get_manifest(&url).await,
+        &v1.manifest_bytes,
+        media,
+        "cached",
+    );
+    assert_eq!(
+        upstream_manifest_requests(dist.requests().await).len(),
+        filled,
+        "a fresh tag went upstream"
+    );
+
+    let v2 = push_image(&dist.url(), "library/tagged", "latest", &[2000]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_manifest(
+        &get_manifest(&url).await,
+        &v2.manifest_bytes,
+        media,
+        "after ttl",
+    );
+    let after = upstream_manifest_requests(dist.requests().await).split_off(filled);
+    let tag_path = "/v2/library/tagged/manifests/latest".to_owned();
+    assert!(
+        after.contains(&("HEAD".to_owned(), tag_path.clone())),
+        "no HEAD revalidation: {after:?}"
+    );
+    assert!(
+        !after.contains(&("GET".to_owned(), tag_path)),
+        "revalidation GET the tag instead of HEAD: {after:?}"
+    );
+}
+
 fn log_tail_str(s: &str, max: usize) -> &str {
     let mut start = s.len().saturating_sub(max);
     while !s.is_char_boundary(start) {
