@@ -544,9 +544,23 @@ impl Tinyproxy {
 async fn forward_proxy_from_config_and_environment() {
     let dir = tempdir("proxy-");
     let proxy = Tinyproxy::start(dir.path()).await;
-    let dist = Distribution::start().await;
+    let root = shared_root(dir.path());
+    let dist = Distribution::start_with(DistributionOptions {
+        root: Some(root.clone()),
+        ..Default::default()
+    })
+    .await;
     let img = push_image(&dist.url(), "proxied/app", "v1", &[1000, 40_000]).await;
     let port = dist.host().rsplit(':').next().unwrap().to_owned();
+    // The same content over HTTPS, reached through HTTPS_PROXY with CONNECT.
+    let ca = Ca::new(dir.path(), "proxy-test-ca");
+    let server = ca.server("registry");
+    let tls_dist = Distribution::start_with(DistributionOptions {
+        root: Some(root),
+        tls: Some((server.cert.clone(), server.key.clone())),
+        ..Default::default()
+    })
+    .await;
     // HTTP_PROXY applies to every upstream without a `proxy` of its own, except the hosts in
     // NO_PROXY (`localhost` here; the same registry is also reachable as 127.0.0.1).
     let yaml = yaml_upstreams(&[
@@ -557,10 +571,19 @@ async fn forward_proxy_from_config_and_environment() {
             "  own.test: {{ url: 'http://localhost:{port}', proxy: '{}' }}",
             proxy.url()
         ),
+        format!(
+            "  tls.test: {{ url: '{}', ca: {:?} }}",
+            tls_dist.url(),
+            ca.cert
+        ),
     ]);
     let mirror = Regmirror::start_with_env(
         &yaml,
-        &[("HTTP_PROXY", &proxy.url()), ("NO_PROXY", "localhost")],
+        &[
+            ("HTTP_PROXY", &proxy.url()),
+            ("HTTPS_PROXY", &proxy.url()),
+            ("NO_PROXY", "localhost"),
+        ],
     )
     .await;
     let mut hay = Haystack::default();
@@ -577,10 +600,15 @@ async fn forward_proxy_from_config_and_environment() {
         ("own.test", true),
     ] {
         let before = proxy.forwarded("/v2/proxied/app/manifests/");
+        let upstream_before = dist.requests().await.len();
         let (status, body) = hay
             .get(&format!("{}{manifest}?ns={ns}", mirror.url()))
             .await;
         assert_eq!(status, 200, "{ns}: {body}");
+        assert!(
+            dist.requests().await.len() > upstream_before,
+            "{ns} asked the upstream"
+        );
         let after = proxy.forwarded("/v2/proxied/app/manifests/");
         assert_eq!(
             after - before,
@@ -590,6 +618,15 @@ async fn forward_proxy_from_config_and_environment() {
     }
     // An upstream's own `proxy` wins over NO_PROXY, which is for the environment's proxies.
     assert_eq!(proxy.forwarded(&format!("http://localhost:{port}/v2/")), 1);
+    let (status, body) = hay
+        .get(&format!("{}{manifest}?ns=tls.test", mirror.url()))
+        .await;
+    assert_eq!(status, 200, "tls.test: {body}");
+    assert_eq!(
+        proxy.forwarded(&format!("CONNECT {}", tls_dist.host())),
+        1,
+        "HTTPS_PROXY tunnels the https upstream"
+    );
     hay.assert_clean(&mirror, &[]);
 }
 
