@@ -137,7 +137,7 @@ async fn two_hundred_clients_for_a_minute_see_no_errors() {
     let mut config = RegmirrorConfig::docker_io(&upstream.url());
     // ~65 MiB of content against a 24 MiB cache: misses, hits and evictions all the time.
     config.extra_yaml = "storage: { max_size: 24MiB }\n".into();
-    config.log_level = "warn".into();
+    config.log_level = std::env::var("SOAK_LOG").unwrap_or_else(|_| "warn".into());
     // The builder writes `storage: { root: … }`; the extra key must not repeat it.
     let yaml = config
         .to_yaml()
@@ -150,7 +150,11 @@ async fn two_hundred_clients_for_a_minute_see_no_errors() {
     let pid = rm.pid().unwrap();
     let http = http();
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let until = Instant::now() + Duration::from_secs(60);
+    let secs = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let until = Instant::now() + Duration::from_secs(secs);
     let mut clients = Vec::new();
     for client in 0..200u64 {
         let (http, base, images, ok, errors) = (

@@ -291,6 +291,7 @@ impl Cache {
                 let remote = upstream.get_manifest(&repo, digest.as_str()).await;
                 let remote = remote.map_err(manifest_error)?;
                 let manifest = this.commit_manifest(&upstream, &repo, remote, Some(&digest))?;
+                this.persist().await?;
                 Ok((manifest, Outcome::Miss))
             })
             .await
@@ -365,6 +366,7 @@ impl Cache {
             Ok((remote, expected)) => {
                 let manifest = self.commit_manifest(upstream, repo, remote, expected.as_ref())?;
                 self.put_tag(upstream, repo, tag, &manifest.digest)?;
+                self.persist().await?;
                 self.stale.lock().expect("stale lock").remove(&key);
                 Ok((manifest, Outcome::Miss))
             }
@@ -376,6 +378,15 @@ impl Cache {
             }
             Err(err) => Err(manifest_error(err)),
         }
+    }
+
+    /// Makes the index durable after a commit (see [`storage::Index::flush_async`]).
+    async fn persist(&self) -> Result<(), Error> {
+        self.store
+            .index
+            .flush_async()
+            .await
+            .map_err(|e| storage::Error::from(e).into())
     }
 
     fn cached_tag(
@@ -562,9 +573,12 @@ impl Cache {
                     digest,
                     (&upstream.name, repo.as_str()),
                     || store.blobs.create_tmp(),
+                    // The index, not the file, says committed: eviction drops the entry before
+                    // the file, and `linked_blob_size` above reads the index too.
                     || {
+                        let stored = matches!(store.stat(digest), Ok(Some(_)));
                         let linked = store.index.is_linked(&upstream.name, repo.as_str(), digest);
-                        linked.unwrap_or(false) && store.blobs.path(digest).exists()
+                        stored && linked.unwrap_or(false)
                     },
                 )
                 .map_err(storage::Error::from)?;
@@ -777,6 +791,7 @@ impl Cache {
             .index
             .link(&upstream.name, repo.as_str(), digest)
             .map_err(storage::Error::from)?;
+        self.persist().await?;
         debug!(upstream = %upstream.name, repository = %repo, %digest, bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
         Ok(Some(written))
     }
