@@ -281,8 +281,11 @@ impl From<crate::cache::Error> for ApiError {
             ),
             C::Upstream(upstream) => match upstream {
                 U::NotFound => ApiError::new(ErrorCode::NameUnknown),
-                U::Unauthorized => ApiError::new(ErrorCode::Unauthorized)
-                    .with_message("the upstream registry refused the mirror's credentials"),
+                // 403, not 401: the client cannot fix this by authenticating to the mirror, and
+                // a 401 without a challenge of ours would send `docker login` astray.
+                U::Unauthorized => ApiError::new(ErrorCode::Denied).with_message(
+                    "the upstream registry refused the mirror's credentials (or wants some)",
+                ),
                 U::Denied => ApiError::new(ErrorCode::Denied)
                     .with_message("the upstream registry denied access"),
                 U::TooManyRequests { retry_after } => {

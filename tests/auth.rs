@@ -495,7 +495,7 @@ async fn credentials_never_go_to_a_foreign_token_realm() {
     );
     assert_eq!(
         pull(&seen, &m, "private/app").await,
-        (401, "UNAUTHORIZED".to_owned())
+        (403, "DENIED".to_owned())
     );
     let requests = tokens.requests();
     assert!(!requests.is_empty());
@@ -607,7 +607,7 @@ async fn tokens_are_never_shared_between_upstreams() {
         )))
         .await;
     assert_eq!(
-        status, 401,
+        status, 403,
         "the anonymous upstream must not borrow the other's token"
     );
     let anon_sent: Vec<_> = upstream
@@ -705,7 +705,7 @@ async fn wrong_credentials_are_refused_not_anonymous() {
     let m = mirror(&entry, "").await;
     assert_eq!(
         pull(&seen, &m, "private/app").await,
-        (401, "UNAUTHORIZED".to_owned())
+        (403, "DENIED".to_owned())
     );
     assert_no_secrets(&seen, &[format!("wrong-{PASSWORD}")]);
 }

@@ -175,8 +175,8 @@ async fn htpasswd_upstream_with_password_file_and_credential_helper() {
                 mirror.url()
             ))
             .await;
-        assert_eq!(status, 401, "{ns}: {body}");
-        assert!(body.contains("UNAUTHORIZED"), "{body}");
+        assert_eq!(status, 403, "{ns}: {body}");
+        assert!(body.contains("DENIED"), "{body}");
     }
     assert!(
         mirror.log().contains("mirror has no access control"),
@@ -389,7 +389,7 @@ async fn token_auth_upstream_with_jwt_token_server() {
             mirror.url()
         ))
         .await;
-    assert_eq!(status, 401, "{body}");
+    assert_eq!(status, 403, "{body}");
     let last = tokens.requests.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last, ("repository:private/app:pull".to_owned(), None));
 
