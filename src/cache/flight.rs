@@ -219,7 +219,13 @@ impl FlightReader {
     }
 }
 
-/// Streams `start..end` of a committed file.
+/// Streams `start..end` of a committed file as views of memory mappings of it.
+///
+/// Committed blobs are the hit path, and this is the copy that matters: bytes mapped from the
+/// page cache go to the socket with one kernel copy, where reading them first into a fresh
+/// (zeroed, page-faulted) buffer cost as much CPU again as sending them. Each chunk is its own
+/// mapping, unmapped once the response has written it, so memory stays bounded by the chunks
+/// in flight, as with read buffers.
 pub fn file_stream(
     file: Arc<File>,
     start: u64,
@@ -230,7 +236,7 @@ pub fn file_stream(
             return None;
         }
         let len = (end - pos).min(CHUNK as u64) as usize;
-        match read_at(file.clone(), pos, len).await {
+        match map_at(file.clone(), pos, len).await {
             Ok(chunk) => {
                 let next = pos + chunk.len() as u64;
                 Some((Ok(chunk), (file, next)))
@@ -240,7 +246,40 @@ pub fn file_stream(
     })
 }
 
-/// A positioned read on the blocking pool; a short file is an error, never a silent truncation.
+/// Maps `len` bytes of a committed file at `pos` and faults them in on the blocking pool, so
+/// that a page missing from the page cache is read from disk here rather than inside a socket
+/// write on an async thread, and a failing disk is an `io::Error` here; a short file is an
+/// error, never a silent truncation.
+async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        if file.metadata()?.len() < pos + len as u64 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: a committed blob never changes: it was written in tmp/, verified and renamed
+        // into place, and is only ever unlinked (which leaves a mapping intact), so the mapped
+        // bytes cannot change or shrink while the mapping lives.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(pos)
+                .len(len)
+                .map(&*file)?
+        };
+        match map.advise(memmap2::Advice::PopulateRead) {
+            Ok(()) => {}
+            // Kernels before 5.14 lack MADV_POPULATE_READ: start readahead instead.
+            Err(err) if err.kind() == io::ErrorKind::InvalidInput => {
+                let _ = map.advise(memmap2::Advice::WillNeed);
+            }
+            Err(err) => return Err(err),
+        }
+        Ok(Bytes::from_owner(map))
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// A positioned read on the blocking pool (for files still being written); a short file is an
+/// error, never a silent truncation.
 async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = BytesMut::zeroed(len);
@@ -249,4 +288,53 @@ async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     })
     .await
     .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    fn committed(len: usize) -> (tempfile::TempDir, Vec<u8>, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &bytes).unwrap();
+        (dir, bytes, Arc::new(File::open(&path).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn file_stream_serves_any_range_in_chunks() {
+        let len = 2 * CHUNK + 12_345;
+        let (_dir, bytes, file) = committed(len);
+        let ranges = [
+            (0, len),
+            (1, len),
+            (4095, 4097),
+            (CHUNK - 1, 2 * CHUNK + 1),
+            (len - 1, len),
+        ];
+        for (start, end) in ranges {
+            let chunks: Vec<Bytes> = file_stream(file.clone(), start as u64, end as u64)
+                .try_collect()
+                .await
+                .unwrap();
+            assert!(chunks.iter().all(|c| c.len() <= CHUNK), "{start}..{end}");
+            assert_eq!(chunks.concat(), bytes[start..end], "{start}..{end}");
+        }
+        let empty: Vec<Bytes> = file_stream(file, 5, 5).try_collect().await.unwrap();
+        assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn file_stream_past_the_end_is_an_error_not_a_short_body() {
+        let (_dir, _, file) = committed(10_000);
+        let mut stream = Box::pin(file_stream(file, 0, 20_000));
+        let err = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(futures_util::StreamExt::next(&mut stream).await.is_none());
+    }
 }
