@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Distribution, ImageSpec, PushedImage, Pusher, Regmirror, RegmirrorConfig};
-use servers::{Nginx, Peer, Usage};
+use common::{Distribution, ImageSpec, PushedImage, Pusher, RegmirrorConfig};
+use servers::{Nginx, Peer, Regmirror, Usage};
 
 const MIB: usize = 1024 * 1024;
 
@@ -40,8 +40,10 @@ struct Options {
     out: Option<PathBuf>,
     /// Phases to run (pulls, herd, blobs, manifests); all when empty.
     only: Vec<String>,
-    /// Record a `perf` profile of regmirror during each of its load figures.
+    /// Record a `perf` profile of the server during each load figure.
     perf: bool,
+    /// The regmirror binary (default: the one cargo built with this bench).
+    regmirror_bin: PathBuf,
 }
 
 impl Options {
@@ -53,7 +55,7 @@ impl Options {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench compare -- [--reps N] [--secs S] [--big-mib M] \
-         [--wan RTT_MS,MBIT] [--out FILE] [--quick] [--only PHASE,...] [--perf]\n\
+         [--wan RTT_MS,MBIT] [--out FILE] [--quick] [--only PHASE,...] [--perf] [--regmirror-bin PATH]\n\
          phases: pulls, herd, blobs, manifests; --perf writes target/bench/perf/*.data"
     );
     std::process::exit(2)
@@ -68,6 +70,7 @@ fn parse_options(args: &[String]) -> Options {
         out: None,
         only: Vec::new(),
         perf: false,
+        regmirror_bin: PathBuf::from(env!("CARGO_BIN_EXE_regmirror")),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -92,6 +95,7 @@ fn parse_options(args: &[String]) -> Options {
                 }
             }
             "--perf" => o.perf = true,
+            "--regmirror-bin" => o.regmirror_bin = PathBuf::from(value()),
             "--quick" => {
                 o.reps = 1;
                 o.secs = 1.0;
@@ -228,8 +232,8 @@ impl Bench {
 
     fn pids(&self, who: Who) -> Vec<u32> {
         match who {
-            Who::Regmirror => self.regmirror.pid().into_iter().collect(),
-            Who::RegmirrorTtl0 => self.ttl0.pid().into_iter().collect(),
+            Who::Regmirror => vec![self.regmirror.pid()],
+            Who::RegmirrorTtl0 => vec![self.ttl0.pid()],
             Who::Peer => vec![self.peer.pid()],
             Who::Nginx => self.nginx.as_ref().map(|n| n.pids()).unwrap_or_default(),
         }
@@ -249,10 +253,7 @@ impl Bench {
             if target.head { "HEAD" } else { "GET" },
             target.path
         );
-        let perf = match (self.opts.perf, who) {
-            (true, Who::Regmirror | Who::RegmirrorTtl0) => Some(self.perf(who, &target, conns)),
-            _ => None,
-        };
+        let perf = self.opts.perf.then(|| self.perf(who, &target, conns));
         let o = tokio::task::spawn_blocking(move || load::run(&target, conns, warmup, measure))
             .await
             .expect("load thread");
@@ -275,6 +276,29 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// [`Bench::load`], with the server's and the client's CPU use over the figure (as a
+    /// share of one core, warm-up included) to show which side was the bottleneck.
+    async fn load_with_cpu(
+        &self,
+        who: Who,
+        target: load::Target,
+        conns: usize,
+    ) -> (load::Outcome, String) {
+        let before = servers::usage(&self.pids(who)).cpu_secs;
+        let started = Instant::now();
+        let o = self.load(who, target, conns).await;
+        let wall = started.elapsed().as_secs_f64();
+        let server = servers::usage(&self.pids(who)).cpu_secs - before;
+        let cpu = format!(
+            "server CPU {:.0}%, client CPU {:.0}%",
+            server / wall * 100.0,
+            o.client_cpu_secs / wall * 100.0
+        );
+        (o, cpu)
+    }
+}
+
 /// Numbers the perf recordings of one run.
 static PERF_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -294,7 +318,7 @@ impl Bench {
             if target.head { "head" } else { "get" },
             PERF_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        let pid = self.pids(who)[0];
+        let pids: Vec<String> = self.pids(who).iter().map(u32::to_string).collect();
         let mut cmd = std::process::Command::new(common::require_tool("perf"));
         cmd.args([
             "record",
@@ -306,7 +330,7 @@ impl Bench {
             "dwarf,8192",
             "-p",
         ])
-        .arg(pid.to_string())
+        .arg(pids.join(","))
         .arg("-o")
         .arg(dir.join(format!("{name}.data")));
         println!(
@@ -427,8 +451,8 @@ async fn run(opts: Options) {
 
     let mut config = RegmirrorConfig::docker_io(&remote);
     config.log_level = "info".into();
-    let regmirror = config.start().await;
-    let ttl0 = config.clone().tag_ttl("0s").start().await;
+    let regmirror = Regmirror::start(&opts.regmirror_bin, &config.to_yaml()).await;
+    let ttl0 = Regmirror::start(&opts.regmirror_bin, &config.clone().tag_ttl("0s").to_yaml()).await;
     let peer = Peer::start(&remote).await;
     let mut b = Bench {
         opts: opts.clone(),
@@ -601,9 +625,9 @@ async fn blobs(b: &mut Bench, img: &Images) {
                     path: path(who, &big, "bench/big"),
                     headers: vec![],
                 };
-                let o = b.load(who, t, c).await;
+                let (o, cpu) = b.load_with_cpu(who, t, c).await;
                 println!(
-                    "[rep {rep}] {:<13} blob {} MiB c={c:<2} {:6.2} GB/s",
+                    "[rep {rep}] {:<13} blob {} MiB c={c:<2} {:6.2} GB/s ({cpu})",
                     who.name(),
                     b.opts.big / MIB,
                     o.gbps()
@@ -616,9 +640,9 @@ async fn blobs(b: &mut Bench, img: &Images) {
                 path: path(who, &small, "bench/five"),
                 headers: vec![],
             };
-            let o = b.load(who, t, 64).await;
+            let (o, cpu) = b.load_with_cpu(who, t, 64).await;
             println!(
-                "[rep {rep}] {:<13} blob 1 MiB c=64 {:8.0} req/s",
+                "[rep {rep}] {:<13} blob 1 MiB c=64 {:8.0} req/s ({cpu})",
                 who.name(),
                 o.rps()
             );
@@ -645,17 +669,27 @@ async fn manifests(b: &mut Bench, img: &Images) {
                         path: format!("/v2/{}/manifests/{reference}", five.repo),
                         headers: vec![accept.clone()],
                     };
+                    b.upstream.settle().await;
+                    let offset = servers::file_len(&b.upstream.log_path().to_owned());
                     let cpu_before = servers::usage(&b.pids(who)).cpu_secs;
+                    let started = Instant::now();
                     let o = b.load(who, t, 64).await;
+                    // Requests over the whole run (warm-up included), estimated from the rate.
+                    let all = o.rps() * started.elapsed().as_secs_f64();
                     let cpu = servers::usage(&b.pids(who)).cpu_secs - cpu_before;
+                    b.upstream.settle().await;
+                    let upstream = servers::served_since(b.upstream.log_path(), offset);
                     let method = if head { "HEAD" } else { "GET" };
                     println!(
-                        "[rep {rep}] {:<15} manifest {method:<4} by {by:<6} c=64 {:8.0} req/s p50 {:6.2} ms p99 {:6.2} ms, server CPU {:.0} us/req",
+                        "[rep {rep}] {:<15} manifest {method:<4} by {by:<6} c=64 {:8.0} req/s \
+                         p50 {:6.2} ms p99 {:6.2} ms; server CPU {:.0} us/req, upstream \
+                         requests per request {:.3}",
                         who.name(),
                         o.rps(),
                         o.percentile_ms(50.0),
                         o.percentile_ms(99.0),
-                        cpu * 1e6 / o.requests.max(1) as f64
+                        cpu * 1e6 / all.max(1.0),
+                        upstream.requests as f64 / all.max(1.0)
                     );
                     let key = format!("manifest {method} {by}");
                     b.samples.add(&format!("{key} rps"), who, o.rps());

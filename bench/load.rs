@@ -54,6 +54,8 @@ pub struct Outcome {
     pub window: Duration,
     /// Microseconds per completed request, sorted.
     pub latencies_us: Vec<u32>,
+    /// CPU seconds the load generator itself used (warm-up included).
+    pub client_cpu_secs: f64,
 }
 
 impl Outcome {
@@ -89,6 +91,7 @@ pub fn run(target: &Target, conns: usize, warmup: Duration, measure: Duration) -
         .build()
         .expect("load runtime");
     let request = target.request();
+    let cpu_before = thread_cpu_secs();
     let started = Instant::now();
     let window = (started + warmup, started + warmup + measure);
     rt.block_on(async {
@@ -114,8 +117,20 @@ pub fn run(target: &Target, conns: usize, warmup: Duration, measure: Duration) -
             }
         }
         total.latencies_us.sort_unstable();
+        total.client_cpu_secs = thread_cpu_secs() - cpu_before;
         total
     })
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// One connection's loop; reconnects when the server closes between responses.

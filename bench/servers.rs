@@ -12,6 +12,67 @@ use std::time::Duration;
 
 use crate::common::{free_port, require_tool, tempdir, wait_for_v2, ChildProc};
 
+/// regmirror, from `target/release/regmirror` or the binary given with `--regmirror-bin` (to
+/// compare two builds), with a configuration in the harness's YAML shape.
+pub struct Regmirror {
+    proc: ChildProc,
+    port: u16,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Regmirror {
+    /// Starts `bin serve --config FILE`; `@LISTEN@` and `@ROOT@` in `yaml` are filled in.
+    pub async fn start(bin: &Path, yaml: &str) -> Regmirror {
+        let dir = tempdir("bench-regmirror-");
+        let port = free_port();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let yaml = yaml
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@ROOT@", &data.to_string_lossy());
+        let config = dir.path().join("config.yml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .current_dir(dir.path());
+        for v in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "ALL_PROXY",
+        ] {
+            cmd.env_remove(v);
+        }
+        let log = dir.path().join("regmirror.log");
+        let mut proc = ChildProc::spawn("regmirror", cmd, &log);
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for_v2(&base, &mut proc, Duration::from_secs(30)).await;
+        Regmirror {
+            proc,
+            port,
+            data,
+            _dir: dir,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The storage root.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+}
+
 /// Distribution 2.8 as a pull-through cache of `remote`.
 pub struct Peer {
     proc: ChildProc,
@@ -203,6 +264,7 @@ fn children(pid: u32) -> Vec<u32> {
 /// request, with `http.response.written`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Served {
+    pub requests: u64,
     pub blob_gets: u64,
     pub manifest_requests: u64,
     pub bytes: u64,
@@ -227,6 +289,7 @@ fn parse_served(text: &str) -> Served {
         {
             continue;
         }
+        s.requests += 1;
         let uri = v["http.request.uri"].as_str().unwrap_or_default();
         let method = v["http.request.method"].as_str().unwrap_or_default();
         if uri.contains("/blobs/sha256:") && method == "GET" {
@@ -257,6 +320,7 @@ pub fn self_check() {
     assert_eq!(
         parse_served(log),
         Served {
+            requests: 2,
             blob_gets: 1,
             manifest_requests: 1,
             bytes: 100
