@@ -306,8 +306,8 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         let cached = self.cached_tag(upstream, repo, tag)?;
         if let Some(entry) = &cached {
-            let age = storage::now().saturating_sub(entry.confirmed);
-            if Duration::from_secs(age) < self.policy.tag_ttl {
+            let age = storage::now_millis().saturating_sub(entry.confirmed);
+            if Duration::from_millis(age) < self.policy.tag_ttl {
                 if let Some(manifest) = self.stored_manifest(&entry.digest)? {
                     return Ok((manifest, Outcome::Hit));
                 }
@@ -410,7 +410,7 @@ impl Cache {
     ) -> Result<(), Error> {
         self.store
             .index
-            .put_tag(&upstream.name, repo.as_str(), tag, digest, storage::now())
+            .put_tag(&upstream.name, repo.as_str(), tag, digest, storage::now_millis())
             .map_err(|e| storage::Error::from(e).into())
     }
 

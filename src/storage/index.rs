@@ -33,7 +33,8 @@ pub struct TagEntry {
     pub v: u8,
     /// The manifest digest.
     pub digest: Digest,
-    /// When the upstream last confirmed the digest, seconds since the Unix epoch.
+    /// When the upstream last confirmed the digest, milliseconds since the Unix epoch (a
+    /// `tag_ttl` of a second must mean a second, not anything up to two).
     pub confirmed: u64,
 }
 

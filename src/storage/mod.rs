@@ -184,8 +184,8 @@ impl Store {
     }
 }
 
-/// Milliseconds since the Unix epoch (access times: LRU order must tell apart blobs used in the
-/// same second).
+/// Milliseconds since the Unix epoch: access times (LRU order must tell apart blobs used in the
+/// same second) and tag confirmations.
 pub fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -193,13 +193,6 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 #[cfg(test)]
 mod tests {
