@@ -58,9 +58,8 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
         })?;
     tracing::info!(root = %path, blobs = store.blob_count(), bytes = store.used_bytes(), dropped = reconciled.dropped, adopted = reconciled.adopted, "store opened");
     let metrics = Arc::new(metrics::Metrics::new());
-    let upstreams = Arc::new(
-        upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?,
-    );
+    let upstreams =
+        Arc::new(upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?);
     let policy = cache::Policy::from_config(config);
     let access = access_control(config, &upstreams)?;
     Ok(AppState {
@@ -164,11 +163,18 @@ pub async fn run(
         }
         None => state,
     };
-    tokio::spawn(state.cache.evictor().clone().run(until_stopped(stopped.clone())));
+    tokio::spawn(
+        state
+            .cache
+            .evictor()
+            .clone()
+            .run(until_stopped(stopped.clone())),
+    );
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let server =
+        axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
     let grace = config.shutdown_timeout.0;
     let deadline = async move {
         until_stopped(stopped).await;

@@ -410,7 +410,13 @@ impl Cache {
     ) -> Result<(), Error> {
         self.store
             .index
-            .put_tag(&upstream.name, repo.as_str(), tag, digest, storage::now_millis())
+            .put_tag(
+                &upstream.name,
+                repo.as_str(),
+                tag,
+                digest,
+                storage::now_millis(),
+            )
             .map_err(|e| storage::Error::from(e).into())
     }
 

@@ -193,7 +193,6 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
