@@ -512,7 +512,7 @@ async fn run(opts: Options) {
         )),
         started.elapsed().as_secs_f64()
     );
-    let table = report(&b.samples, &usage, &header);
+    let table = report(&b.samples, &usage, &header, opts.big / MIB);
     println!("\n{table}");
     if let Some(path) = &opts.out {
         if let Some(dir) = path.parent() {
@@ -780,12 +780,13 @@ fn simple(s: &Samples, label: &str, key: &str, goal_vs_limit: Option<Goal>) -> L
 }
 
 /// The markdown table: each figure for regmirror, the peer and the limit, and the ratios.
-fn report(s: &Samples, usage: &BTreeMap<Who, Usage>, header: &str) -> String {
+fn report(s: &Samples, usage: &BTreeMap<Who, Usage>, header: &str, big_mib: usize) -> String {
+    let big = format!("{big_mib} MiB layer");
     let mut lines: Vec<Line> = Vec::new();
     let mut goal_texts: Vec<(usize, String)> = Vec::new();
     let cell = |v: Option<f64>| v.map_or("–".to_owned(), fmt_num);
     for (key, what) in [
-        ("big", "256 MiB layer"),
+        ("big", big.as_str()),
         ("five", "5 × 1 MiB"),
         ("fifty", "50 × 100 KiB"),
     ] {
@@ -915,6 +916,10 @@ fn report(s: &Samples, usage: &BTreeMap<Who, Usage>, header: &str) -> String {
     out.push_str("| measure | regmirror | distribution (proxy) | nginx sendfile | regmirror ÷ distribution | regmirror ÷ nginx | target |\n");
     out.push_str("|---|--:|--:|--:|--:|--:|---|\n");
     for (i, l) in lines.iter().enumerate() {
+        if l.cells.iter().all(|c| c == "–") {
+            // A phase left out with --only.
+            continue;
+        }
         let r = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}×"));
         let target = match (&l.goal, goal_texts.iter().find(|(j, _)| *j == i)) {
             (Some((_, met)), Some((_, text))) => {
@@ -956,7 +961,7 @@ fn report_self_check() {
     s.add("blob c=16", Who::Regmirror, 2.0);
     s.add("blob c=16", Who::Nginx, 2.0);
     s.add("herd blob gets per blob", Who::Regmirror, 1.0);
-    let t = report(&s, &BTreeMap::new(), "h");
+    let t = report(&s, &BTreeMap::new(), "h", 256);
     assert!(
         t.contains(
             "| warm blob GET, c=16 (GB/s) | 2.00 | – | 2.00 | – | 1.00× | ≥ 0.95× nginx: met |"
