@@ -117,6 +117,20 @@ pub fn check(config: &Config) -> Result<(), RunError> {
     }
 }
 
+/// Serves [`app`] on `listener` until `shutdown` resolves and in-flight requests finish: what
+/// [`run`] does once everything is set up (tests call it with a state they keep).
+pub async fn serve(
+    listener: server::Listener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    // Each request learns whether its connection can send files (`server::Connection`).
+    let app = app(state).into_make_service_with_connect_info::<server::Connection>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// Serves the configuration until `shutdown` resolves, then lets in-flight requests finish.
 pub async fn run(
     config: Config,
@@ -173,8 +187,7 @@ pub async fn run(
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
-    let server =
-        axum::serve(listener, app(state)).with_graceful_shutdown(until_stopped(stopped.clone()));
+    let server = serve(listener, state, until_stopped(stopped.clone()));
     let grace = config.shutdown_timeout.0;
     let deadline = async move {
         until_stopped(stopped).await;

@@ -37,6 +37,7 @@ pub const CACHE_LIMIT: &str = "regmirror_cache_limit_bytes";
 pub const EVICTIONS: &str = "regmirror_evictions_total";
 pub const EVICTED_BYTES: &str = "regmirror_evicted_bytes_total";
 pub const PASSTHROUGH: &str = "regmirror_passthrough_total";
+pub const SENDFILE_BYTES: &str = "regmirror_sendfile_bytes_total";
 pub const BUILD_INFO: &str = "regmirror_build_info";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
@@ -61,6 +62,7 @@ pub struct Metrics {
     evictions: IntCounter,
     evicted_bytes: IntCounter,
     passthrough: IntCounter,
+    sendfile_bytes: IntCounter,
     pub downloads_in_flight: IntGauge,
     pub cache_size: IntGauge,
     pub cache_blobs: IntGauge,
@@ -239,6 +241,10 @@ impl Metrics {
                 PASSTHROUGH,
                 "Blobs served straight from the upstream without caching because the disk was full.",
             ),
+            sendfile_bytes: counter(
+                SENDFILE_BYTES,
+                "Cache-hit blob bytes sent with sendfile(2), straight from the page cache (plain HTTP/1 connections).",
+            ),
             downloads_in_flight: gauge(DOWNLOADS_IN_FLIGHT, "Blob downloads under way."),
             cache_size: gauge(CACHE_SIZE, "Bytes of committed blobs."),
             cache_blobs: gauge(CACHE_BLOBS, "Number of committed blobs."),
@@ -301,6 +307,10 @@ impl Metrics {
 
     pub fn served_bytes(&self, source: &str, bytes: u64) {
         self.served_bytes.with_label_values(&[source]).inc_by(bytes);
+    }
+
+    pub fn sendfile_bytes(&self, bytes: u64) {
+        self.sendfile_bytes.inc_by(bytes);
     }
 
     /// Blob bytes sent to clients from `source` (`cache` or `upstream`) since start-up.

@@ -502,3 +502,154 @@ async fn referrers_pass_through_and_404_sends_clients_to_the_fallback() {
         .unwrap();
     assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".to_owned()));
 }
+
+/// The value of an unlabelled counter on `/metrics`.
+async fn counter(m: &fake::Mirror, name: &str) -> u64 {
+    let text = client()
+        .get(format!("{}/metrics", m.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body.
+async fn read_response(
+    conn: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    head_request: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        conn.read_line(&mut line).await.unwrap();
+        assert!(!line.is_empty(), "connection closed mid-response: {head}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    let mut body = vec![0; if head_request { 0 } else { length }];
+    conn.read_exact(&mut body).await.unwrap();
+    (head, body)
+}
+
+/// Cache hits on plain HTTP/1 connections go out with sendfile, as placeholder frames the
+/// connection swaps for the file's bytes. Whatever the mix on one connection (whole bodies,
+/// ranges across frame boundaries, HEADs, manifests, pipelined requests), every byte must be
+/// the file's; HTTP/2 (h2c) must get the same bytes without that path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_hits_sent_with_sendfile_are_byte_exact() {
+    let fake = Fake::start().await;
+    // More than two 4 MiB placeholder frames, and not a multiple of one.
+    let image = fake.put_image("library/big", "1", &[(9 << 20) + 12_345, 3000], 21);
+    let (big, big_bytes) = image.layers[0].clone();
+    let (small, small_bytes) = image.layers[1].clone();
+    let m = mirror(&fake, "").await;
+    let blob_url = |d: &Digest| format!("{}/v2/library/big/blobs/{d}", m.url);
+    let fill = client();
+    for digest in [&big, &small] {
+        let r = fill.get(blob_url(digest)).send().await.unwrap();
+        assert_eq!(r.headers()["x-regmirror-cache"], "miss");
+        assert_eq!(sha(&r.bytes().await.unwrap()), digest.as_str());
+    }
+    let before = counter(&m, "regmirror_sendfile_bytes_total").await;
+
+    // One keep-alive HTTP/1.1 connection for the whole sequence.
+    let http = reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let mut expected_sendfile = 0;
+    let ranges: [(Option<&str>, &[u8]); 4] = [
+        (None, &big_bytes[..]),
+        (
+            Some("bytes=4194300-8388700"),
+            &big_bytes[4_194_300..=8_388_700],
+        ),
+        (Some("bytes=-10"), &big_bytes[big_bytes.len() - 10..]),
+        (Some("bytes=0-0"), &big_bytes[..1]),
+    ];
+    for round in 0..2 {
+        for (range, want) in ranges {
+            let mut request = http.get(blob_url(&big));
+            if let Some(range) = range {
+                request = request.header("range", range);
+            }
+            let r = request.send().await.unwrap();
+            assert_eq!(r.headers()["x-regmirror-cache"], "hit");
+            let got = r.bytes().await.unwrap();
+            assert!(got == want, "round {round}, range {range:?}: body differs");
+            expected_sendfile += want.len() as u64;
+        }
+        let r = http.head(blob_url(&big)).send().await.unwrap();
+        assert_eq!(
+            r.headers()["content-length"],
+            big_bytes.len().to_string().as_str()
+        );
+        let r = http
+            .get(format!("{}/v2/library/big/manifests/1", m.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap(), image.manifest);
+        let r = http.get(blob_url(&small)).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap(), small_bytes);
+        expected_sendfile += small_bytes.len() as u64;
+    }
+
+    // Pipelined: three requests written at once, answered in order on the same socket.
+    let addr = m.url.strip_prefix("http://").unwrap();
+    let mut conn = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let path = |d: &Digest| format!("/v2/library/big/blobs/{d}");
+    let requests = format!(
+        "GET {} HTTP/1.1\r\nhost: x\r\nrange: bytes=5-4194310\r\n\r\n\
+         HEAD {} HTTP/1.1\r\nhost: x\r\n\r\n\
+         GET {} HTTP/1.1\r\nhost: x\r\n\r\n",
+        path(&big),
+        path(&big),
+        path(&small)
+    );
+    tokio::io::AsyncWriteExt::write_all(conn.get_mut(), requests.as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut conn, false).await;
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    assert!(body == big_bytes[5..=4_194_310], "pipelined range differs");
+    let (head, _) = read_response(&mut conn, true).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_, body) = read_response(&mut conn, false).await;
+    assert_eq!(body, small_bytes);
+    expected_sendfile += (4_194_306 + small_bytes.len()) as u64;
+
+    // The bytes above went out with sendfile; h2c copies instead, with the same result.
+    let sent = counter(&m, "regmirror_sendfile_bytes_total").await - before;
+    assert_eq!(sent, expected_sendfile, "hits on HTTP/1 use sendfile");
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(blob_url(&big)).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(sha(&r.bytes().await.unwrap()), big.as_str());
+    let after = counter(&m, "regmirror_sendfile_bytes_total").await - before;
+    assert_eq!(
+        after, expected_sendfile,
+        "HTTP/2 never gets placeholder frames"
+    );
+}

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -26,9 +27,10 @@ use tracing::{info, Instrument};
 
 pub use endpoint::{Endpoint, Route, Target};
 
-use crate::cache::{Cache, Outcome};
+use crate::cache::{BlobBody, Cache, Outcome};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::server::{sendfile::Sendfile, Connection};
 
 /// Everything a handler needs, cheap to clone.
 #[derive(Clone)]
@@ -191,6 +193,7 @@ async fn registry(
     method: Method,
     uri: axum::http::Uri,
     headers: HeaderMap,
+    Zerocopy(sendfile): Zerocopy,
 ) -> Response {
     let rest = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let query = uri.query().unwrap_or("");
@@ -221,7 +224,7 @@ async fn registry(
             manifest(&state, &endpoint, head).await
         }
         (&Method::GET | &Method::HEAD, Target::Blob(_)) => {
-            blob(&state, &endpoint, &headers, head).await
+            blob(&state, &endpoint, &headers, head, sendfile).await
         }
         (&Method::GET, Target::Tags) => tags(&state, &endpoint, query).await,
         (&Method::GET | &Method::HEAD, Target::Referrers(_)) => {
@@ -245,6 +248,27 @@ async fn registry(
     };
     response.extensions_mut().insert(upstream_name);
     response
+}
+
+/// The connection's sendfile handle, for HTTP/1 requests on a plain connection (HTTP/2 copies
+/// frames into its own buffers, so it must never be handed placeholder frames).
+struct Zerocopy(Option<Sendfile>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Zerocopy {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Zerocopy, Self::Rejection> {
+        let http1 = matches!(parts.version, Version::HTTP_10 | Version::HTTP_11);
+        let connection = parts.extensions.get::<ConnectInfo<Connection>>();
+        Ok(Zerocopy(
+            connection
+                .filter(|_| http1)
+                .and_then(|c| c.sendfile.clone()),
+        ))
+    }
 }
 
 type Answer = Result<(Response, Outcome), (ApiError, Option<Outcome>)>;
@@ -282,7 +306,13 @@ async fn manifest(state: &AppState, endpoint: &Endpoint, head: bool) -> Answer {
     Ok((builder.body(body).expect("valid headers"), outcome))
 }
 
-async fn blob(state: &AppState, endpoint: &Endpoint, headers: &HeaderMap, head: bool) -> Answer {
+async fn blob(
+    state: &AppState,
+    endpoint: &Endpoint,
+    headers: &HeaderMap,
+    head: bool,
+    sendfile: Option<Sendfile>,
+) -> Answer {
     let Target::Blob(digest) = &endpoint.target else {
         unreachable!("dispatched on Target::Blob")
     };
@@ -331,7 +361,20 @@ async fn blob(state: &AppState, endpoint: &Endpoint, headers: &HeaderMap, head: 
         "upstream"
     };
     let metrics = state.metrics.clone();
-    let stream = blob.stream(start, end).inspect(move |chunk| {
+    // A stored blob on a plain HTTP/1 connection goes out with sendfile, without being read.
+    let stream = match (sendfile, blob.body) {
+        (Some(sendfile), BlobBody::Stored(file, pin)) => {
+            let metrics = state.metrics.clone();
+            let frames = sendfile.stream(file, start, end, pin);
+            Box::pin(frames.inspect(move |frame| {
+                if let Ok(frame) = frame {
+                    metrics.sendfile_bytes(frame.len() as u64);
+                }
+            }))
+        }
+        (_, body) => body.stream(start, end),
+    };
+    let stream = stream.inspect(move |chunk| {
         if let Ok(chunk) = chunk {
             metrics.served_bytes(source, chunk.len() as u64);
         }

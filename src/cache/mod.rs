@@ -117,14 +117,14 @@ pub enum BlobBody {
     Direct(reqwest::Response, Digest),
 }
 
-impl Blob {
+impl BlobBody {
     /// The bytes `start..end`.
     pub fn stream(
         self,
         start: u64,
         end: u64,
     ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> {
-        match self.body {
+        match self {
             BlobBody::Stored(file, guard) => {
                 // The pin travels with the stream and is released when the response ends.
                 let chunks = Box::pin(file_stream(file, start, end));

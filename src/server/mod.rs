@@ -1,7 +1,10 @@
 //! The listening socket: plain TCP, or TLS with handshakes done off the accept loop and the
 //! certificate reloaded when its files change. `axum::serve` drives either through one
-//! [`Listener`]; this module knows nothing of routes or registries.
+//! [`Listener`]; this module knows nothing of routes or registries. Plain connections can send
+//! files with sendfile ([`sendfile`]); each request learns through [`Connection`] whether its
+//! connection can.
 
+pub mod sendfile;
 pub mod tls;
 
 use std::io;
@@ -14,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
+
+use sendfile::{PlainConn, Sendfile};
 
 /// A client that has not finished its TLS handshake by then is dropped, so a slow or idle
 /// connection cannot hold a task forever.
@@ -50,14 +55,19 @@ impl Listener {
 }
 
 impl axum::serve::Listener for Listener {
-    type Io = Either<TcpStream, TlsStream<TcpStream>>;
+    type Io = Either<PlainConn, TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self {
             Listener::Plain(listener) => {
                 let (stream, addr) = axum::serve::Listener::accept(listener).await;
-                (Either::Left(stream), addr)
+                // hyper writes whole responses; Nagle would only hold back the tail of one
+                // until the client's delayed ACK.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "TCP_NODELAY");
+                }
+                (Either::Left(PlainConn::new(stream)), addr)
             }
             Listener::Tls { ready, .. } => match ready.recv().await {
                 Some((stream, addr)) => (Either::Right(stream), addr),
@@ -72,6 +82,28 @@ impl axum::serve::Listener for Listener {
         match self {
             Listener::Plain(listener) => listener.local_addr(),
             Listener::Tls { local_addr, .. } => Ok(*local_addr),
+        }
+    }
+}
+
+/// What a request knows of its connection (axum's `ConnectInfo`).
+#[derive(Clone)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// Set on plain connections: lets an HTTP/1 response send a file without copying it.
+    pub sendfile: Option<Sendfile>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Listener>>
+    for Connection
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Connection {
+        Connection {
+            peer: *stream.remote_addr(),
+            sendfile: match stream.io() {
+                Either::Left(plain) => Some(plain.sendfile()),
+                Either::Right(_) => None,
+            },
         }
     }
 }

@@ -397,8 +397,10 @@ pub async fn mirror_at(fake: &Fake, root: &std::path::Path, extra: &str) -> Mirr
     let state = regmirror::state(&config).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = regmirror::app(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // The server `run` uses, so cache hits go out with sendfile as in production.
+    let listener = regmirror::server::Listener::new(listener, None).unwrap();
+    let serving = regmirror::serve(listener, state.clone(), std::future::pending());
+    tokio::spawn(async move { serving.await.unwrap() });
     Mirror {
         url,
         root: root.to_owned(),

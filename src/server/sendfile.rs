@@ -1,0 +1,361 @@
+//! Cache hits sent with sendfile(2) on plain HTTP/1 connections: the page cache goes to the
+//! socket without passing through our memory, as nginx does.
+//!
+//! hyper only writes bytes it was handed, so a file cannot simply be given to it. Instead a
+//! committed blob's response body, on a connection that can take it, is made of placeholder
+//! frames: views into [`PLACEHOLDER`], a static region whose bytes are never read, each one
+//! registered in the connection's queue with the file range it stands for. The connection's
+//! writer, [`PlainConn`], recognises a write that points into that region by its address and
+//! sends the registered range from the file instead.
+//!
+//! This is sound because hyper's HTTP/1 writer, on an IO that reports vectored writes, queues
+//! body buffers as they are and writes them in order without copying them (its "flatten"
+//! strategy, which would copy, is only chosen for IOs without vectored writes). The writer
+//! checks each placeholder write against the front of the queue (same frame, same position)
+//! and fails the connection on any mismatch, so a placeholder byte is never sent as itself.
+//! HTTP/2 copies frames into its own buffers, and TLS encrypts what it is given: neither
+//! gets a [`Sendfile`] handle.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most one placeholder frame stands for. Frames cost a queue entry, not memory, so they
+/// can be large: fewer of them means less bookkeeping per byte.
+pub const FRAME: usize = 4 << 20;
+
+/// Never read or written, only pointed into. Zero-initialised, so it is .bss and occupies no
+/// memory.
+static PLACEHOLDER: [u8; FRAME] = [0; FRAME];
+
+/// One placeholder frame: which file bytes it stands for, and how many were sent.
+struct Segment {
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+    sent: usize,
+    /// Keeps the blob pinned against eviction until its last byte is sent.
+    _pin: Arc<dyn Any + Send + Sync>,
+}
+
+type Queue = Arc<Mutex<VecDeque<Segment>>>;
+
+/// A plain TCP connection whose writes of placeholder frames become sendfile calls.
+pub struct PlainConn {
+    tcp: TcpStream,
+    queue: Queue,
+}
+
+impl PlainConn {
+    pub fn new(tcp: TcpStream) -> PlainConn {
+        PlainConn {
+            tcp,
+            queue: Queue::default(),
+        }
+    }
+
+    /// The handle responses on this connection use to send files.
+    pub fn sendfile(&self) -> Sendfile {
+        Sendfile {
+            queue: self.queue.clone(),
+        }
+    }
+
+    /// Sends the file bytes behind a placeholder write of `len` bytes starting `at` bytes into
+    /// its frame.
+    fn poll_send_file(
+        &self,
+        cx: &mut Context<'_>,
+        at: usize,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut queue = self.queue.lock().expect("sendfile queue lock");
+        let Some(segment) = queue.front_mut() else {
+            return Poll::Ready(Err(mismatch("no frame registered")));
+        };
+        if at != segment.sent || len > segment.len - segment.sent {
+            return Poll::Ready(Err(mismatch("write does not continue the current frame")));
+        }
+        let (file, start) = (&segment.file, segment.offset + segment.sent as u64);
+        let sent = ready!(poll_write_io(&self.tcp, cx, || {
+            let mut offset = start;
+            Ok(rustix::fs::sendfile(
+                &self.tcp,
+                file.as_fd(),
+                Some(&mut offset),
+                len,
+            )?)
+        }))?;
+        if sent == 0 {
+            // The file is shorter than its index entry said: end the transfer short rather
+            // than let anything else stand in for the missing bytes.
+            return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        segment.sent += sent;
+        if segment.sent == segment.len {
+            queue.pop_front();
+        }
+        Poll::Ready(Ok(sent))
+    }
+}
+
+fn mismatch(what: &str) -> io::Error {
+    io::Error::other(format!("sendfile: {what}; dropping the connection"))
+}
+
+/// Where `buf` starts in [`PLACEHOLDER`], if it points into it.
+fn placeholder_offset(buf: &[u8]) -> Option<usize> {
+    let base = PLACEHOLDER.as_ptr() as usize;
+    let at = (buf.as_ptr() as usize).wrapping_sub(base);
+    (!buf.is_empty() && at < FRAME).then_some(at)
+}
+
+/// Runs a non-blocking write `f` when the socket is writable, waiting again if it would block.
+fn poll_write_io(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    mut f: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(tcp.poll_write_ready(cx))?;
+        match tcp.try_io(Interest::WRITABLE, &mut f) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+impl AsyncRead for PlainConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match bufs
+            .iter()
+            .position(|buf| placeholder_offset(buf).is_some())
+        {
+            None => Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs),
+            Some(0) => {
+                let at = placeholder_offset(&bufs[0]).expect("found above");
+                this.poll_send_file(cx, at, bufs[0].len())
+            }
+            // Response headers before a file: MSG_MORE lets them leave in the same packet as
+            // the file's first bytes rather than alone (the socket has TCP_NODELAY).
+            Some(k) => poll_write_io(&this.tcp, cx, || {
+                let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+                let mut control = rustix::net::SendAncillaryBuffer::default();
+                Ok(rustix::net::sendmsg(
+                    &this.tcp,
+                    &bufs[..k],
+                    &mut control,
+                    flags,
+                )?)
+            }),
+        }
+    }
+
+    /// Always: hyper copies body buffers into its own when an IO lacks vectored writes, and a
+    /// copied placeholder could no longer be recognised.
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Lets a response on a [`PlainConn`] send file bytes with sendfile. Only for HTTP/1
+/// responses on that same connection.
+#[derive(Clone)]
+pub struct Sendfile {
+    queue: Queue,
+}
+
+impl Sendfile {
+    /// The bytes `start..end` of `file` as placeholder frames, registered with the connection
+    /// as hyper takes them; `pin` is held until the last of them is sent. `file` must not
+    /// change while it is sent (a committed blob never does).
+    pub fn stream(
+        &self,
+        file: Arc<File>,
+        start: u64,
+        end: u64,
+        pin: impl Any + Send + Sync,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let queue = self.queue.clone();
+        let pin: Arc<dyn Any + Send + Sync> = Arc::new(pin);
+        let mut pos = start;
+        futures_util::stream::iter(std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let len = (end - pos).min(FRAME as u64) as usize;
+            queue
+                .lock()
+                .expect("sendfile queue lock")
+                .push_back(Segment {
+                    file: file.clone(),
+                    offset: pos,
+                    len,
+                    sent: 0,
+                    _pin: pin.clone(),
+                });
+            pos += len as u64;
+            Some(Ok(Bytes::from_static(&PLACEHOLDER[..len])))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (PlainConn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (PlainConn::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    fn file(len: usize) -> (tempfile::TempDir, Vec<u8>, Arc<File>) {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + i / 7919) as u8).collect();
+        std::fs::write(dir.path().join("f"), &bytes).unwrap();
+        let file = Arc::new(File::open(dir.path().join("f")).unwrap());
+        (dir, bytes, file)
+    }
+
+    /// What hyper does: headers and frames queued, written with vectored writes that may be
+    /// partial, in order. The peer must read exactly the headers and the file's bytes.
+    #[tokio::test]
+    async fn placeholder_frames_arrive_as_the_file_bytes() {
+        let (mut conn, mut client) = pair().await;
+        let len = FRAME + 123_457;
+        let (_dir, bytes, file) = file(len);
+        let frames: Vec<Bytes> = conn
+            .sendfile()
+            .stream(file, 10, len as u64, ())
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(frames.len(), 2);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut pending: Vec<&[u8]> = vec![b"HTTP/1.1 200 OK\r\n\r\n"];
+        pending.extend(frames.iter().map(|f| &f[..]));
+        while !pending.is_empty() {
+            let slices: Vec<IoSlice> = pending.iter().map(|b| IoSlice::new(b)).collect();
+            let mut n = conn.write_vectored(&slices).await.unwrap();
+            while n > 0 {
+                let take = n.min(pending[0].len());
+                pending[0] = &pending[0][take..];
+                n -= take;
+                if pending[0].is_empty() {
+                    pending.remove(0);
+                }
+            }
+        }
+        conn.shutdown().await.unwrap();
+        drop(conn);
+        let got = reader.await.unwrap();
+        let (head, body) = got.split_at(19);
+        assert_eq!(head, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(body == &bytes[10..], "body differs from the file");
+    }
+
+    #[tokio::test]
+    async fn an_unregistered_placeholder_write_fails_instead_of_sending_zeros() {
+        let (mut conn, mut client) = pair().await;
+        let err = conn.write(&PLACEHOLDER[..100]).await.unwrap_err();
+        assert!(err.to_string().contains("no frame registered"), "{err}");
+
+        // A frame written out of place (not from its start) is refused too.
+        let (_dir, _, file) = file(1000);
+        let frames: Vec<_> = conn.sendfile().stream(file, 0, 1000, ()).collect().await;
+        assert_eq!(frames.len(), 1);
+        let err = conn.write(&PLACEHOLDER[5..100]).await.unwrap_err();
+        assert!(err.to_string().contains("does not continue"), "{err}");
+
+        drop(conn);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap_or_default();
+        assert!(got.is_empty(), "nothing was sent: {} bytes", got.len());
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_promised_ends_the_transfer() {
+        let (mut conn, _client) = pair().await;
+        let (_dir, _, file) = file(1000);
+        let frames: Vec<Bytes> = conn
+            .sendfile()
+            .stream(file, 0, 2000, ())
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let n = conn.write(&frames[0]).await.unwrap();
+        assert_eq!(n, 1000);
+        let err = conn.write(&frames[0][1000..]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn the_pin_is_held_until_the_last_byte_is_sent() {
+        let (mut conn, mut client) = pair().await;
+        let (_dir, _, file) = file(5000);
+        let pin = Arc::new(());
+        let frames: Vec<Bytes> = conn
+            .sendfile()
+            .stream(file, 0, 5000, pin.clone())
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert!(
+            Arc::strong_count(&pin) > 1,
+            "the stream ended but nothing was sent yet"
+        );
+        conn.write_all(&frames[0]).await.unwrap();
+        assert_eq!(Arc::strong_count(&pin), 1);
+        let mut got = vec![0; 5000];
+        client.read_exact(&mut got).await.unwrap();
+    }
+}
