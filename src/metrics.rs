@@ -313,6 +313,11 @@ impl Metrics {
         self.sendfile_bytes.inc_by(bytes);
     }
 
+    /// Cache-hit bytes handed to sendfile since start-up.
+    pub fn sendfile_bytes_total(&self) -> u64 {
+        self.sendfile_bytes.get()
+    }
+
     /// Blob bytes sent to clients from `source` (`cache` or `upstream`) since start-up.
     pub fn served_bytes_total(&self, source: &str) -> u64 {
         self.served_bytes.with_label_values(&[source]).get()

@@ -503,21 +503,6 @@ async fn referrers_pass_through_and_404_sends_clients_to_the_fallback() {
     assert_eq!(error_code(r).await, (404, "MANIFEST_UNKNOWN".to_owned()));
 }
 
-/// The value of an unlabelled counter on `/metrics`.
-async fn counter(m: &fake::Mirror, name: &str) -> u64 {
-    let text = client()
-        .get(format!("{}/metrics", m.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-}
-
 /// Reads one HTTP/1.1 response with a Content-Length body.
 async fn read_response(
     conn: &mut tokio::io::BufReader<tokio::net::TcpStream>,
@@ -567,7 +552,8 @@ async fn cache_hits_sent_with_sendfile_are_byte_exact() {
         assert_eq!(r.headers()["x-regmirror-cache"], "miss");
         assert_eq!(sha(&r.bytes().await.unwrap()), digest.as_str());
     }
-    let before = counter(&m, "regmirror_sendfile_bytes_total").await;
+    let sendfile = || m.state.metrics.sendfile_bytes_total();
+    let before = sendfile();
 
     // One keep-alive HTTP/1.1 connection for the whole sequence.
     let http = reqwest::Client::builder()
@@ -638,7 +624,7 @@ async fn cache_hits_sent_with_sendfile_are_byte_exact() {
     expected_sendfile += (4_194_306 + small_bytes.len()) as u64;
 
     // The bytes above went out with sendfile; h2c copies instead, with the same result.
-    let sent = counter(&m, "regmirror_sendfile_bytes_total").await - before;
+    let sent = sendfile() - before;
     assert_eq!(sent, expected_sendfile, "hits on HTTP/1 use sendfile");
     let h2 = reqwest::Client::builder()
         .http2_prior_knowledge()
@@ -647,7 +633,7 @@ async fn cache_hits_sent_with_sendfile_are_byte_exact() {
     let r = h2.get(blob_url(&big)).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(sha(&r.bytes().await.unwrap()), big.as_str());
-    let after = counter(&m, "regmirror_sendfile_bytes_total").await - before;
+    let after = sendfile() - before;
     assert_eq!(
         after, expected_sendfile,
         "HTTP/2 never gets placeholder frames"
