@@ -15,6 +15,10 @@
 //! and fails the connection on any mismatch, so a placeholder byte is never sent as itself.
 //! HTTP/2 copies frames into its own buffers, and TLS encrypts what it is given: neither
 //! gets a [`Sendfile`] handle.
+//!
+//! sendfile runs on an async worker, so it must not wait for the disk: a frame whose bytes are
+//! not all in the page cache is read in on the blocking pool before hyper gets it, and a hot
+//! cache pays only for the check.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -219,26 +223,97 @@ impl Sendfile {
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let queue = self.queue.clone();
         let pin: Arc<dyn Any + Send + Sync> = Arc::new(pin);
-        let mut pos = start;
-        futures_util::stream::iter(std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
+        futures_util::stream::unfold(start, move |pos| {
+            let (queue, file, pin) = (queue.clone(), file.clone(), pin.clone());
+            async move {
+                if pos >= end {
+                    return None;
+                }
+                let len = (end - pos).min(FRAME as u64) as usize;
+                if let Err(err) = ensure_resident(&file, pos, len).await {
+                    return Some((Err(err), end));
+                }
+                queue
+                    .lock()
+                    .expect("sendfile queue lock")
+                    .push_back(Segment {
+                        file,
+                        offset: pos,
+                        len,
+                        sent: 0,
+                        _pin: pin,
+                    });
+                let frame = Bytes::from_static(&PLACEHOLDER[..len]);
+                Some((Ok(frame), pos + len as u64))
             }
-            let len = (end - pos).min(FRAME as u64) as usize;
-            queue
-                .lock()
-                .expect("sendfile queue lock")
-                .push_back(Segment {
-                    file: file.clone(),
-                    offset: pos,
-                    len,
-                    sent: 0,
-                    _pin: pin.clone(),
-                });
-            pos += len as u64;
-            Some(Ok(Bytes::from_static(&PLACEHOLDER[..len])))
-        }))
+        })
     }
+}
+
+/// Returns once `len` bytes at `offset` of `file` are in the page cache, reading them in on
+/// the blocking pool if they are not; a file shorter than that is an error.
+async fn ensure_resident(file: &Arc<File>, offset: u64, len: usize) -> io::Result<()> {
+    let map = map(file, offset, len)?;
+    if resident(&map)? {
+        return Ok(());
+    }
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        if file.metadata()?.len() < offset + len as u64 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match map.advise(memmap2::Advice::PopulateRead) {
+            Ok(()) => Ok(()),
+            // Kernels before 5.14 lack MADV_POPULATE_READ: fault each page in by hand.
+            Err(err) if err.kind() == io::ErrorKind::InvalidInput => {
+                for page in map.chunks(rustix::param::page_size()) {
+                    // SAFETY: in bounds of a live mapping; volatile so the read is not elided.
+                    unsafe { std::ptr::read_volatile(page.as_ptr()) };
+                }
+                Ok(())
+            }
+            Err(err) => Err(err),
+        }
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// An unpopulated, page-aligned mapping of the pages holding `len` bytes at `offset`: creating
+/// it reads nothing, it is only asked about (mincore) or faulted in.
+fn map(file: &File, offset: u64, len: usize) -> io::Result<memmap2::Mmap> {
+    let page = rustix::param::page_size() as u64;
+    let start = offset - offset % page;
+    // SAFETY: only committed blobs are sent, and a committed blob never changes: it was
+    // verified in tmp/ and renamed into place, and is only ever unlinked, which leaves a
+    // mapping intact.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len(len + (offset - start) as usize)
+            .map(file)
+    }
+}
+
+/// Whether every page of `map` is in the page cache.
+fn resident(map: &memmap2::Mmap) -> io::Result<bool> {
+    const PAGES: usize = 256;
+    let page = rustix::param::page_size();
+    let mut flags = [0u8; PAGES];
+    for start in (0..map.len()).step_by(PAGES * page) {
+        let len = (map.len() - start).min(PAGES * page);
+        // SAFETY: `start` is a multiple of the page size into a live, page-aligned mapping,
+        // `len` stays within it, and `flags` has a byte for each of its at most PAGES pages.
+        let rc =
+            unsafe { libc::mincore(map.as_ptr().add(start) as *mut _, len, flags.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if !flags[..len.div_ceil(page)].iter().all(|flag| flag & 1 == 1) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -301,6 +376,31 @@ mod tests {
         let (head, body) = got.split_at(19);
         assert_eq!(head, b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(body == &bytes[10..], "body differs from the file");
+    }
+
+    /// sendfile must not wait for the disk on an async worker: a frame not in the page cache
+    /// is read in before it is handed over.
+    #[tokio::test]
+    async fn frames_not_in_the_page_cache_are_read_in_first() {
+        // On disk, not tmpfs: tmpfs pages cannot be dropped from memory.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        let dir = tempfile::tempdir_in(target).unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; FRAME + 5 * 4096]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&*file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let whole = FRAME + 5 * 4096;
+        assert!(
+            !resident(&map(&file, 0, whole).unwrap()).unwrap(),
+            "could not drop the file from the page cache: the test cannot check anything"
+        );
+        let (conn, _client) = pair().await;
+        let mut frames = Box::pin(conn.sendfile().stream(file.clone(), 100, whole as u64, ()));
+        frames.next().await.unwrap().unwrap();
+        assert!(resident(&map(&file, 100, FRAME).unwrap()).unwrap());
+        frames.next().await.unwrap().unwrap();
+        assert!(resident(&map(&file, 0, whole).unwrap()).unwrap());
     }
 
     #[tokio::test]
