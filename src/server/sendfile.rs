@@ -3,7 +3,7 @@
 //!
 //! hyper only writes bytes it was handed, so a file cannot simply be given to it. Instead a
 //! committed blob's response body, on a connection that can take it, is made of placeholder
-//! frames: views into [`PLACEHOLDER`], a static region whose bytes are never read, each one
+//! frames: views into a static region whose bytes are never read, each one
 //! registered in the connection's queue with the file range it stands for. The connection's
 //! writer, [`PlainConn`], recognises a write that points into that region by its address and
 //! sends the registered range from the file instead.
@@ -21,6 +21,7 @@
 //! cache pays only for the check.
 
 use std::any::Any;
+use std::cell::UnsafeCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -38,9 +39,23 @@ use tokio::net::TcpStream;
 /// can be large: fewer of them means less bookkeeping per byte.
 pub const FRAME: usize = 4 << 20;
 
-/// Never read or written, only pointed into. Zero-initialised, so it is .bss and occupies no
-/// memory.
-static PLACEHOLDER: [u8; FRAME] = [0; FRAME];
+/// Never read or written, only pointed into ([`placeholder`]).
+static PLACEHOLDER: Region = Region(UnsafeCell::new([0; FRAME]));
+
+/// The cell keeps the region out of read-only data: a plain zeroed array would be 4 MiB of
+/// zeros in the binary, where a writable static is .bss, which takes neither file space nor
+/// memory until touched (and it never is).
+struct Region(UnsafeCell<[u8; FRAME]>);
+
+// SAFETY: nothing ever writes through the cell; it is only shared as `&[u8]`.
+unsafe impl Sync for Region {}
+
+/// The first `len` bytes of the placeholder region.
+fn placeholder(len: usize) -> &'static [u8] {
+    // SAFETY: the region is never written, so shared references to it are sound.
+    let region: &'static [u8; FRAME] = unsafe { &*PLACEHOLDER.0.get() };
+    &region[..len]
+}
 
 /// One placeholder frame: which file bytes it stands for, and how many were sent.
 struct Segment {
@@ -117,9 +132,9 @@ fn mismatch(what: &str) -> io::Error {
     io::Error::other(format!("sendfile: {what}; dropping the connection"))
 }
 
-/// Where `buf` starts in [`PLACEHOLDER`], if it points into it.
+/// Where `buf` starts in the placeholder region, if it points into it.
 fn placeholder_offset(buf: &[u8]) -> Option<usize> {
-    let base = PLACEHOLDER.as_ptr() as usize;
+    let base = placeholder(0).as_ptr() as usize;
     let at = (buf.as_ptr() as usize).wrapping_sub(base);
     (!buf.is_empty() && at < FRAME).then_some(at)
 }
@@ -243,7 +258,7 @@ impl Sendfile {
                         sent: 0,
                         _pin: pin,
                     });
-                let frame = Bytes::from_static(&PLACEHOLDER[..len]);
+                let frame = Bytes::from_static(placeholder(len));
                 Some((Ok(frame), pos + len as u64))
             }
         })
@@ -406,14 +421,14 @@ mod tests {
     #[tokio::test]
     async fn an_unregistered_placeholder_write_fails_instead_of_sending_zeros() {
         let (mut conn, mut client) = pair().await;
-        let err = conn.write(&PLACEHOLDER[..100]).await.unwrap_err();
+        let err = conn.write(placeholder(100)).await.unwrap_err();
         assert!(err.to_string().contains("no frame registered"), "{err}");
 
         // A frame written out of place (not from its start) is refused too.
         let (_dir, _, file) = file(1000);
         let frames: Vec<_> = conn.sendfile().stream(file, 0, 1000, ()).collect().await;
         assert_eq!(frames.len(), 1);
-        let err = conn.write(&PLACEHOLDER[5..100]).await.unwrap_err();
+        let err = conn.write(&placeholder(100)[5..]).await.unwrap_err();
         assert!(err.to_string().contains("does not continue"), "{err}");
 
         drop(conn);
