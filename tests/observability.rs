@@ -315,6 +315,11 @@ async fn json_access_log_has_one_parsable_line_per_request_and_no_secrets() {
         assert_eq!(line["cache"], *cache, "{line}");
         assert_eq!(line["upstream"], *upstream, "{line}");
         assert!(line["duration_ms"].is_u64(), "{line}");
+        let peer = line["peer"].as_str().unwrap_or_default();
+        assert!(
+            peer.starts_with("127.0.0.1:"),
+            "the client's address: {line}"
+        );
         if *method == Method::GET {
             assert_eq!(line["bytes"], *body_bytes, "{line}");
         }

@@ -111,6 +111,10 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
     let method = request.method().clone();
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<Connection>>()
+        .map(|c| c.peer);
     let span = tracing::info_span!("request", id = %id);
     let mut response = next.run(request).instrument(span).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -152,6 +156,7 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .http_request(method.as_str(), route, status, elapsed);
     info!(
         request_id = %id,
+        peer = peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         method = %method,
         route,
         status,
