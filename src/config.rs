@@ -47,7 +47,12 @@ pub struct Config {
     /// Who may use the mirror; without it anyone who can reach `listen` may pull.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
-    /// After SIGTERM, how long in-flight responses may take to finish before the process exits.
+    /// After SIGTERM, how long to keep accepting requests while `/readyz` answers 503, so that
+    /// load balancers and Kubernetes endpoints stop sending clients before the listener closes
+    /// (a `FROM scratch` image has no `sleep` for a preStop hook).
+    #[serde(default = "defaults::shutdown_delay")]
+    pub shutdown_delay: HumanDuration,
+    /// Then, how long in-flight responses may take to finish before the process exits.
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
 }
@@ -272,6 +277,9 @@ mod defaults {
     }
     pub fn max_concurrent_fetches() -> usize {
         32
+    }
+    pub fn shutdown_delay() -> HumanDuration {
+        HumanDuration(Duration::ZERO)
     }
     pub fn shutdown_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))

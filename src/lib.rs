@@ -157,9 +157,18 @@ pub async fn run(
     let store = state.cache.store().clone();
     // One shutdown signal fans out to the server and the background tasks.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let delay = config.shutdown_delay.0;
     tokio::spawn(async move {
         shutdown.await;
+        // Not ready from now on; still serving until the delay is over.
         flag.store(true, Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(
+                seconds = delay.as_secs_f64(),
+                "shutting down: /readyz answers 503, still accepting requests"
+            );
+            tokio::time::sleep(delay).await;
+        }
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop.send(true);
     });

@@ -107,6 +107,55 @@ async fn sigterm_lets_in_flight_downloads_finish() {
     assert!(rm.log().contains("shutting down"));
 }
 
+/// With `shutdown_delay`, SIGTERM turns readiness off first and the listener keeps taking new
+/// connections until the delay is over, so a load balancer can stop sending clients before
+/// anyone is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_turns_readiness_off_then_serves_through_the_delay() {
+    let upstream = fake::Fake::start().await;
+    let mut config = RegmirrorConfig::docker_io(&upstream.url());
+    config.extra_yaml = "shutdown_delay: 3s\n".into();
+    let rm = config.start().await;
+    let get = |path: &'static str| {
+        let url = format!("{}{path}", rm.url());
+        // A new connection each time: the listener itself must still accept.
+        async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            client.get(url).send().await.map(|r| r.status().as_u16())
+        }
+    };
+    assert_eq!(get("/readyz").await.unwrap(), 200);
+    let pid = rm.pid().expect("running");
+    let signalled = Instant::now();
+    assert_eq!(send_signal(pid, "TERM"), 0);
+    let deadline = signalled + Duration::from_secs(1);
+    while get("/readyz").await.unwrap() != 503 {
+        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Well inside the delay, a new client is still served.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(get("/v2/").await.unwrap(), 200);
+    assert!(signalled.elapsed() < Duration::from_millis(2500));
+    let deadline = signalled + Duration::from_secs(15);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "regmirror did not exit after the delay"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "exited after {:?}, before shutdown_delay",
+        signalled.elapsed()
+    );
+    assert!(get("/v2/").await.is_err(), "nothing listens any more");
+}
+
 /// Sends a signal with the `kill` program (no libc in the tests).
 fn send_signal(pid: u32, signal: &str) -> i32 {
     std::process::Command::new("kill")
