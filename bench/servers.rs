@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{free_port, require_tool, tempdir, wait_for_v2, ChildProc};
+use crate::common::{free_port, no_proxy, require_tool, tempdir, wait_for_v2, ChildProc};
 
 /// regmirror, from `target/release/regmirror` or the binary given with `--regmirror-bin` (to
 /// compare two builds), with a configuration in the harness's YAML shape.
@@ -38,15 +38,7 @@ impl Regmirror {
             .arg("--config")
             .arg(&config)
             .current_dir(dir.path());
-        for v in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(v);
-        }
+        no_proxy(&mut cmd);
         let log = dir.path().join("regmirror.log");
         let mut proc = ChildProc::spawn("regmirror", cmd, &log);
         let base = format!("http://127.0.0.1:{port}");

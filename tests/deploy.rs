@@ -25,21 +25,6 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// Proxy variables would send test traffic for 127.0.0.1 elsewhere.
-fn no_proxy(cmd: &mut Command) -> &mut Command {
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(v);
-    }
-    cmd
-}
-
 /// Parses a TOML file with Python's `tomllib` (the crate has no TOML parser) into JSON.
 fn toml_to_json(path: &Path) -> serde_json::Value {
     let python = require_tool("python3");
@@ -278,16 +263,6 @@ impl Drop for ComposeProject {
             self.docker(&["rmi", "--force", &self.image]),
             Duration::from_secs(60),
         );
-    }
-}
-
-/// The docker CLI of the engine's own version (Debian's docker.io), as the harness uses.
-fn docker_cli() -> PathBuf {
-    let packaged = PathBuf::from("/usr/bin/docker");
-    if packaged.exists() {
-        packaged
-    } else {
-        require_tool("docker")
     }
 }
 

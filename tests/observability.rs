@@ -22,7 +22,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use common::{free_port, http, require_tool, run, tempdir, ChildProc, Regmirror};
+use common::{free_port, http, no_proxy, require_tool, run, tempdir, ChildProc, Regmirror};
 use fake::Fake;
 
 /// Docker Hub's window, as it sends it: `ratelimit-remaining: 98;w=21600`.
@@ -457,15 +457,7 @@ async fn chromium(args: &[String]) -> common::CmdOutput {
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))
     .args(args);
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
+    no_proxy(&mut cmd);
     let out = run(cmd, Duration::from_secs(90)).await;
     drop(profile);
     out

@@ -12,7 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    log_tail, require_root, require_tool, run, tempdir, unmount_under, ChildProc, CmdOutput,
+    log_tail, no_proxy, require_root, require_tool, run, tempdir, unmount_under, ChildProc,
+    CmdOutput,
 };
 
 pub struct Containerd {
@@ -119,15 +120,7 @@ disabled_plugins = [
         let mut cmd = Command::new("ctr");
         cmd.arg("-a").arg(&self.sock).args(args);
         // ctr would honour proxies from the environment for registry traffic.
-        for v in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(v);
-        }
+        no_proxy(&mut cmd);
         run(cmd, Duration::from_secs(300)).await
     }
 

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    log_tail, require_root, require_tool, run, tempdir, unmount_under, ChildProc, CmdOutput,
-    Containerd,
+    log_tail, no_proxy, require_root, require_tool, run, tempdir, unmount_under, ChildProc,
+    CmdOutput, Containerd,
 };
 
 pub struct Dockerd {
@@ -28,7 +28,7 @@ pub struct Dockerd {
 }
 
 /// The docker CLI: prefer the one packaged with dockerd (the same API version).
-fn docker_cli() -> PathBuf {
+pub fn docker_cli() -> PathBuf {
     let packaged = PathBuf::from("/usr/bin/docker");
     if packaged.exists() {
         packaged
@@ -81,15 +81,7 @@ impl Dockerd {
             .args(extra_args)
             .arg("--containerd")
             .arg(containerd.socket());
-        for v in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(v);
-        }
+        no_proxy(&mut cmd);
         let mut proc = ChildProc::spawn("dockerd", cmd, &log);
         let host = format!("unix://{}", sock.display());
 

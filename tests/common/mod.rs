@@ -18,7 +18,7 @@ pub use containerd::{write_hosts_toml, Containerd};
 #[allow(unused_imports)]
 pub use distribution::{Distribution, DistributionOptions, Request};
 #[allow(unused_imports)]
-pub use dockerd::Dockerd;
+pub use dockerd::{docker_cli, Dockerd};
 #[allow(unused_imports)]
 pub use image::{
     generate_image, push_image, push_image_with, push_index, GeneratedImage, ImageSpec, MediaTypes,
@@ -452,15 +452,7 @@ pub async fn skopeo_copy_to_dir(src: &str, dest: &Path, all: bool) -> CmdOutput 
         .env("HOME", work.path())
         .env("REGISTRY_AUTH_FILE", work.path().join("auth.json"));
     std::fs::write(work.path().join("auth.json"), "{}").unwrap();
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(v);
-    }
+    no_proxy(&mut cmd);
     let out = run(cmd, Duration::from_secs(300)).await;
     drop(work);
     out
@@ -503,4 +495,19 @@ pub fn assert_skopeo_dir_holds_index(dir: &Path, idx: &PushedIndex) {
         let hex = img.manifest_digest.strip_prefix("sha256:").unwrap();
         assert_skopeo_dir_holds(dir, img, &format!("{hex}.manifest.json"));
     }
+}
+
+/// Proxy variables would send test traffic for 127.0.0.1 elsewhere.
+pub fn no_proxy(cmd: &mut Command) -> &mut Command {
+    for v in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{free_port, tempdir, wait_for_v2, ChildProc};
+use super::{free_port, no_proxy, tempdir, wait_for_v2, ChildProc};
 
 /// The usual configuration, rendered into the contract's YAML shape.
 #[derive(Clone, Debug)]
@@ -143,15 +143,7 @@ impl Regmirror {
             .arg("--config")
             .arg(&self.config_path)
             .current_dir(self.dir.path());
-        for v in [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "ALL_PROXY",
-        ] {
-            cmd.env_remove(v);
-        }
+        no_proxy(&mut cmd);
         // Backtraces in the log make a crash diagnosable from a test failure.
         cmd.env("RUST_BACKTRACE", "1");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
