@@ -95,10 +95,24 @@ pub struct CacheConfig {
     /// Serve what we hold when the upstream is down, erroring or rate-limiting.
     #[serde(default = "defaults::yes")]
     pub serve_stale: bool,
-    /// Upstream downloads (blobs and manifests) running at once, per upstream; more wait their
-    /// turn, so a burst of cold pulls cannot exhaust connections or memory.
+    /// Upstream downloads running at once, per upstream; more wait their turn, so a burst of
+    /// cold pulls cannot exhaust connections or memory. Blob downloads and manifest fetches
+    /// (tag revalidations included) each have this many slots of their own, so slow layers
+    /// never starve tag look-ups.
     #[serde(default = "defaults::max_concurrent_fetches")]
     pub max_concurrent_fetches: usize,
+    /// Longest wait for an expired tag's revalidation (a free slot and the upstream's answer)
+    /// before the cached tag is served stale instead.
+    #[serde(default = "defaults::revalidate_timeout")]
+    pub revalidate_timeout: HumanDuration,
+    /// Minimum rate of a blob download: receiving fewer than `blob_stall_bytes` in this long,
+    /// the transfer counts as stalled and is resumed with a `Range` request (a trickle never
+    /// trips the upstream's `read_timeout`).
+    #[serde(default = "defaults::blob_stall_timeout")]
+    pub blob_stall_timeout: HumanDuration,
+    /// See `blob_stall_timeout`.
+    #[serde(default = "defaults::blob_stall_bytes")]
+    pub blob_stall_bytes: ByteSize,
 }
 
 impl Default for CacheConfig {
@@ -107,6 +121,9 @@ impl Default for CacheConfig {
             tag_ttl: defaults::tag_ttl(),
             serve_stale: true,
             max_concurrent_fetches: defaults::max_concurrent_fetches(),
+            revalidate_timeout: defaults::revalidate_timeout(),
+            blob_stall_timeout: defaults::blob_stall_timeout(),
+            blob_stall_bytes: defaults::blob_stall_bytes(),
         }
     }
 }
@@ -278,6 +295,15 @@ mod defaults {
     pub fn max_concurrent_fetches() -> usize {
         32
     }
+    pub fn revalidate_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(2))
+    }
+    pub fn blob_stall_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+    pub fn blob_stall_bytes() -> ByteSize {
+        ByteSize(64 * 1024)
+    }
     pub fn shutdown_delay() -> HumanDuration {
         HumanDuration(Duration::ZERO)
     }
@@ -400,6 +426,12 @@ impl Config {
         }
         if self.cache.max_concurrent_fetches == 0 {
             problems.push("cache.max_concurrent_fetches: must be at least 1".to_owned());
+        }
+        if self.cache.revalidate_timeout.0.is_zero() {
+            problems.push("cache.revalidate_timeout: must be more than 0s".to_owned());
+        }
+        if self.cache.blob_stall_timeout.0.is_zero() {
+            problems.push("cache.blob_stall_timeout: must be more than 0s".to_owned());
         }
         if let Some(tls) = &self.tls {
             if tls.reload_interval.0.is_zero() {

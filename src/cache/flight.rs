@@ -2,26 +2,42 @@
 //!
 //! One task writes the upstream's bytes into a file in `tmp/` and publishes how far it got on a
 //! `watch` channel; each client reads that same file with positioned reads as the bytes arrive,
-//! so nobody waits for the whole blob before its first byte and nobody polls. The last byte is
-//! held back until the digest is verified: a client can never receive a complete body that
-//! turns out wrong, its transfer ends short instead.
+//! so nobody waits for the whole blob before its first byte and nobody polls.
+//!
+//! Nothing unverified goes out complete: until the digest is verified, every response holds
+//! back its own last byte (the blob's for a full GET, the range's for a range), so a client can
+//! never receive a complete body that turns out wrong; its transfer ends short instead.
+//!
+//! Flights are registered in the cache's one single-flight registry ([`Inflight`]); the
+//! download task holds its flight through a [`Download`] guard that ends it failed if the task
+//! ends without a result (a panic included), so readers are never left waiting and the digest
+//! can be fetched again.
+//!
+//! When the store refuses the rest of a download (disk full, quota, read-only, over the size
+//! limit), the flight turns into pass-through: each reader goes on from the upstream with a
+//! `Range` request, hashing the prefix the file holds first, so its end is still verified.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
-use crate::oci::Digest;
+use super::single::{Inflight, Join, Leader};
+use crate::oci::{Digest, RepoName};
+use crate::upstream::Upstream;
 
 /// Bytes read per chunk when streaming from disk: large enough that the per-chunk hop to the
 /// blocking pool is noise, small enough to keep memory per client bounded.
 pub const CHUNK: usize = 512 * 1024;
+
+/// A boxed body stream.
+pub type BodyStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
 /// How a download is going.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,20 +46,28 @@ pub enum Progress {
     Starting,
     /// `written` bytes are in the file; `total` is the upstream's Content-Length if it sent one.
     Running { written: u64, total: Option<u64> },
-    /// Verified and committed.
+    /// Verified: the file holds the whole blob (committed, or only kept open when the store
+    /// refused the commit).
     Done { total: u64 },
     /// Failed; nothing was committed.
     Failed(super::Error),
-    /// The blob will not be cached (it cannot fit, or the disk is full): each reader fetches
-    /// it from the upstream itself.
-    PassThrough,
+    /// The store will not take (the rest of) this blob: the file holds its first `valid` bytes
+    /// as the upstream sent them, unverified. Readers go on from the upstream themselves.
+    PassThrough { valid: u64 },
+}
+
+/// Where a blob comes from: what a reader needs to go on without the download.
+pub struct Source {
+    pub upstream: Arc<Upstream>,
+    pub repo: RepoName,
+    pub digest: Digest,
 }
 
 /// A download under way.
 pub struct Flight {
-    /// `(upstream, repository)` the download was started for: another repository joining it
-    /// must first show that its upstream has the blob too.
-    owner: (String, String),
+    /// The upstream and repository the download was started for: another repository joining
+    /// it must first show that its upstream has the blob too.
+    source: Arc<Source>,
     tmp_path: PathBuf,
     file: Arc<File>,
     progress: watch::Sender<Progress>,
@@ -61,7 +85,12 @@ impl Flight {
 
     /// Whether the download was started for this upstream and repository.
     pub fn owned_by(&self, upstream: &str, repo: &str) -> bool {
-        self.owner.0 == upstream && self.owner.1 == repo
+        self.source.upstream.name == upstream && self.source.repo.as_str() == repo
+    }
+
+    /// Where the blob comes from.
+    pub fn source(&self) -> &Arc<Source> {
+        &self.source
     }
 
     /// Where the download is being written.
@@ -74,6 +103,8 @@ impl Flight {
         FlightReader {
             file: self.file.clone(),
             progress: self.progress.subscribe(),
+            source: self.source.clone(),
+            total: None,
         }
     }
 }
@@ -81,57 +112,93 @@ impl Flight {
 /// The downloads under way, by digest.
 #[derive(Default)]
 pub struct Flights {
-    inflight: Mutex<HashMap<Digest, Arc<Flight>>>,
+    inflight: Inflight<Digest, Arc<Flight>>,
 }
 
 /// What [`Flights::join`] decided.
 pub enum Joined {
     /// Someone is already downloading it.
     Existing(Arc<Flight>),
-    /// The caller must run the download and call [`Flights::finish`].
-    Started(Arc<Flight>, FlightReader),
+    /// The caller must run the download and end it through the [`Download`].
+    Started(Download, FlightReader),
 }
 
 impl Flights {
-    /// Joins the download of `digest`, or registers a new one on `file`. `committed` is asked
-    /// under the lock so a download that just finished is not started again.
+    /// Joins the download of `source.digest`, or registers a new one on `file`. `committed` is
+    /// asked under the lock so a download that just finished is not started again.
     pub fn join(
         &self,
-        digest: &Digest,
-        owner: (&str, &str),
+        source: Source,
         file: impl FnOnce() -> io::Result<(PathBuf, File)>,
         committed: impl FnOnce() -> bool,
     ) -> io::Result<Option<Joined>> {
-        let mut inflight = self.inflight.lock().expect("flights lock");
-        if let Some(flight) = inflight.get(digest) {
-            return Ok(Some(Joined::Existing(flight.clone())));
-        }
-        if committed() {
-            return Ok(None);
-        }
-        let (progress, _) = watch::channel(Progress::Starting);
-        let (tmp_path, file) = file()?;
-        let flight = Arc::new(Flight {
-            owner: (owner.0.to_owned(), owner.1.to_owned()),
-            tmp_path,
-            file: Arc::new(file),
-            progress,
-        });
-        inflight.insert(digest.clone(), flight.clone());
-        let reader = flight.reader();
-        Ok(Some(Joined::Started(flight, reader)))
-    }
-
-    /// Ends a download: forgets it, then tells the readers. Call after the commit is recorded
-    /// so that a request arriving in between finds the blob in the store.
-    pub fn finish(&self, digest: &Digest, flight: &Flight, progress: Progress) {
-        self.inflight.lock().expect("flights lock").remove(digest);
-        flight.publish(progress);
+        let joined = self.inflight.join(&source.digest.clone(), || {
+            if committed() {
+                return Ok::<_, io::Error>(None);
+            }
+            let (progress, _) = watch::channel(Progress::Starting);
+            let (tmp_path, file) = file()?;
+            Ok(Some(Arc::new(Flight {
+                source: Arc::new(source),
+                tmp_path,
+                file: Arc::new(file),
+                progress,
+            })))
+        })?;
+        Ok(joined.map(|joined| match joined {
+            Join::Existing(flight) => Joined::Existing(flight),
+            Join::Started(flight, leader) => {
+                let reader = flight.reader();
+                let download = Download {
+                    flight,
+                    leader: Some(leader),
+                };
+                Joined::Started(download, reader)
+            }
+        }))
     }
 
     /// Downloads under way.
     pub fn len(&self) -> usize {
-        self.inflight.lock().expect("flights lock").len()
+        self.inflight.len()
+    }
+}
+
+/// The download task's hold on its flight. [`Download::finish`] ends it with a result; dropped
+/// without one (the task panicked or was cancelled) it ends the flight failed. Either way the
+/// digest is forgotten first and the readers told after, so a request arriving in between finds
+/// the blob in the store (or starts a fresh download), never a finished flight.
+pub struct Download {
+    flight: Arc<Flight>,
+    leader: Option<Leader<Digest, Arc<Flight>>>,
+}
+
+impl Download {
+    /// Ends the download; call after the commit is recorded.
+    pub fn finish(mut self, progress: Progress) {
+        self.end(progress);
+    }
+
+    fn end(&mut self, progress: Progress) {
+        if let Some(leader) = self.leader.take() {
+            drop(leader);
+            self.flight.publish(progress);
+        }
+    }
+}
+
+impl std::ops::Deref for Download {
+    type Target = Flight;
+
+    fn deref(&self) -> &Flight {
+        &self.flight
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        let failed = super::Error::Internal("blob download ended without a result".into());
+        self.end(Progress::Failed(failed));
     }
 }
 
@@ -139,6 +206,18 @@ impl Flights {
 pub struct FlightReader {
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
+    source: Arc<Source>,
+    /// The blob's size once [`FlightReader::size`] learnt it.
+    total: Option<u64>,
+}
+
+/// Where a reader's stream is.
+enum Stage {
+    /// Reading the download's file from this offset.
+    Flight(FlightReader, u64),
+    /// Gone on from the upstream after the store refused the download.
+    Direct(BodyStream),
+    End,
 }
 
 impl FlightReader {
@@ -154,69 +233,136 @@ impl FlightReader {
                     Progress::Running { total: Some(_), .. }
                         | Progress::Done { .. }
                         | Progress::Failed(_)
-                        | Progress::PassThrough
+                        | Progress::PassThrough { .. }
                 )
             })
             .await
             .map_err(|_| super::Error::Internal("download task ended without a result".into()))?;
-        match &*progress {
+        let size = match &*progress {
             Progress::Running {
                 total: Some(total), ..
             }
-            | Progress::Done { total } => Ok(Some(*total)),
-            Progress::Failed(err) => Err(err.clone()),
-            Progress::PassThrough => Ok(None),
+            | Progress::Done { total } => Some(*total),
+            Progress::Failed(err) => return Err(err.clone()),
+            Progress::PassThrough { .. } => None,
             Progress::Starting | Progress::Running { total: None, .. } => {
                 unreachable!("excluded by wait_for")
             }
-        }
+        };
+        self.total = size;
+        Ok(size)
     }
 
     /// Streams bytes `start..end` as the download provides them; ends with an error if the
-    /// download fails, so the client sees a broken transfer rather than a wrong body.
+    /// download fails, so the client sees a broken transfer rather than a wrong body. Byte
+    /// `end - 1` waits for verification, so a range is never complete before the blob is.
     pub fn stream(
         self,
         start: u64,
         end: u64,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        futures_util::stream::unfold((self, start), move |(mut reader, pos)| async move {
-            if pos >= end {
-                return None;
-            }
-            let available = loop {
-                let progress = reader.progress.borrow_and_update().clone();
-                let available = match progress {
-                    // The last byte waits for verification.
-                    Progress::Running {
-                        written,
-                        total: Some(total),
-                    } => written.min(total - 1),
-                    Progress::Running { total: None, .. }
-                    | Progress::Starting
-                    | Progress::PassThrough => 0,
-                    Progress::Done { total } => total,
-                    Progress::Failed(err) => {
-                        return Some((Err(io::Error::other(err.to_string())), (reader, end)));
-                    }
-                };
-                if available > pos {
-                    break available;
+        futures_util::stream::unfold(Stage::Flight(self, start), move |stage| async move {
+            match stage {
+                Stage::End => None,
+                Stage::Direct(mut body) => {
+                    let item = body.next().await?;
+                    Some((item, Stage::Direct(body)))
                 }
-                if reader.progress.changed().await.is_err() {
-                    let err = io::Error::other("download task ended without a result");
-                    return Some((Err(err), (reader, end)));
-                }
-            };
-            let len = (available.min(end) - pos).min(CHUNK as u64) as usize;
-            match read_at(reader.file.clone(), pos, len).await {
-                Ok(chunk) => {
-                    let next = pos + chunk.len() as u64;
-                    Some((Ok(chunk), (reader, next)))
-                }
-                Err(err) => Some((Err(err), (reader, end))),
+                Stage::Flight(reader, pos) => reader.next_chunk(pos, end).await,
             }
         })
     }
+
+    async fn next_chunk(mut self, pos: u64, end: u64) -> Option<(io::Result<Bytes>, Stage)> {
+        if pos >= end {
+            return None;
+        }
+        let available = loop {
+            let progress = self.progress.borrow_and_update().clone();
+            let available = match progress {
+                // The last byte of the blob and of this response wait for verification.
+                Progress::Running {
+                    written,
+                    total: Some(total),
+                } => written.min(total.saturating_sub(1)).min(end - 1),
+                Progress::Running { total: None, .. } | Progress::Starting => 0,
+                Progress::Done { total } => total,
+                Progress::PassThrough { valid } => {
+                    let mut body = self.resume(valid, pos, end);
+                    let item = body.next().await?;
+                    return Some((item, Stage::Direct(body)));
+                }
+                Progress::Failed(err) => {
+                    return Some((Err(io::Error::other(err.to_string())), Stage::End));
+                }
+            };
+            if available > pos {
+                break available;
+            }
+            if self.progress.changed().await.is_err() {
+                let err = io::Error::other("download task ended without a result");
+                return Some((Err(err), Stage::End));
+            }
+        };
+        let len = (available.min(end) - pos).min(CHUNK as u64) as usize;
+        match read_at(self.file.clone(), pos, len).await {
+            Ok(chunk) => {
+                let next = pos + chunk.len() as u64;
+                Some((Ok(chunk), Stage::Flight(self, next)))
+            }
+            Err(err) => Some((Err(err), Stage::End)),
+        }
+    }
+
+    /// Bytes `start..end` from the upstream, after the store refused the download at `valid`:
+    /// the file's first `valid` bytes, then the upstream's from there on, all hashed, the
+    /// range's last bytes held back until the whole blob matches its digest.
+    fn resume(&self, valid: u64, start: u64, end: u64) -> BodyStream {
+        let Some(size) = self.total else {
+            let err = io::Error::other("download passed through before its size was known");
+            return Box::pin(futures_util::stream::iter([Err(err)]));
+        };
+        let source = self.source.clone();
+        let prefix = positioned_reads(self.file.clone(), 0, valid.min(size));
+        let rest = async move {
+            if valid >= size {
+                return Ok::<_, io::Error>(futures_util::stream::empty().boxed());
+            }
+            let response = source
+                .upstream
+                .get_blob(&source.repo, &source.digest, valid)
+                .await
+                .map_err(io::Error::other)?;
+            Ok(response.bytes_stream().map_err(io::Error::other).boxed())
+        };
+        let body = prefix.chain(futures_util::stream::once(rest).try_flatten());
+        let digest = self.source.digest.clone();
+        Box::pin(super::passthrough::verified(
+            Box::pin(body),
+            digest,
+            start,
+            end,
+            size,
+        ))
+    }
+}
+
+/// Streams `start..end` of a file with positioned reads, in chunks of [`CHUNK`].
+fn positioned_reads(
+    file: Arc<File>,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold((file, start), move |(file, pos)| async move {
+        if pos >= end {
+            return None;
+        }
+        let len = (end - pos).min(CHUNK as u64) as usize;
+        match read_at(file.clone(), pos, len).await {
+            Ok(chunk) => Some((Ok(chunk), (file, pos + len as u64))),
+            Err(err) => Some((Err(err), (file, end))),
+        }
+    })
 }
 
 /// Streams `start..end` of a committed file as views of memory mappings of it.

@@ -5,38 +5,31 @@
 //! This is the only module that knows both storage and upstreams. It knows nothing of HTTP
 //! requests: the API asks it for manifests and blobs and turns its answers into responses.
 
+mod blobs;
+mod download;
 mod evict;
 mod flight;
 mod passthrough;
 mod single;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+pub use blobs::{Blob, BlobBody};
 pub use evict::{Evicted, Evictor, ReadGuard, Readers};
 pub use flight::{file_stream, Progress, CHUNK};
-use flight::{Flight, FlightReader, Flights, Joined};
+use flight::Flights;
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
-use crate::oci::{media_type, Digest, DigestHasher, Reference, RepoName};
+use crate::oci::{media_type, Digest, Reference, RepoName};
 use crate::storage::{self, Store};
 use crate::upstream::{self, Upstream, Upstreams};
-
-/// How many times a dropped blob download is resumed with a `Range` request.
-const RESUME_ATTEMPTS: u32 = 3;
-/// Free space kept on the store's disk: a download that would eat into it passes through.
-const DISK_RESERVE: u64 = 1 << 20;
-/// Bytes gathered from the network before one write to disk.
-const WRITE_BATCH: usize = 256 * 1024;
 
 /// A cache failure, classified for the API.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -99,51 +92,6 @@ pub struct Manifest {
     pub media_type: String,
 }
 
-/// A blob ready to be streamed.
-pub struct Blob {
-    pub size: u64,
-    pub outcome: Outcome,
-    pub body: BlobBody,
-}
-
-/// Where a blob's bytes come from.
-pub enum BlobBody {
-    /// A committed file, pinned against eviction while it is read.
-    Stored(Arc<File>, ReadGuard),
-    /// A download in flight.
-    Flight(FlightReader),
-    /// Straight from the upstream, not cached (it cannot fit, or the disk is full); still
-    /// verified before its last bytes go out.
-    Direct(reqwest::Response, Digest),
-}
-
-impl BlobBody {
-    /// The bytes `start..end`.
-    pub fn stream(
-        self,
-        start: u64,
-        end: u64,
-    ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> {
-        match self {
-            BlobBody::Stored(file, guard) => {
-                // The pin travels with the stream and is released when the response ends.
-                let chunks = Box::pin(file_stream(file, start, end));
-                Box::pin(futures_util::stream::unfold(
-                    (chunks, guard),
-                    |(mut chunks, guard)| async move {
-                        let chunk = chunks.next().await?;
-                        Some((chunk, (chunks, guard)))
-                    },
-                ))
-            }
-            BlobBody::Flight(reader) => Box::pin(reader.stream(start, end)),
-            BlobBody::Direct(response, digest) => {
-                Box::pin(passthrough::verified_range(response, digest, start, end))
-            }
-        }
-    }
-}
-
 /// Cache policy settings.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -152,8 +100,15 @@ pub struct Policy {
     /// `storage.max_size` in bytes; 0 is unbounded.
     pub max_size: u64,
     pub low_watermark_percent: u8,
-    /// Upstream fetches at once, per upstream.
+    /// Upstream fetches at once, per upstream: blob downloads, and apart from them manifest
+    /// fetches and tag revalidations.
     pub max_concurrent_fetches: usize,
+    /// How long a tag revalidation may take (waiting for a slot included) before the cached
+    /// tag is served stale instead.
+    pub revalidate_timeout: Duration,
+    /// A blob download receiving fewer than `blob_stall_bytes` in this long is resumed.
+    pub blob_stall_timeout: Duration,
+    pub blob_stall_bytes: u64,
 }
 
 impl Policy {
@@ -164,6 +119,9 @@ impl Policy {
             max_size: config.storage.max_size.0,
             low_watermark_percent: config.storage.low_watermark_percent,
             max_concurrent_fetches: config.cache.max_concurrent_fetches,
+            revalidate_timeout: config.cache.revalidate_timeout.0,
+            blob_stall_timeout: config.cache.blob_stall_timeout.0,
+            blob_stall_bytes: config.cache.blob_stall_bytes.0,
         }
     }
 }
@@ -181,8 +139,13 @@ pub struct Cache {
     manifest_flights: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
     readers: Arc<Readers>,
     evictor: Arc<Evictor>,
-    /// Per upstream, a permit per fetch under way.
+    /// Per upstream, a permit per blob download under way.
     fetch_slots: HashMap<String, Arc<Semaphore>>,
+    /// Per upstream, a permit per manifest fetch or tag revalidation under way: apart from the
+    /// blob downloads', so slow layers never starve tag look-ups.
+    manifest_slots: HashMap<String, Arc<Semaphore>>,
+    /// Digests whose next download panics (a fault hook for tests of the single flight).
+    injected_panics: Mutex<HashSet<Digest>>,
     /// Tags being served stale, so the warning is logged once per tag, not per request.
     stale: Mutex<HashSet<ManifestKey>>,
 }
@@ -202,16 +165,19 @@ impl Cache {
             policy.max_size,
             policy.low_watermark_percent,
         ));
-        let fetch_slots = upstreams
-            .all()
-            .into_iter()
-            .map(|u| {
-                (
-                    u.name.clone(),
-                    Arc::new(Semaphore::new(policy.max_concurrent_fetches)),
-                )
-            })
-            .collect();
+        let slots = || -> HashMap<String, Arc<Semaphore>> {
+            upstreams
+                .all()
+                .into_iter()
+                .map(|u| {
+                    (
+                        u.name.clone(),
+                        Arc::new(Semaphore::new(policy.max_concurrent_fetches)),
+                    )
+                })
+                .collect()
+        };
+        let (fetch_slots, manifest_slots) = (slots(), slots());
         Arc::new(Cache {
             store,
             upstreams,
@@ -222,6 +188,8 @@ impl Cache {
             readers,
             evictor,
             fetch_slots,
+            manifest_slots,
+            injected_panics: Mutex::default(),
             stale: Mutex::default(),
         })
     }
@@ -244,10 +212,32 @@ impl Cache {
         &self.evictor
     }
 
-    /// Waits for a fetch slot of this upstream.
+    /// Waits for a blob download slot of this upstream.
     async fn fetch_slot(&self, upstream: &Upstream) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let slots = self.fetch_slots.get(&upstream.name)?;
         slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Waits for a manifest fetch slot of this upstream.
+    async fn manifest_slot(
+        &self,
+        upstream: &Upstream,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.manifest_slots.get(&upstream.name)?;
+        slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Makes the next download of `digest` panic: a fault hook for tests proving that a
+    /// download ending in a panic fails its readers and leaves the digest fetchable.
+    #[doc(hidden)]
+    pub fn inject_download_panic(&self, digest: &Digest) {
+        let mut panics = self.injected_panics.lock().unwrap_or_else(|p| p.into_inner());
+        panics.insert(digest.clone());
+    }
+
+    fn take_injected_panic(&self, digest: &Digest) -> bool {
+        let mut panics = self.injected_panics.lock().unwrap_or_else(|p| p.into_inner());
+        panics.remove(digest)
     }
 
     /// A manifest by tag or digest.
@@ -339,29 +329,46 @@ impl Cache {
             Some(entry) => self.stored_manifest(&entry.digest)?,
             None => None,
         };
-        let _slot = self.fetch_slot(upstream).await;
-        let result = match &held {
-            Some(manifest) => match upstream.head_manifest(repo, tag).await {
-                Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => {
-                    self.put_tag(upstream, repo, tag, &manifest.digest)?;
-                    let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
-                    self.stale.lock().expect("stale lock").remove(&key);
-                    return Ok((manifest.clone(), Outcome::Revalidated));
-                }
-                Ok(head) => match head.digest {
-                    // Moved: fetch the new manifest by its digest, which we then verify.
-                    Some(digest) => upstream
-                        .get_manifest(repo, digest.as_str())
-                        .await
-                        .map(|m| (m, Some(digest))),
-                    // The upstream does not say: ask for the tag itself.
-                    None => upstream.get_manifest(repo, tag).await.map(|m| (m, None)),
-                },
-                Err(err) => Err(err),
-            },
-            None => upstream.get_manifest(repo, tag).await.map(|m| (m, None)),
-        };
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+        let result = match &held {
+            // A tag we hold is answered within `revalidate_timeout`, from the upstream or stale.
+            Some(manifest) => {
+                let revalidation = async {
+                    let _slot = self.manifest_slot(upstream).await;
+                    match upstream.head_manifest(repo, tag).await {
+                        Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => Ok(None),
+                        Ok(head) => match head.digest {
+                            // Moved: fetch the new manifest by its digest, which we then verify.
+                            Some(digest) => upstream
+                                .get_manifest(repo, digest.as_str())
+                                .await
+                                .map(|m| Some((m, Some(digest)))),
+                            // The upstream does not say: ask for the tag itself.
+                            None => upstream
+                                .get_manifest(repo, tag)
+                                .await
+                                .map(|m| Some((m, None))),
+                        },
+                        Err(err) => Err(err),
+                    }
+                };
+                let revalidated =
+                    tokio::time::timeout(self.policy.revalidate_timeout, revalidation).await;
+                match revalidated.unwrap_or(Err(upstream::Error::Timeout)) {
+                    Ok(None) => {
+                        self.put_tag(upstream, repo, tag, &manifest.digest)?;
+                        self.stale.lock().expect("stale lock").remove(&key);
+                        return Ok((manifest.clone(), Outcome::Revalidated));
+                    }
+                    Ok(Some(moved)) => Ok(moved),
+                    Err(err) => Err(err),
+                }
+            }
+            None => {
+                let _slot = self.manifest_slot(upstream).await;
+                upstream.get_manifest(repo, tag).await.map(|m| (m, None))
+            }
+        };
         match result {
             Ok((remote, expected)) => {
                 let manifest = self.commit_manifest(upstream, repo, remote, expected.as_ref())?;
@@ -448,8 +455,9 @@ impl Cache {
             .put_verified(&manifest.digest, &manifest.bytes, &manifest.media_type)
         {
             Ok(()) => {}
-            Err(storage::Error::NoSpace) => {
-                // A full disk must not take the mirror down: serve what we fetched, uncached.
+            Err(err) if err.is_unwritable() => {
+                // A full or read-only disk must not take the mirror down: serve what we
+                // fetched, uncached.
                 warn!(digest = %manifest.digest, "store full, manifest served without caching");
                 self.metrics.passthrough();
                 return Ok(manifest);
@@ -483,6 +491,12 @@ impl Cache {
             return Ok(None);
         };
         match self.store.blobs.read(digest) {
+            // Small enough to hash on every read: a damaged file is dropped and fetched again,
+            // never served under the digest it no longer has.
+            Ok(bytes) if Digest::sha256_of(&bytes) != *digest => {
+                self.forget_damaged(digest, Some(bytes.len() as u64), entry.size);
+                Ok(None)
+            }
             Ok(bytes) => {
                 let _ = self.store.touch(digest);
                 Ok(Some(Manifest {
@@ -491,315 +505,12 @@ impl Cache {
                     media_type,
                 }))
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.forget_damaged(digest, None, entry.size);
+                Ok(None)
+            }
             Err(err) => Err(storage::Error::from(err).into()),
         }
-    }
-
-    /// A blob's size without its body (for `HEAD`): the store, a download in flight, or an
-    /// upstream `HEAD`.
-    pub async fn blob_size(
-        self: &Arc<Self>,
-        upstream: &Arc<Upstream>,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<(u64, Outcome), Error> {
-        if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
-            return Ok((size, Outcome::Hit));
-        }
-        match upstream.head_blob(repo, digest).await {
-            Ok(size) => Ok((size, Outcome::Miss)),
-            Err(err) => Err(blob_error(err)),
-        }
-    }
-
-    /// The size of a blob we may serve under this repository from the store; `None` if we do
-    /// not hold it. A blob held for another repository is checked with this repository's
-    /// upstream (a HEAD, no download) before it is served under its name.
-    async fn linked_blob_size(
-        &self,
-        upstream: &Arc<Upstream>,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Option<u64>, Error> {
-        let Some(entry) = self.store.stat(digest)? else {
-            return Ok(None);
-        };
-        if self
-            .store
-            .index
-            .is_linked(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?
-        {
-            return Ok(Some(entry.size));
-        }
-        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
-        self.store
-            .index
-            .link(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?;
-        Ok(Some(entry.size))
-    }
-
-    /// A blob to stream: from the store, or joined to (or starting) its single download.
-    pub async fn blob(
-        self: &Arc<Self>,
-        upstream: &Arc<Upstream>,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Blob, Error> {
-        // Twice at most: a download that commits between our look-up and our joining is served
-        // from the store on the second round.
-        for _ in 0..2 {
-            if self
-                .linked_blob_size(upstream, repo, digest)
-                .await?
-                .is_some()
-            {
-                match self.store.blobs.open_blob(digest) {
-                    Ok(file) => {
-                        let size = file.metadata().map_err(storage::Error::from)?.len();
-                        let _ = self.store.touch(digest);
-                        self.metrics.cache_outcome("blob", Outcome::Hit);
-                        return Ok(Blob {
-                            size,
-                            outcome: Outcome::Hit,
-                            body: BlobBody::Stored(Arc::new(file), self.readers.pin(digest)),
-                        });
-                    }
-                    // Evicted between the look-up and the open: fetch it again.
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(storage::Error::from(err).into()),
-                }
-            }
-            let store = &self.store;
-            let joined = self
-                .blob_flights
-                .join(
-                    digest,
-                    (&upstream.name, repo.as_str()),
-                    || store.blobs.create_tmp(),
-                    // The index, not the file, says committed: eviction drops the entry before
-                    // the file, and `linked_blob_size` above reads the index too.
-                    || {
-                        let stored = matches!(store.stat(digest), Ok(Some(_)));
-                        let linked = store.index.is_linked(&upstream.name, repo.as_str(), digest);
-                        stored && linked.unwrap_or(false)
-                    },
-                )
-                .map_err(storage::Error::from)?;
-            let mut reader = match joined {
-                None => continue,
-                Some(Joined::Existing(flight)) => {
-                    if !flight.owned_by(&upstream.name, repo.as_str()) {
-                        // Started for another repository: this one's upstream must vouch for
-                        // the blob before it is served under this name.
-                        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
-                        self.store
-                            .index
-                            .link(&upstream.name, repo.as_str(), digest)
-                            .map_err(storage::Error::from)?;
-                    }
-                    self.metrics.single_flight_join();
-                    flight.reader()
-                }
-                Some(Joined::Started(flight, reader)) => {
-                    let this = self.clone();
-                    let (upstream, repo, digest) = (upstream.clone(), repo.clone(), digest.clone());
-                    // Its own task: a client that disconnects does not abort the fill.
-                    tokio::spawn(
-                        async move { this.download(upstream, repo, digest, flight).await },
-                    );
-                    reader
-                }
-            };
-            self.metrics.cache_outcome("blob", Outcome::Miss);
-            return match reader.size().await? {
-                Some(size) => Ok(Blob {
-                    size,
-                    outcome: Outcome::Miss,
-                    body: BlobBody::Flight(reader),
-                }),
-                None => self.pass_through(upstream, repo, digest).await,
-            };
-        }
-        Err(Error::Internal("blob vanished while being served".into()))
-    }
-
-    /// A blob the store will not take, straight from the upstream to this client.
-    async fn pass_through(
-        &self,
-        upstream: &Upstream,
-        repo: &RepoName,
-        digest: &Digest,
-    ) -> Result<Blob, Error> {
-        let response = upstream
-            .get_blob(repo, digest, 0)
-            .await
-            .map_err(blob_error)?;
-        let size = response.content_length().ok_or_else(|| {
-            Error::Upstream(upstream::Error::Invalid(
-                "blob without Content-Length".into(),
-            ))
-        })?;
-        self.metrics.passthrough();
-        Ok(Blob {
-            size,
-            outcome: Outcome::Miss,
-            body: BlobBody::Direct(response, digest.clone()),
-        })
-    }
-
-    /// Runs one blob download to its end: stream to `tmp/` while hashing, resume on a dropped
-    /// connection, verify, commit, record, and tell the readers.
-    async fn download(
-        self: Arc<Self>,
-        upstream: Arc<Upstream>,
-        repo: RepoName,
-        digest: Digest,
-        flight: Arc<Flight>,
-    ) {
-        let result = self.fetch_into(&upstream, &repo, &digest, &flight).await;
-        let progress = match result {
-            Ok(Some(total)) => {
-                self.evictor.committed();
-                Progress::Done { total }
-            }
-            Ok(None) => {
-                let _ = std::fs::remove_file(flight.tmp_path());
-                Progress::PassThrough
-            }
-            Err(err) => {
-                warn!(upstream = %upstream.name, repository = %repo, %digest, error = %err, "blob download failed, nothing cached");
-                let _ = std::fs::remove_file(flight.tmp_path());
-                Progress::Failed(err)
-            }
-        };
-        self.blob_flights.finish(&digest, &flight, progress);
-    }
-
-    /// Downloads into the flight's file and commits; `None` when the blob must pass through
-    /// uncached instead.
-    async fn fetch_into(
-        &self,
-        upstream: &Upstream,
-        repo: &RepoName,
-        digest: &Digest,
-        flight: &Flight,
-    ) -> Result<Option<u64>, Error> {
-        let _slot = self.fetch_slot(upstream).await;
-        let started = std::time::Instant::now();
-        let mut response = upstream
-            .get_blob(repo, digest, 0)
-            .await
-            .map_err(blob_error)?;
-        let total = response.content_length();
-        if let Some(total) = total {
-            if !self.evictor.fits(total) {
-                info!(%digest, bytes = total, "blob larger than the cache may hold, passing it through");
-                return Ok(None);
-            }
-            if self
-                .store
-                .blobs
-                .available_bytes()
-                .is_some_and(|free| free < total.saturating_add(DISK_RESERVE))
-            {
-                warn!(%digest, bytes = total, "store disk nearly full, passing the blob through uncached");
-                return Ok(None);
-            }
-        }
-        flight.publish(Progress::Running { written: 0, total });
-        let file = flight.file().clone();
-        let mut hasher = DigestHasher::new();
-        let mut written: u64 = 0;
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
-        let mut resumes = 0;
-        loop {
-            let chunk = match response.chunk().await {
-                Ok(chunk) => chunk,
-                Err(err) if resumes < RESUME_ATTEMPTS => {
-                    resumes += 1;
-                    let from = written + batch.len() as u64;
-                    info!(upstream = %upstream.name, %digest, from, error = %err, "blob download dropped, resuming");
-                    response = upstream
-                        .get_blob(repo, digest, from)
-                        .await
-                        .map_err(blob_error)?;
-                    continue;
-                }
-                Err(err) => {
-                    return Err(Error::Upstream(upstream::Error::Transport(err.to_string())))
-                }
-            };
-            let end = chunk.is_none();
-            if let Some(chunk) = chunk {
-                batch.extend_from_slice(&chunk);
-                self.metrics
-                    .upstream_bytes(&upstream.name, chunk.len() as u64);
-            }
-            if batch.len() >= WRITE_BATCH || (end && !batch.is_empty()) {
-                let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
-                let file = file.clone();
-                let offset = written;
-                let len = data.len() as u64;
-                hasher = tokio::task::spawn_blocking(move || -> std::io::Result<DigestHasher> {
-                    hasher.update(&data);
-                    file.write_all_at(&data, offset)?;
-                    Ok(hasher)
-                })
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(|err| match storage::Error::from(err) {
-                    storage::Error::NoSpace => {
-                        // Readers of this download see a broken transfer; the next request
-                        // finds the disk full before downloading and passes through.
-                        self.metrics.passthrough();
-                        Error::Internal("store disk full during download".into())
-                    }
-                    other => other.into(),
-                })?;
-                written += len;
-                if total.is_some_and(|t| written > t) {
-                    return Err(Error::Upstream(upstream::Error::Invalid(
-                        "blob longer than its Content-Length".into(),
-                    )));
-                }
-                flight.publish(Progress::Running { written, total });
-            }
-            if end {
-                break;
-            }
-        }
-        if total.is_some_and(|t| written != t) {
-            return Err(Error::Upstream(upstream::Error::Invalid(
-                "blob shorter than its Content-Length".into(),
-            )));
-        }
-        let actual = hasher.finish();
-        if actual != *digest {
-            warn!(upstream = %upstream.name, repository = %repo, expected = %digest, %actual, "blob digest mismatch, not cached");
-            return Err(Error::DigestMismatch {
-                expected: digest.clone(),
-            });
-        }
-        let store = self.store.clone();
-        let (file, target) = (flight.file().clone(), digest.clone());
-        let tmp = flight.tmp_path().to_owned();
-        tokio::task::spawn_blocking(move || -> Result<(), storage::Error> {
-            store.blobs.commit(&tmp, &file, &target)?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
-        self.store.record(digest, written, None)?;
-        self.store
-            .index
-            .link(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?;
-        self.persist().await?;
-        debug!(upstream = %upstream.name, repository = %repo, %digest, bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
-        Ok(Some(written))
     }
 
     /// Tags of a repository: the upstream's list, or the tags we hold when it is unavailable.

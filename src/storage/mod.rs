@@ -27,6 +27,9 @@ pub enum Error {
     /// The disk is full (ENOSPC or EDQUOT): callers switch to pass-through.
     #[error("no space left on the store")]
     NoSpace,
+    /// The filesystem is read-only (EROFS): callers switch to pass-through.
+    #[error("the store is read-only")]
+    ReadOnly,
     /// Any other I/O failure.
     #[error("storage I/O: {0}")]
     Io(io::Error),
@@ -40,8 +43,17 @@ impl From<io::Error> for Error {
         match err.kind() {
             io::ErrorKind::NotFound => Error::NotFound,
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => Error::NoSpace,
+            io::ErrorKind::ReadOnlyFilesystem => Error::ReadOnly,
             _ => Error::Io(err),
         }
+    }
+}
+
+impl Error {
+    /// Whether the store cannot take writes (full, over quota, read-only): content is then
+    /// served from the upstream uncached rather than failed.
+    pub fn is_unwritable(&self) -> bool {
+        matches!(self, Error::NoSpace | Error::ReadOnly)
     }
 }
 
@@ -196,6 +208,25 @@ pub fn now_millis() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_and_read_only_disks_are_told_apart_from_other_failures() {
+        let kinds = [
+            (io::ErrorKind::StorageFull, true),
+            (io::ErrorKind::QuotaExceeded, true),
+            (io::ErrorKind::ReadOnlyFilesystem, true),
+            (io::ErrorKind::PermissionDenied, false),
+            (io::ErrorKind::NotFound, false),
+        ];
+        for (kind, unwritable) in kinds {
+            let err = Error::from(io::Error::from(kind));
+            assert_eq!(err.is_unwritable(), unwritable, "{kind:?}");
+        }
+        let erofs = Error::from(io::Error::from_raw_os_error(libc::EROFS));
+        assert!(erofs.is_unwritable());
+        let edquot = Error::from(io::Error::from_raw_os_error(libc::EDQUOT));
+        assert!(edquot.is_unwritable());
+    }
 
     #[test]
     fn reconcile_drops_missing_adopts_orphans_and_clears_tmp() {

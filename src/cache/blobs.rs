@@ -1,0 +1,265 @@
+//! Serving blobs: from the store when the file is whole, joined to (or starting) the blob's
+//! single download otherwise, or straight from the upstream when the store cannot take it.
+//!
+//! The store's files are not trusted blindly: a file missing or of another size than the index
+//! says is treated as not held (its entry dropped, the blob fetched again), never served.
+//! Same-size corruption of a blob is not caught here (hashing every hit would cost the hit
+//! path); that is the scrub's job.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use tracing::warn;
+
+use super::flight::{FlightReader, Joined, Source};
+use super::{blob_error, file_stream, passthrough, Cache, Error, Outcome, ReadGuard};
+use crate::oci::{Digest, RepoName};
+use crate::storage;
+use crate::upstream::{self, Upstream};
+
+/// A blob ready to be streamed.
+pub struct Blob {
+    pub size: u64,
+    pub outcome: Outcome,
+    pub body: BlobBody,
+}
+
+/// Where a blob's bytes come from.
+pub enum BlobBody {
+    /// A committed file, pinned against eviction while it is read.
+    Stored(Arc<File>, ReadGuard),
+    /// A download in flight.
+    Flight(FlightReader),
+    /// Straight from the upstream, not cached (it cannot fit, or the disk is full or
+    /// read-only); still verified before its last bytes go out.
+    Direct {
+        response: reqwest::Response,
+        digest: Digest,
+        size: u64,
+    },
+}
+
+impl BlobBody {
+    /// The bytes `start..end`.
+    pub fn stream(
+        self,
+        start: u64,
+        end: u64,
+    ) -> std::pin::Pin<Box<dyn Stream<Item = std::io::Result<bytes::Bytes>> + Send>> {
+        match self {
+            BlobBody::Stored(file, guard) => {
+                // The pin travels with the stream and is released when the response ends.
+                let chunks = Box::pin(file_stream(file, start, end));
+                Box::pin(futures_util::stream::unfold(
+                    (chunks, guard),
+                    |(mut chunks, guard)| async move {
+                        let chunk = chunks.next().await?;
+                        Some((chunk, (chunks, guard)))
+                    },
+                ))
+            }
+            BlobBody::Flight(reader) => Box::pin(reader.stream(start, end)),
+            BlobBody::Direct {
+                response,
+                digest,
+                size,
+            } => Box::pin(passthrough::verified_range(
+                response, digest, start, end, size,
+            )),
+        }
+    }
+}
+
+impl Cache {
+    /// A blob's size without its body (for `HEAD`): the store, or an upstream `HEAD`.
+    pub async fn blob_size(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(u64, Outcome), Error> {
+        if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
+            return Ok((size, Outcome::Hit));
+        }
+        match upstream.head_blob(repo, digest).await {
+            Ok(size) => Ok((size, Outcome::Miss)),
+            Err(err) => Err(blob_error(err)),
+        }
+    }
+
+    /// The size of a blob we may serve under this repository from the store; `None` if we do
+    /// not hold it whole. A blob held for another repository is checked with this repository's
+    /// upstream (a HEAD, no download) before it is served under its name.
+    async fn linked_blob_size(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, Error> {
+        let Some(entry) = self.store.stat(digest)? else {
+            return Ok(None);
+        };
+        match std::fs::metadata(self.store.blobs.path(digest)) {
+            Ok(meta) if meta.len() == entry.size => {}
+            Ok(meta) => {
+                self.forget_damaged(digest, Some(meta.len()), entry.size);
+                return Ok(None);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.forget_damaged(digest, None, entry.size);
+                return Ok(None);
+            }
+            Err(err) => return Err(storage::Error::from(err).into()),
+        }
+        if self
+            .store
+            .index
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .map_err(storage::Error::from)?
+        {
+            return Ok(Some(entry.size));
+        }
+        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+        self.store
+            .index
+            .link(&upstream.name, repo.as_str(), digest)
+            .map_err(storage::Error::from)?;
+        Ok(Some(entry.size))
+    }
+
+    /// Drops a stored blob whose file is gone or does not have the size it was committed
+    /// with (truncated by a disk error, an operator, a bad restore): it is fetched again.
+    pub(super) fn forget_damaged(&self, digest: &Digest, found: Option<u64>, indexed: u64) {
+        warn!(%digest, indexed, found = ?found, "stored blob damaged or missing, dropping it to fetch it again");
+        if let Err(err) = self.store.remove(digest) {
+            warn!(%digest, error = %err, "could not drop a damaged blob");
+        }
+    }
+
+    /// A blob to stream: from the store, or joined to (or starting) its single download.
+    pub async fn blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Blob, Error> {
+        // Twice at most: a download that commits between our look-up and our joining is served
+        // from the store on the second round.
+        for _ in 0..2 {
+            if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
+                match self.store.blobs.open_blob(digest) {
+                    Ok(file) => {
+                        let len = file.metadata().map_err(storage::Error::from)?.len();
+                        if len == size {
+                            let _ = self.store.touch(digest);
+                            self.metrics.cache_outcome("blob", Outcome::Hit);
+                            return Ok(Blob {
+                                size,
+                                outcome: Outcome::Hit,
+                                body: BlobBody::Stored(Arc::new(file), self.readers.pin(digest)),
+                            });
+                        }
+                        self.forget_damaged(digest, Some(len), size);
+                    }
+                    // Evicted between the look-up and the open (then the entry is already
+                    // gone), or deleted behind our back: fetch it again.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        self.forget_damaged(digest, None, size);
+                    }
+                    Err(err) => return Err(storage::Error::from(err).into()),
+                }
+            }
+            let store = &self.store;
+            let source = Source {
+                upstream: upstream.clone(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+            };
+            let joined = self.blob_flights.join(
+                source,
+                || store.blobs.create_tmp(),
+                // The index, not the file, says committed: eviction drops the entry before
+                // the file, and `linked_blob_size` above reads the index too.
+                || {
+                    let stored = matches!(store.stat(digest), Ok(Some(_)));
+                    let linked = store.index.is_linked(&upstream.name, repo.as_str(), digest);
+                    stored && linked.unwrap_or(false)
+                },
+            );
+            let joined = match joined.map_err(storage::Error::from) {
+                Ok(joined) => joined,
+                Err(err) if err.is_unwritable() => {
+                    warn!(%digest, error = %err, "store cannot take downloads, passing the blob through uncached");
+                    return self.pass_through(upstream, repo, digest).await;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            let mut reader = match joined {
+                None => continue,
+                Some(Joined::Existing(flight)) => {
+                    if !flight.owned_by(&upstream.name, repo.as_str()) {
+                        // Started for another repository: this one's upstream must vouch for
+                        // the blob before it is served under this name.
+                        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+                        self.store
+                            .index
+                            .link(&upstream.name, repo.as_str(), digest)
+                            .map_err(storage::Error::from)?;
+                    }
+                    self.metrics.single_flight_join();
+                    flight.reader()
+                }
+                Some(Joined::Started(download, reader)) => {
+                    let this = self.clone();
+                    // Its own task: a client that disconnects does not abort the fill.
+                    tokio::spawn(async move { this.download(download).await });
+                    reader
+                }
+            };
+            self.metrics.cache_outcome("blob", Outcome::Miss);
+            return match reader.size().await? {
+                Some(size) => Ok(Blob {
+                    size,
+                    outcome: Outcome::Miss,
+                    body: BlobBody::Flight(reader),
+                }),
+                None => self.pass_through(upstream, repo, digest).await,
+            };
+        }
+        Err(Error::Internal("blob vanished while being served".into()))
+    }
+
+    /// A blob the store will not take, straight from the upstream to this client. Its size is
+    /// the response's length, or the upstream's `HEAD` when the response has none.
+    async fn pass_through(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Blob, Error> {
+        let response = upstream
+            .get_blob(repo, digest, 0)
+            .await
+            .map_err(blob_error)?;
+        let size = match response.content_length() {
+            Some(size) => size,
+            None => upstream.head_blob(repo, digest).await.map_err(|err| {
+                warn!(%digest, error = %err, "blob without Content-Length and no size from HEAD");
+                Error::Upstream(upstream::Error::Invalid(
+                    "blob without Content-Length".into(),
+                ))
+            })?,
+        };
+        self.metrics.passthrough();
+        Ok(Blob {
+            size,
+            outcome: Outcome::Miss,
+            body: BlobBody::Direct {
+                response,
+                digest: digest.clone(),
+                size,
+            },
+        })
+    }
+}
