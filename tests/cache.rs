@@ -6,6 +6,8 @@ mod fake;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+
 use fake::{client, mirror, Fake};
 use regmirror::oci::Digest;
 use sha2::{Digest as _, Sha256};
@@ -75,36 +77,46 @@ async fn concurrent_blob_misses_make_one_upstream_get_and_stream_early() {
     let fake = Fake::start().await;
     let image = fake.put_image("library/big", "1", &[4 << 20], 2);
     let (digest, bytes) = image.layers[0].clone();
-    // 64 chunks of 64 KiB, 20 ms apart: about 1.3 s for the whole blob.
-    fake.faults.chunk_delay_ms.store(20, Ordering::SeqCst);
+    // The upstream stops after 1 MiB until every client has its first byte: clients must
+    // stream while the download runs, not after it.
+    let (release, gate) = tokio::sync::watch::channel(false);
+    *fake.faults.hold.lock().unwrap() = Some((1 << 20, gate));
     let m = mirror(&fake, "").await;
     let http = client();
-    let started = Instant::now();
     let mut tasks = Vec::new();
+    let (got_first, mut first_bytes) = tokio::sync::mpsc::channel(8);
     for _ in 0..8 {
-        let (http, url) = (
+        let (http, url, got_first) = (
             http.clone(),
             format!("{}/v2/library/big/blobs/{digest}", m.url),
+            got_first.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut response = http.get(url).send().await.unwrap();
             assert_eq!(response.status(), 200);
-            let mut first_byte = None;
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await.unwrap() {
-                first_byte.get_or_insert(started.elapsed());
+                if body.is_empty() {
+                    got_first.send(()).await.unwrap();
+                }
                 body.extend_from_slice(&chunk);
             }
-            (first_byte.unwrap(), body)
+            body
         }));
     }
+    let all_started = async {
+        for _ in 0..8 {
+            first_bytes.recv().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all_started)
+        .await
+        .expect("every client gets its first byte while the upstream is held");
+    assert_eq!(m.state.cache.downloads_in_flight(), 1);
+    release.send_replace(true);
     for task in tasks {
-        let (first_byte, body) = task.await.unwrap();
+        let body = task.await.unwrap();
         assert_eq!(sha(&body), digest.as_str());
-        assert!(
-            first_byte < Duration::from_millis(700),
-            "first byte after {first_byte:?}: clients must stream while the download runs"
-        );
     }
     assert_eq!(fake.counters.count("GET", "/blobs/"), 1, "single flight");
     assert_eq!(bytes.len(), 4 << 20);
@@ -133,16 +145,16 @@ async fn client_disconnect_does_not_abort_the_fill() {
         .unwrap();
     let _ = response.chunk().await.unwrap();
     drop(response);
-    // The download goes on without any client and commits; then a request is a hit.
+    // The download goes on without any client and commits: a second client joins it (or hits
+    // the store) and reads it whole, and the blob is then stored.
+    let second = http
+        .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sha(&second.bytes().await.unwrap()), digest.as_str());
     let store = m.state.cache.store().clone();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.stat(&digest).unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "blob never committed after the client left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(store.stat(&digest).unwrap().is_some(), "committed");
     let r = http
         .get(format!("{}/v2/library/x/blobs/{digest}", m.url))
         .send()
@@ -638,4 +650,255 @@ async fn cache_hits_sent_with_sendfile_are_byte_exact() {
         after, expected_sendfile,
         "HTTP/2 never gets placeholder frames"
     );
+}
+
+/// Reads a response to its end: `Ok(body)` only if the transfer completed.
+async fn read_whole(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ranges_of_a_download_never_complete_before_it_is_verified() {
+    let fake = Fake::start().await;
+    let image = fake.put_image("library/lie", "1", &[4 << 20], 30);
+    let digest = image.layers[0].0.clone();
+    // The upstream lies (its last byte is flipped) and is slow enough that every range is
+    // requested while the fill runs.
+    fake.faults.corrupt.store(true, Ordering::SeqCst);
+    fake.faults.chunk_delay_ms.store(5, Ordering::SeqCst);
+    let m = mirror(&fake, "").await;
+    let http = client();
+    let url = format!("{}/v2/lie/blobs/{digest}", m.url);
+    let ranged = (0..10u64).map(|i| {
+        let (http, url) = (http.clone(), url.clone());
+        let (first, last) = (i * 400_000, i * 400_000 + 99_999);
+        async move {
+            let r = http
+                .get(&url)
+                .header("range", format!("bytes={first}-{last}"))
+                .send()
+                .await
+                .unwrap();
+            if r.status() != 206 {
+                return Err(r.status().as_u16());
+            }
+            read_whole(r).await.map_err(|_| 206)
+        }
+    });
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(ranged),
+    )
+    .await
+    .expect("every ranged client gets an answer");
+    for (i, result) in results.into_iter().enumerate() {
+        assert!(
+            result.is_err(),
+            "range {i} of an unverified download was delivered complete"
+        );
+    }
+    assert!(m.state.cache.store().stat(&digest).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_download_fails_its_readers_and_can_be_fetched_again() {
+    let fake = Fake::start().await;
+    let image = fake.put_image("library/p", "1", &[300_000], 31);
+    let digest = image.layers[0].0.clone();
+    let m = mirror(&fake, "").await;
+    m.state.cache.inject_download_panic(&digest);
+    let http = client();
+    let url = format!("{}/v2/p/blobs/{digest}", m.url);
+    let attempts = (0..4).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let r = http.get(&url).send().await.unwrap();
+            if r.status() != 200 {
+                return Err(r.status().as_u16());
+            }
+            read_whole(r).await.map_err(|_| 200)
+        }
+    });
+    // At least the readers of the panicking download fail; none waits forever.
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(attempts),
+    )
+    .await
+    .expect("waiters of a panicked download get an answer");
+    assert!(results.iter().any(Result::is_err), "{results:?}");
+    for body in results.into_iter().flatten() {
+        assert_eq!(sha(&body), digest.as_str());
+    }
+    assert_eq!(m.state.cache.downloads_in_flight(), 0);
+    let r = tokio::time::timeout(Duration::from_secs(60), http.get(&url).send())
+        .await
+        .expect("a later GET is not stuck behind the panicked download")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha(&r.bytes().await.unwrap()), digest.as_str());
+    assert_eq!(m.state.cache.downloads_in_flight(), 0);
+    let metrics = http.get(format!("{}/metrics", m.url)).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("regmirror_downloads_in_flight 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trickling_blob_download_is_resumed() {
+    let fake = Fake::start().await;
+    let image = fake.put_image("library/slow", "1", &[1 << 20], 32);
+    let digest = image.layers[0].0.clone();
+    // One byte every 100 ms never trips the 2 s read timeout; the minimum rate does.
+    fake.faults.trickle.store(1, Ordering::SeqCst);
+    let m = mirror(
+        &fake,
+        "cache: { blob_stall_timeout: 1s, blob_stall_bytes: 64KiB }",
+    )
+    .await;
+    let http = client();
+    let r = http
+        .get(format!("{}/v2/slow/blobs/{digest}", m.url))
+        .send()
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(60), r.bytes())
+        .await
+        .expect("the stalled download was resumed")
+        .unwrap();
+    assert_eq!(sha(&body), digest.as_str());
+    assert_eq!(fake.counters.count("GET", "/blobs/"), 2, "one resume");
+    assert!(m.state.cache.store().stat(&digest).unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_are_answered_while_blob_downloads_hold_every_slot() {
+    let fake = Fake::start().await;
+    let image = fake.put_image("library/t", "1", &[2 << 20], 33);
+    let cold = fake.put_image("library/cold", "1", &[1000], 34);
+    let m = mirror(
+        &fake,
+        "cache: { tag_ttl: 0s, max_concurrent_fetches: 1, revalidate_timeout: 1s }",
+    )
+    .await;
+    let http = client();
+    let tag_url = format!("{}/v2/t/manifests/1", m.url);
+    let r = http.get(&tag_url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A layer that trickles forever holds the only download slot: its response headers
+    // mean the download took the slot.
+    fake.faults.trickle.store(1, Ordering::SeqCst);
+    let layer = http
+        .get(format!("{}/v2/t/blobs/{}", m.url, image.layers[0].0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(layer.status(), 200);
+    let timed = |url: String| {
+        let http = http.clone();
+        async move {
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(60), http.get(url).send())
+                .await
+                .expect("a tag look-up does not wait for blob downloads")
+                .unwrap();
+            let outcome = r.headers()["x-regmirror-cache"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (
+                r.status().as_u16(),
+                outcome,
+                started.elapsed(),
+                r.bytes().await.unwrap(),
+            )
+        }
+    };
+    let (status, outcome, took, body) = timed(tag_url.clone()).await;
+    assert_eq!((status, outcome.as_str()), (200, "revalidated"));
+    assert_eq!(body, image.manifest);
+    eprintln!("expired tag with busy download slots: {took:?}");
+    let (status, outcome, took, body) = timed(format!("{}/v2/cold/manifests/1", m.url)).await;
+    assert_eq!((status, outcome.as_str()), (200, "miss"));
+    assert_eq!(body, cold.manifest);
+    eprintln!("cold tag with busy download slots: {took:?}");
+    assert_eq!(
+        m.state.cache.downloads_in_flight(),
+        1,
+        "the layer still trickles"
+    );
+    // An upstream that does not answer: the cached tag is served stale after
+    // `revalidate_timeout`, not after the upstream's timeouts.
+    fake.faults.hang.store(true, Ordering::SeqCst);
+    let (status, outcome, took, body) = timed(tag_url.clone()).await;
+    assert_eq!((status, outcome.as_str()), (200, "stale"));
+    assert_eq!(body, image.manifest);
+    eprintln!("expired tag, upstream silent: {took:?}");
+    // Every manifest slot taken by a cold tag the silent upstream never answers: the expired
+    // tag cannot even start its revalidation, and is served stale all the same.
+    let blocked = tokio::spawn(timed(format!("{}/v2/cold2/manifests/1", m.url)));
+    // The upstream has the cold tag's request: it holds the slot.
+    let arrival = fake.counters.arrival("GET", "/cold2/manifests/");
+    tokio::time::timeout(Duration::from_secs(60), arrival)
+        .await
+        .expect("the cold tag reaches the upstream");
+    let (status, outcome, took, _) = timed(tag_url).await;
+    assert_eq!((status, outcome.as_str()), (200, "stale"));
+    eprintln!("expired tag, manifest slots busy: {took:?}");
+    blocked.abort();
+    drop(layer);
+}
+
+/// Cost of holding back each range's last byte until the download is verified (issue 13
+/// item 2): containerd 2.1+ fetches layers as parallel ranges during a fill. Prints the time
+/// each of 8 parallel ranges of a 64 MiB blob and one full GET, all started with the fill,
+/// take to complete. A measurement, not an assertion: run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn measure_parallel_ranges_during_a_fill() {
+    let fake = Fake::start().await;
+    let size = 64usize << 20;
+    let image = fake.put_image("library/m", "1", &[size], 35);
+    let digest = image.layers[0].0.clone();
+    // 1024 chunks of 64 KiB, 2 ms apart: a fill of a few seconds, as from a remote registry.
+    fake.faults.chunk_delay_ms.store(2, Ordering::SeqCst);
+    let m = mirror(&fake, "").await;
+    let http = client();
+    let url = format!("{}/v2/m/blobs/{digest}", m.url);
+    let started = Instant::now();
+    let part = size / 8;
+    let mut requests: Vec<_> = (0..8)
+        .map(|i| Some(format!("bytes={}-{}", i * part, (i + 1) * part - 1)))
+        .collect();
+    requests.push(None);
+    let fetches = requests.into_iter().map(|range| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let mut request = http.get(&url);
+            if let Some(range) = &range {
+                request = request.header("range", range);
+            }
+            let r = request.send().await.unwrap();
+            let len = read_whole(r).await.unwrap().len();
+            (range, len, started.elapsed())
+        }
+    });
+    let mut done: Vec<_> = futures_util::stream::iter(fetches)
+        .buffer_unordered(9)
+        .collect()
+        .await;
+    done.sort_by_key(|(_, _, at)| *at);
+    for (range, len, at) in done {
+        let what = range.unwrap_or_else(|| "full GET".into());
+        eprintln!(
+            "{what:>24}: {len:>9} bytes complete after {:>6} ms",
+            at.as_millis()
+        );
+    }
 }

@@ -44,13 +44,19 @@ async fn eviction_keeps_the_cache_under_max_size_and_recent_blobs() {
     };
     pull(0).await;
     pull(1).await;
-    // Access times have millisecond resolution but are written at most once a second.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Access times are written at most once a second: instead of waiting, date both pulls a
+    // minute back (blob 0 the older), so that pulling blob 0 again records a new access.
+    let store = m.state.cache.store().clone();
+    for (i, age) in [(0, 60_000), (1, 50_000)] {
+        let digest = &images[i].layers[0].0;
+        let entry = store.stat(digest).unwrap().unwrap();
+        let accessed = regmirror::storage::now_millis() - age;
+        let aged = regmirror::storage::blob_entry(entry.size, accessed, entry.media_type);
+        store.index.put_blob(digest, &aged).unwrap();
+    }
     pull(0).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
     pull(2).await;
     pull(3).await;
-    let store = m.state.cache.store().clone();
     let max = 3.5 * (1 << 20) as f64;
     assert!(
         store.used_bytes() as f64 > max,

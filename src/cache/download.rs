@@ -158,7 +158,8 @@ impl Cache {
         let mut written: u64 = 0;
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let mut resumes = 0;
-        let mut floor = RateFloor::new(self.policy.blob_stall_timeout, self.policy.blob_stall_bytes);
+        let mut floor =
+            RateFloor::new(self.policy.blob_stall_timeout, self.policy.blob_stall_bytes);
         loop {
             let chunk = match floor.chunk(&mut response).await {
                 Ok(chunk) => chunk,

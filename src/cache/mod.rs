@@ -22,8 +22,8 @@ use tracing::{debug, warn};
 
 pub use blobs::{Blob, BlobBody};
 pub use evict::{Evicted, Evictor, ReadGuard, Readers};
-pub use flight::{file_stream, Progress, CHUNK};
 use flight::Flights;
+pub use flight::{file_stream, Progress, CHUNK};
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
@@ -231,12 +231,18 @@ impl Cache {
     /// download ending in a panic fails its readers and leaves the digest fetchable.
     #[doc(hidden)]
     pub fn inject_download_panic(&self, digest: &Digest) {
-        let mut panics = self.injected_panics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut panics = self
+            .injected_panics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         panics.insert(digest.clone());
     }
 
     fn take_injected_panic(&self, digest: &Digest) -> bool {
-        let mut panics = self.injected_panics.lock().unwrap_or_else(|p| p.into_inner());
+        let mut panics = self
+            .injected_panics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         panics.remove(digest)
     }
 

@@ -32,7 +32,11 @@ pub fn verified_range(
     end: u64,
     size: u64,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let body = Box::pin(response.bytes_stream().map_err(|e| io::Error::other(e.without_url())));
+    let body = Box::pin(
+        response
+            .bytes_stream()
+            .map_err(|e| io::Error::other(e.without_url())),
+    );
     verified(body, digest, start, end, size)
 }
 

@@ -185,7 +185,8 @@ mod tests {
         assert!(poll_once(&mut call).await.is_none());
         drop(call);
         release.send(()).unwrap();
-        done.await.expect("the work ran to its end without its caller");
+        done.await
+            .expect("the work ran to its end without its caller");
     }
 
     #[tokio::test]

@@ -35,12 +35,23 @@ pub struct Faults {
     pub require_token: AtomicBool,
     /// Accept requests and never answer them.
     pub hang: AtomicBool,
+    /// Blob GETs answer without Content-Length (chunked); HEAD still says the size.
+    pub no_length: AtomicBool,
+    /// Blob GET bodies never end (pseudo-random bytes after the blob's), without length.
+    pub endless: AtomicBool,
+    /// The next this many full (non-range) blob GETs trickle after their first chunk: one byte
+    /// every 100 ms.
+    pub trickle: AtomicUsize,
+    /// Blob GET bodies pause after this many bytes until the receiver reads `true`.
+    pub hold: Mutex<Option<(usize, tokio::sync::watch::Receiver<bool>)>>,
 }
 
 #[derive(Default)]
 pub struct Counters {
     pub requests: Mutex<Vec<(String, String, Option<String>)>>,
     pub tokens_issued: AtomicUsize,
+    /// Woken on every request the fake receives.
+    pub arrived: tokio::sync::Notify,
 }
 
 impl Counters {
@@ -199,6 +210,7 @@ async fn registry(
         .lock()
         .unwrap()
         .push((method.to_string(), path.clone(), auth.clone()));
+    fake.counters.arrived.notify_waiters();
     if fake.faults.require_token.load(Ordering::SeqCst)
         && !auth
             .as_deref()
@@ -276,8 +288,13 @@ async fn registry(
             .and_then(|v| v.strip_prefix("bytes="))
             .and_then(|v| v.strip_suffix('-'))
             .and_then(|v| v.parse::<usize>().ok());
-        let mut builder =
-            Response::builder().header(header::CONTENT_LENGTH, total - start.unwrap_or(0));
+        let unsized_body = method == Method::GET
+            && (fake.faults.no_length.load(Ordering::SeqCst)
+                || fake.faults.endless.load(Ordering::SeqCst));
+        let mut builder = Response::builder();
+        if !unsized_body {
+            builder = builder.header(header::CONTENT_LENGTH, total - start.unwrap_or(0));
+        }
         if let Some(start) = start {
             builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
                 header::CONTENT_RANGE,
@@ -322,6 +339,7 @@ async fn registry(
                 Some((Ok::<Bytes, std::io::Error>(chunk), (chunks, sent)))
             },
         );
+        let stream = shaped(&fake, start.is_none(), stream);
         return builder.body(Body::from_stream(stream)).unwrap();
     }
     if let Some((_, subject)) = rest.rsplit_once("/referrers/") {
@@ -412,4 +430,74 @@ pub async fn mirror_at(fake: &Fake, root: &std::path::Path, extra: &str) -> Mirr
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().build().unwrap()
+}
+
+type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// Applies the `endless`, `trickle` and `hold` faults to a blob body.
+fn shaped(
+    fake: &Fake,
+    full: bool,
+    body: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+) -> BodyStream {
+    use futures_util::StreamExt;
+    let mut body: BodyStream = Box::pin(body);
+    if fake.faults.endless.load(Ordering::SeqCst) {
+        let more =
+            futures_util::stream::iter(0u64..).map(|i| Ok(pseudo_random(64 * 1024, 7_000_000 + i)));
+        body = Box::pin(body.chain(more));
+    }
+    let trickle = full
+        && fake
+            .faults
+            .trickle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    if trickle {
+        // The first chunk at full speed, then the rest one byte at a time.
+        body = Box::pin(body.enumerate().flat_map(|(i, chunk)| -> BodyStream {
+            match chunk {
+                Ok(chunk) if i > 0 => {
+                    Box::pin(futures_util::stream::iter(0..chunk.len()).then(move |at| {
+                        let byte = chunk.slice(at..at + 1);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Ok(byte)
+                        }
+                    }))
+                }
+                other => Box::pin(futures_util::stream::iter([other])),
+            }
+        }));
+    }
+    let Some((limit, gate)) = fake.faults.hold.lock().unwrap().clone() else {
+        return body;
+    };
+    Box::pin(futures_util::stream::unfold(
+        (body, 0usize, gate),
+        move |(mut body, sent, mut gate)| async move {
+            if sent >= limit {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            let chunk = body.next().await?;
+            let sent = sent + chunk.as_ref().map_or(0, Bytes::len);
+            Some((chunk, (body, sent, gate)))
+        },
+    ))
+}
+
+impl Counters {
+    /// Waits until a request whose method is `method` and whose path contains `part` arrived.
+    pub async fn arrival(&self, method: &str, part: &str) {
+        loop {
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.count(method, part) > 0 {
+                return;
+            }
+            arrived.await;
+        }
+    }
 }
