@@ -137,6 +137,8 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     blob_flights: Flights,
     manifest_flights: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
+    /// Tag revalidations, which outlive the requests that gave up waiting for them.
+    revalidations: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
     readers: Arc<Readers>,
     evictor: Arc<Evictor>,
     /// Per upstream, a permit per blob download under way.
@@ -185,6 +187,7 @@ impl Cache {
             metrics,
             blob_flights: Flights::default(),
             manifest_flights: SingleFlight::default(),
+            revalidations: SingleFlight::default(),
             readers,
             evictor,
             fetch_slots,
@@ -323,9 +326,9 @@ impl Cache {
 
     /// Asks the upstream what a tag points to now: a HEAD if we hold a digest for it (cheap,
     /// and free of Docker Hub's pull limit), a GET otherwise. Serves what we hold when the
-    /// upstream is unavailable.
+    /// upstream is unavailable, or slower than `revalidate_timeout`.
     async fn refresh_tag(
-        &self,
+        self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         tag: &str,
@@ -335,62 +338,105 @@ impl Cache {
             Some(entry) => self.stored_manifest(&entry.digest)?,
             None => None,
         };
-        let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
-        let result = match &held {
-            // A tag we hold is answered within `revalidate_timeout`, from the upstream or stale.
-            Some(manifest) => {
-                let revalidation = async {
-                    let _slot = self.manifest_slot(upstream).await;
-                    match upstream.head_manifest(repo, tag).await {
-                        Ok(head) if head.digest.as_ref() == Some(&manifest.digest) => Ok(None),
-                        Ok(head) => match head.digest {
-                            // Moved: fetch the new manifest by its digest, which we then verify.
-                            Some(digest) => upstream
-                                .get_manifest(repo, digest.as_str())
-                                .await
-                                .map(|m| Some((m, Some(digest)))),
-                            // The upstream does not say: ask for the tag itself.
-                            None => upstream
-                                .get_manifest(repo, tag)
-                                .await
-                                .map(|m| Some((m, None))),
-                        },
-                        Err(err) => Err(err),
-                    }
-                };
-                let revalidated =
-                    tokio::time::timeout(self.policy.revalidate_timeout, revalidation).await;
-                match revalidated.unwrap_or(Err(upstream::Error::Timeout)) {
-                    Ok(None) => {
-                        self.put_tag(upstream, repo, tag, &manifest.digest)?;
-                        self.stale.lock().expect("stale lock").remove(&key);
-                        return Ok((manifest.clone(), Outcome::Revalidated));
-                    }
-                    Ok(Some(moved)) => Ok(moved),
-                    Err(err) => Err(err),
-                }
-            }
-            None => {
-                let _slot = self.manifest_slot(upstream).await;
-                upstream.get_manifest(repo, tag).await.map(|m| (m, None))
-            }
+        let Some(held) = held else {
+            let _slot = self.manifest_slot(upstream).await;
+            let remote = upstream.get_manifest(repo, tag).await;
+            let remote = remote.map_err(manifest_error)?;
+            return self.commit_tag(upstream, repo, tag, remote, None).await;
         };
-        match result {
-            Ok((remote, expected)) => {
-                let manifest = self.commit_manifest(upstream, repo, remote, expected.as_ref())?;
-                self.put_tag(upstream, repo, tag, &manifest.digest)?;
-                self.persist().await?;
-                self.stale.lock().expect("stale lock").remove(&key);
-                Ok((manifest, Outcome::Miss))
-            }
-            Err(err) if err.is_unavailable() && self.policy.serve_stale && held.is_some() => {
-                if self.stale.lock().expect("stale lock").insert(key) {
-                    warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "upstream unavailable, serving cached tag until it answers again");
-                }
-                Ok((held.expect("checked above"), Outcome::Stale))
-            }
-            Err(err) => Err(manifest_error(err)),
+        // The revalidation runs in its own task: when it takes too long, this request is
+        // answered stale and the revalidation still ends (and records what it learnt); requests
+        // meanwhile join it rather than start another.
+        let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+        let (this, upstream_, repo_, tag_, held_) = (
+            self.clone(),
+            upstream.clone(),
+            repo.clone(),
+            tag.to_owned(),
+            held.clone(),
+        );
+        let revalidation = self.revalidations.run(key, move || async move {
+            this.revalidate(&upstream_, &repo_, &tag_, held_).await
+        });
+        match tokio::time::timeout(self.policy.revalidate_timeout, revalidation).await {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(Error::Internal("tag revalidation panicked".into())),
+            Err(_) => self.serve_stale(upstream, repo, tag, held, upstream::Error::Timeout),
         }
+    }
+
+    /// Revalidates a tag whose manifest we hold: unchanged, it is confirmed; moved, the new
+    /// manifest is fetched by its digest and verified.
+    async fn revalidate(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        tag: &str,
+        held: Manifest,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let _slot = self.manifest_slot(upstream).await;
+        let fetched = match upstream.head_manifest(repo, tag).await {
+            Ok(head) if head.digest.as_ref() == Some(&held.digest) => {
+                self.put_tag(upstream, repo, tag, &held.digest)?;
+                let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+                self.stale.lock().expect("stale lock").remove(&key);
+                return Ok((held, Outcome::Revalidated));
+            }
+            Ok(head) => match head.digest {
+                // Moved: fetch the new manifest by its digest, which we then verify.
+                Some(digest) => upstream
+                    .get_manifest(repo, digest.as_str())
+                    .await
+                    .map(|m| (m, Some(digest))),
+                // The upstream does not say: ask for the tag itself.
+                None => upstream.get_manifest(repo, tag).await.map(|m| (m, None)),
+            },
+            Err(err) => Err(err),
+        };
+        match fetched {
+            Ok((remote, expected)) => {
+                self.commit_tag(upstream, repo, tag, remote, expected.as_ref())
+                    .await
+            }
+            Err(err) => self.serve_stale(upstream, repo, tag, held, err),
+        }
+    }
+
+    /// Commits a manifest fetched for a tag and points the tag at it.
+    async fn commit_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+        remote: upstream::RemoteManifest,
+        expected: Option<&Digest>,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let manifest = self.commit_manifest(upstream, repo, remote, expected)?;
+        self.put_tag(upstream, repo, tag, &manifest.digest)?;
+        self.persist().await?;
+        let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+        self.stale.lock().expect("stale lock").remove(&key);
+        Ok((manifest, Outcome::Miss))
+    }
+
+    /// The manifest we hold for a tag the upstream could not confirm, if stale answers are
+    /// allowed and the upstream is unavailable (not when it says the tag is gone).
+    fn serve_stale(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+        held: Manifest,
+        err: upstream::Error,
+    ) -> Result<(Manifest, Outcome), Error> {
+        if !(err.is_unavailable() && self.policy.serve_stale) {
+            return Err(manifest_error(err));
+        }
+        let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+        if self.stale.lock().expect("stale lock").insert(key) {
+            warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "upstream unavailable, serving cached tag until it answers again");
+        }
+        Ok((held, Outcome::Stale))
     }
 
     /// Makes the index durable after a commit (see [`storage::Index::flush_async`]).
