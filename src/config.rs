@@ -680,6 +680,14 @@ mod tests {
         assert_eq!(config.cache.tag_ttl.0, Duration::from_secs(300));
         assert!(config.cache.serve_stale);
         assert!(config.upstreams["docker.io"].library_prefix("docker.io"));
+        assert_eq!(config.cache.revalidate_timeout.0, Duration::from_secs(2));
+        assert_eq!(config.cache.blob_stall_timeout.0, Duration::from_secs(30));
+        assert_eq!(config.cache.blob_stall_bytes.0, 64 * 1024);
+        let zero =
+            format!("{MINIMAL}\ncache: {{ revalidate_timeout: 0s, blob_stall_timeout: 0s }}\n");
+        let err = Config::parse(&zero, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("cache.revalidate_timeout"), "{err}");
+        assert!(err.contains("cache.blob_stall_timeout"), "{err}");
     }
 
     #[test]

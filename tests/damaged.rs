@@ -284,6 +284,10 @@ async fn two_downloads_outgrowing_the_disk_together_both_complete() {
     assert_eq!(status, 206);
     assert_eq!(body.unwrap(), b.layers[0].1[size - 1000..]);
     assert_eq!(m.state.cache.downloads_in_flight(), 0);
+    assert!(
+        fake.counters.count("GET", "/blobs/") > 2,
+        "readers of a refused fill went on from the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
