@@ -510,7 +510,7 @@ impl Cache {
             Err(err) if err.is_unwritable() => {
                 // A full or read-only disk must not take the mirror down: serve what we
                 // fetched, uncached.
-                warn!(digest = %manifest.digest, "store full, manifest served without caching");
+                warn!(digest = %manifest.digest, error = %err, "store full or read-only, manifest served without caching");
                 self.metrics.passthrough();
                 return Ok(manifest);
             }
