@@ -855,6 +855,36 @@ async fn tags_are_answered_while_blob_downloads_hold_every_slot() {
     drop(layer);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_revalidation_answers_stale_and_still_records_a_moved_tag() {
+    let fake = Fake::start().await;
+    let old = fake.put_image("library/mv", "1", &[100], 36);
+    let m = mirror(&fake, "cache: { tag_ttl: 0s, revalidate_timeout: 1s }").await;
+    let http = client();
+    let url = format!("{}/v2/mv/manifests/1", m.url);
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), old.manifest);
+    // The tag moves, and the upstream takes longer than `revalidate_timeout` to answer.
+    let new = fake.put_image("library/mv", "1", &[200], 37);
+    fake.faults.manifest_delay_ms.store(1500, Ordering::SeqCst);
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-regmirror-cache"], "stale");
+    assert_eq!(r.bytes().await.unwrap(), old.manifest);
+    // The revalidation was not abandoned with the request: it records the move, and a later
+    // request (each waits at most `revalidate_timeout`) serves the new manifest.
+    let moved = async {
+        loop {
+            let r = http.get(&url).send().await.unwrap();
+            if r.bytes().await.unwrap() == new.manifest {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), moved)
+        .await
+        .expect("the slow revalidation recorded the moved tag");
+}
+
 /// Cost of holding back each range's last byte until the download is verified (issue 13
 /// item 2): containerd 2.1+ fetches layers as parallel ranges during a fill. Prints the time
 /// each of 8 parallel ranges of a 64 MiB blob and one full GET, all started with the fill,

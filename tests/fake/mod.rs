@@ -44,6 +44,8 @@ pub struct Faults {
     pub trickle: AtomicUsize,
     /// Blob GET bodies pause after this many bytes until the receiver reads `true`.
     pub hold: Mutex<Option<(usize, tokio::sync::watch::Receiver<bool>)>>,
+    /// Sleep this long before answering a manifest request.
+    pub manifest_delay_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -235,6 +237,10 @@ async fn registry(
     }
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        let delay = fake.faults.manifest_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let found = fake
             .content
             .manifests
