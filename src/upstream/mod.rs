@@ -861,6 +861,25 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_clamped() {
+        let cases = [
+            ("18446744073709551615", Some(MAX_RETRY_AFTER_SECONDS)),
+            ("120", Some(120)),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+            ("-5", None),
+        ];
+        for (value, want) in cases {
+            let response = axum::http::Response::builder()
+                .status(429)
+                .header(header::RETRY_AFTER, value)
+                .body(Vec::<u8>::new())
+                .unwrap();
+            let got = classify(reqwest::Response::from(response)).unwrap_err();
+            assert_eq!(got, Error::TooManyRequests { retry_after: want }, "{value}");
+        }
+    }
+
+    #[test]
     fn backoff_doubles_with_jitter() {
         for n in 1..=RETRIES + 2 {
             let ceiling = BACKOFF * (1 << n);
