@@ -502,4 +502,17 @@ async fn referrers_are_cached_and_served_stale() {
         assert_eq!(body(r).await, index);
     }
     assert_eq!(asked(&fake), before + 1, "within the TTL from the index");
+    // Filters are the client's: only a few per subject are kept.
+    for i in 0..20 {
+        let r = get(&http, referrers(&m, &format!("?artifactType=x%2F{i}"))).await;
+        assert_eq!(r.status(), 200);
+    }
+    let kept = m
+        .state
+        .cache
+        .store()
+        .index
+        .referrers_queries("docker.io", "library/signed", &image.digest)
+        .unwrap();
+    assert!((2..=8).contains(&kept), "{kept} filters kept");
 }

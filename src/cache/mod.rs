@@ -888,6 +888,21 @@ impl Cache {
         let Ok(text) = std::str::from_utf8(body) else {
             return Ok(());
         };
+        // Filters are chosen by clients: a few per subject are kept, not one per made-up value.
+        const MAX_REFERRERS_QUERIES: usize = 8;
+        let index = &self.store.index;
+        let (name, repository) = (&upstream.name, repo.as_str());
+        if index
+            .get_referrers(name, repository, digest, query)
+            .map_err(storage::Error::from)?
+            .is_none()
+            && index
+                .referrers_queries(name, repository, digest)
+                .map_err(storage::Error::from)?
+                >= MAX_REFERRERS_QUERIES
+        {
+            return Ok(());
+        }
         self.store
             .index
             .put_referrers(

@@ -114,8 +114,16 @@ impl Index {
         Ok(())
     }
 
+    /// Forgets a blob, and the referrers cached for it as a subject: they are kept only for
+    /// what the store holds, so the referrers tree shrinks with it.
     pub fn remove_blob(&self, digest: &Digest) -> Result<(), IndexError> {
         self.blobs.remove(digest.as_str())?;
+        let mut prefix = digest.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        for item in self.referrers.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            self.referrers.remove(key)?;
+        }
         Ok(())
     }
 
@@ -255,6 +263,23 @@ impl Index {
         Ok(())
     }
 
+    /// How many queries (filters) of `subject`'s referrers are cached for this repository.
+    pub fn referrers_queries(
+        &self,
+        upstream: &str,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<usize, IndexError> {
+        let mut prefix = referrers_key(upstream, repo, subject, "");
+        prefix.pop();
+        let mut count = 0;
+        for item in self.referrers.scan_prefix(&prefix) {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     pub fn remove_referrers(
         &self,
         upstream: &str,
@@ -328,8 +353,10 @@ fn key3(a: &str, b: &str, c: &str) -> Vec<u8> {
     key
 }
 
+/// Subject first, so everything cached for a digest goes with one prefix scan when the digest
+/// leaves the store; the query (`artifactType=…`, possibly empty) last, after a NUL.
 fn referrers_key(upstream: &str, repo: &str, subject: &Digest, query: &str) -> Vec<u8> {
-    let mut key = key3(upstream, repo, subject.as_str());
+    let mut key = key3(subject.as_str(), upstream, repo);
     key.push(0);
     key.extend_from_slice(query.as_bytes());
     key
@@ -442,6 +469,12 @@ mod tests {
             .get_referrers("docker.io", "library/b", &digest(1), "")
             .unwrap()
             .is_none());
+        assert_eq!(
+            index
+                .referrers_queries("docker.io", "library/a", &digest(1))
+                .unwrap(),
+            2
+        );
         index
             .remove_referrers("docker.io", "library/a", &digest(1), "artifactType=x")
             .unwrap();
@@ -449,6 +482,14 @@ mod tests {
             .get_referrers("docker.io", "library/a", &digest(1), "artifactType=x")
             .unwrap()
             .is_none());
+        // They go with their subject.
+        index.remove_blob(&digest(1)).unwrap();
+        assert_eq!(
+            index
+                .referrers_queries("docker.io", "library/a", &digest(1))
+                .unwrap(),
+            0
+        );
 
         index.link("docker.io", "library/a", &digest(1)).unwrap();
         index.link("docker.io", "library/a", &digest(2)).unwrap();
