@@ -132,8 +132,10 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Base URL of the registry, e.g. `https://registry-1.docker.io`.
-    pub url: String,
+    /// Base URL of the registry, e.g. `https://registry-1.docker.io`, or a list of URLs serving
+    /// the same content (`[https://a, https://b]`): they are tried in order, the first that
+    /// answers wins, and one that failed (no connection, a 5xx) is skipped for 30 s.
+    pub url: UpstreamUrls,
     /// Other names clients may use for this upstream in `?ns=` (`index.docker.io` for Docker
     /// Hub is added automatically).
     #[serde(default)]
@@ -148,6 +150,12 @@ pub struct UpstreamConfig {
     /// Time allowed between two reads from the upstream before the transfer counts as stalled.
     #[serde(default = "defaults::read_timeout")]
     pub read_timeout: HumanDuration,
+    /// Overall deadline of one manifest, tag-list, referrers or token exchange with this
+    /// upstream, body, retries and failover included; and of a blob request until its headers
+    /// arrive (a blob body is bounded by `read_timeout` and resumed instead). A tag the upstream
+    /// does not answer in time is served stale when we hold it.
+    #[serde(default = "defaults::request_timeout")]
+    pub request_timeout: HumanDuration,
     /// User name for the upstream (`${VAR}` is replaced by an environment variable). Needs
     /// `password` or `password_file`.
     #[serde(default)]
@@ -289,6 +297,9 @@ mod defaults {
     pub fn read_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(60))
     }
+    pub fn request_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
     pub fn low_watermark_percent() -> u8 {
         90
     }
@@ -401,16 +412,28 @@ impl Config {
             if let Err(reason) = validate_host_name(name) {
                 problems.push(format!("upstreams.{name}: {reason}"));
             }
-            match reqwest::Url::parse(&upstream.url) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                Ok(_) => problems.push(format!(
-                    "upstreams.{name}.url: {:?} must be an http:// or https:// URL with a host",
-                    upstream.url
-                )),
-                Err(err) => problems.push(format!(
-                    "upstreams.{name}.url: {:?} is not a URL: {err}",
-                    upstream.url
-                )),
+            if upstream.url.0.is_empty() {
+                problems.push(format!(
+                    "upstreams.{name}.url: at least one URL is required"
+                ));
+            }
+            for url in upstream.url.iter() {
+                match reqwest::Url::parse(url) {
+                    Ok(parsed)
+                        if matches!(parsed.scheme(), "http" | "https")
+                            && parsed.host().is_some() => {}
+                    Ok(_) => problems.push(format!(
+                        "upstreams.{name}.url: {url:?} must be an http:// or https:// URL with a host"
+                    )),
+                    Err(err) => problems.push(format!(
+                        "upstreams.{name}.url: {url:?} is not a URL: {err}"
+                    )),
+                }
+            }
+            if upstream.request_timeout.0.is_zero() {
+                problems.push(format!(
+                    "upstreams.{name}.request_timeout: must be more than 0s"
+                ));
             }
             problems.extend(upstream.credential_problems(name));
             for alias in std::iter::once(name).chain(&upstream.aliases) {
@@ -556,6 +579,31 @@ fn validate_host_name(name: &str) -> Result<(), String> {
         Err(format!(
             "{name:?} is not a host name (like ghcr.io or registry.local:5000)"
         ))
+    }
+}
+
+/// An upstream's URLs in the order they are tried: `url: https://a` or `url: [https://a, https://b]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrls(pub Vec<String>);
+
+impl UpstreamUrls {
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(url) => Ok(UpstreamUrls(vec![url])),
+            Raw::Many(urls) => Ok(UpstreamUrls(urls)),
+        }
     }
 }
 
@@ -751,6 +799,22 @@ mod tests {
             config.metrics.listen,
             Some("127.0.0.1:9100".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn url_is_one_or_a_list_and_each_is_checked() {
+        let text = "default_upstream: a.io\nupstreams:\n  a.io: { url: [https://a.io, 'http://127.0.0.1:5000'] }\n";
+        let config = Config::parse(text, "t.yml").unwrap();
+        assert_eq!(
+            config.upstreams["a.io"].url.0,
+            vec!["https://a.io", "http://127.0.0.1:5000"]
+        );
+        let text = "default_upstream: a.io\nupstreams:\n  a.io: { url: [https://a.io, ftp://b, 'nonsense'] }\n";
+        let err = Config::parse(text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("ftp://b") && err.contains("nonsense"), "{err}");
+        let text = "default_upstream: a.io\nupstreams:\n  a.io: { url: [] }\n";
+        let err = Config::parse(text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("at least one URL"), "{err}");
     }
 
     #[test]

@@ -101,11 +101,15 @@ pub fn sniff(body: &[u8]) -> Option<String> {
     }
 }
 
-/// The descriptors a manifest or index body points at, as
+/// The descriptors a manifest or index body names as its content, as
 /// `(digest, mediaType)`, in document order: `config`, `layers[]`,
-/// `manifests[]`, then `subject`. Duplicates are kept. A descriptor whose
-/// digest is missing or invalid (including non-sha256) is skipped, as is a
-/// body that is not JSON.
+/// `manifests[]`. Duplicates are kept. A descriptor whose digest is missing
+/// or invalid (including non-sha256) is skipped, as is a body that is not
+/// JSON.
+///
+/// `subject` and any other descriptor are left out on purpose: registries
+/// accept any digest as a `subject` without checking that the repository
+/// holds it, so it proves nothing about what a repository may serve.
 pub fn referenced_digests(body: &[u8]) -> Vec<(Digest, Option<String>)> {
     // A `Value` tree, not typed structs, so one malformed descriptor is
     // skipped instead of failing the whole body.
@@ -122,7 +126,6 @@ pub fn referenced_digests(body: &[u8]) -> Vec<(Digest, Option<String>)> {
     single("config")
         .chain(list("layers"))
         .chain(list("manifests"))
-        .chain(single("subject"))
         .filter_map(descriptor)
         .collect()
 }
@@ -252,7 +255,6 @@ mod tests {
                     (d(D1), m(OCI_CONFIG)),
                     (d(D2), m(OCI_LAYER_TAR_GZIP)),
                     (d(D2), None),
-                    (d(D3), m(OCI_MANIFEST)),
                 ],
             ),
             (

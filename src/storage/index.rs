@@ -38,6 +38,17 @@ pub struct TagEntry {
     pub confirmed: u64,
 }
 
+/// A referrers index as the upstream last answered it, for one subject and filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferrersEntry {
+    /// Schema version of this value.
+    pub v: u8,
+    /// The index body (JSON text, stored as the upstream sent it).
+    pub body: String,
+    /// When the upstream last answered it, milliseconds since the Unix epoch.
+    pub confirmed: u64,
+}
+
 const VERSION: u8 = 1;
 
 /// Errors from the index engine.
@@ -61,6 +72,7 @@ pub struct Index {
     blobs: sled::Tree,
     tags: sled::Tree,
     links: sled::Tree,
+    referrers: sled::Tree,
 }
 
 impl Index {
@@ -76,6 +88,7 @@ impl Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
             links: db.open_tree("links")?,
+            referrers: db.open_tree("referrers")?,
             db,
         })
     }
@@ -101,8 +114,16 @@ impl Index {
         Ok(())
     }
 
+    /// Forgets a blob, and the referrers cached for it as a subject: they are kept only for
+    /// what the store holds, so the referrers tree shrinks with it.
     pub fn remove_blob(&self, digest: &Digest) -> Result<(), IndexError> {
         self.blobs.remove(digest.as_str())?;
+        let mut prefix = digest.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        for item in self.referrers.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            self.referrers.remove(key)?;
+        }
         Ok(())
     }
 
@@ -205,6 +226,72 @@ impl Index {
             .contains_key(key3(upstream, repo, digest.as_str()))?)
     }
 
+    /// The cached referrers of `subject` in a repository for one query (`artifactType=…` or
+    /// empty).
+    pub fn get_referrers(
+        &self,
+        upstream: &str,
+        repo: &str,
+        subject: &Digest,
+        query: &str,
+    ) -> Result<Option<ReferrersEntry>, IndexError> {
+        decode(
+            "referrers",
+            self.referrers
+                .get(referrers_key(upstream, repo, subject, query))?,
+        )
+    }
+
+    pub fn put_referrers(
+        &self,
+        upstream: &str,
+        repo: &str,
+        subject: &Digest,
+        query: &str,
+        body: String,
+        confirmed: u64,
+    ) -> Result<(), IndexError> {
+        let entry = ReferrersEntry {
+            v: VERSION,
+            body,
+            confirmed,
+        };
+        self.referrers.insert(
+            referrers_key(upstream, repo, subject, query),
+            encode(&entry),
+        )?;
+        Ok(())
+    }
+
+    /// How many queries (filters) of `subject`'s referrers are cached for this repository.
+    pub fn referrers_queries(
+        &self,
+        upstream: &str,
+        repo: &str,
+        subject: &Digest,
+    ) -> Result<usize, IndexError> {
+        let mut prefix = referrers_key(upstream, repo, subject, "");
+        prefix.pop();
+        let mut count = 0;
+        for item in self.referrers.scan_prefix(&prefix) {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    pub fn remove_referrers(
+        &self,
+        upstream: &str,
+        repo: &str,
+        subject: &Digest,
+        query: &str,
+    ) -> Result<(), IndexError> {
+        self.referrers
+            .remove(referrers_key(upstream, repo, subject, query))?;
+        Ok(())
+    }
+
     /// Distinct `(upstream, repository)` pairs holding at least one blob, sorted.
     pub fn repositories(&self) -> Result<Vec<(String, String)>, IndexError> {
         let mut out: Vec<(String, String)> = Vec::new();
@@ -263,6 +350,15 @@ fn key2(a: &str, b: &str) -> Vec<u8> {
 fn key3(a: &str, b: &str, c: &str) -> Vec<u8> {
     let mut key = key2(a, b);
     key.extend_from_slice(c.as_bytes());
+    key
+}
+
+/// Subject first, so everything cached for a digest goes with one prefix scan when the digest
+/// leaves the store; the query (`artifactType=…`, possibly empty) last, after a NUL.
+fn referrers_key(upstream: &str, repo: &str, subject: &Digest, query: &str) -> Vec<u8> {
+    let mut key = key3(subject.as_str(), upstream, repo);
+    key.push(0);
+    key.extend_from_slice(query.as_bytes());
     key
 }
 
@@ -350,6 +446,50 @@ mod tests {
             .get_tag("ghcr.io", "library/a", "2")
             .unwrap()
             .is_none());
+
+        index
+            .put_referrers("docker.io", "library/a", &digest(1), "", "{}".into(), 7)
+            .unwrap();
+        index
+            .put_referrers(
+                "docker.io",
+                "library/a",
+                &digest(1),
+                "artifactType=x",
+                "{\"x\":1}".into(),
+                8,
+            )
+            .unwrap();
+        let got = index
+            .get_referrers("docker.io", "library/a", &digest(1), "")
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.body.as_str(), got.confirmed), ("{}", 7));
+        assert!(index
+            .get_referrers("docker.io", "library/b", &digest(1), "")
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            index
+                .referrers_queries("docker.io", "library/a", &digest(1))
+                .unwrap(),
+            2
+        );
+        index
+            .remove_referrers("docker.io", "library/a", &digest(1), "artifactType=x")
+            .unwrap();
+        assert!(index
+            .get_referrers("docker.io", "library/a", &digest(1), "artifactType=x")
+            .unwrap()
+            .is_none());
+        // They go with their subject.
+        index.remove_blob(&digest(1)).unwrap();
+        assert_eq!(
+            index
+                .referrers_queries("docker.io", "library/a", &digest(1))
+                .unwrap(),
+            0
+        );
 
         index.link("docker.io", "library/a", &digest(1)).unwrap();
         index.link("docker.io", "library/a", &digest(2)).unwrap();

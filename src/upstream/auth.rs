@@ -87,17 +87,27 @@ pub struct TokenResponse {
     pub expires_in: Option<u64>,
 }
 
+/// The longest a token is trusted, whatever the realm says: `expires_in` is the realm's number
+/// and `u64::MAX` seconds cannot be added to an `Instant`. A day is far beyond any registry's
+/// tokens (Docker Hub's live 5 minutes); a token that dies earlier is renewed on its 401.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Scopes whose tokens are kept per upstream: one per repository pulled recently. Beyond it the
+/// token expiring soonest goes, so a client walking many repositories cannot grow the cache.
+pub const MAX_CACHED_TOKENS: usize = 1024;
+
 impl TokenResponse {
     pub fn into_token(self) -> Option<(String, Duration)> {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
-        Some((
-            token,
-            Duration::from_secs(self.expires_in.unwrap_or(60).max(1)),
-        ))
+        let seconds = self
+            .expires_in
+            .unwrap_or(60)
+            .clamp(1, MAX_TOKEN_LIFETIME.as_secs());
+        Some((token, Duration::from_secs(seconds)))
     }
 }
 
-/// Bearer tokens by scope, with their expiry.
+/// Bearer tokens by scope, with their expiry; at most [`MAX_CACHED_TOKENS`].
 #[derive(Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
@@ -115,11 +125,30 @@ impl TokenCache {
 
     pub fn put(&self, scope: &str, token: String, lifetime: Duration) {
         // Renew a little early so a token never expires between our check and the upstream's.
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        let expires = Instant::now() + lifetime - margin;
+        let now = Instant::now();
+        let Some(expires) = now.checked_add(lifetime.saturating_sub(margin)) else {
+            return;
+        };
         let mut tokens = self.tokens.lock().expect("token cache lock");
-        tokens.retain(|_, (_, e)| *e > Instant::now());
+        tokens.retain(|_, (_, e)| *e > now);
+        while tokens.len() >= MAX_CACHED_TOKENS && !tokens.contains_key(scope) {
+            let Some(soonest) = tokens
+                .iter()
+                .min_by_key(|(_, (_, e))| *e)
+                .map(|(s, _)| s.clone())
+            else {
+                break;
+            };
+            tokens.remove(&soonest);
+        }
         tokens.insert(scope.to_owned(), (token, expires));
+    }
+
+    /// Scopes held (for tests and the bound).
+    pub fn held(&self) -> usize {
+        self.tokens.lock().expect("token cache lock").len()
     }
 
     pub fn forget(&self, scope: &str) {
@@ -323,6 +352,48 @@ mod tests {
                 "{upstream} {allowed:?} {realm}"
             );
         }
+    }
+
+    #[test]
+    fn token_lifetimes_are_clamped() {
+        let cases = [
+            (Some(u64::MAX), MAX_TOKEN_LIFETIME),
+            (Some(0), Duration::from_secs(1)),
+            (Some(300), Duration::from_secs(300)),
+            (None, Duration::from_secs(60)),
+        ];
+        for (expires_in, want) in cases {
+            let response = TokenResponse {
+                token: Some("t".into()),
+                access_token: None,
+                expires_in,
+            };
+            assert_eq!(response.into_token().unwrap().1, want, "{expires_in:?}");
+        }
+        // Whatever reaches the cache, adding it to now cannot overflow.
+        let cache = TokenCache::default();
+        cache.put("s", "t".into(), Duration::MAX);
+        assert_eq!(cache.get("s").as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn token_cache_is_bounded() {
+        let cache = TokenCache::default();
+        for i in 0..MAX_CACHED_TOKENS + 100 {
+            cache.put(
+                &format!("repository:r{i}:pull"),
+                format!("t{i}"),
+                Duration::from_secs(300 + i as u64),
+            );
+        }
+        assert_eq!(cache.held(), MAX_CACHED_TOKENS);
+        // The ones expiring soonest went; the newest stays.
+        assert_eq!(cache.get("repository:r0:pull"), None);
+        let last = MAX_CACHED_TOKENS + 99;
+        assert_eq!(
+            cache.get(&format!("repository:r{last}:pull")),
+            Some(format!("t{last}"))
+        );
     }
 
     #[test]

@@ -137,7 +137,11 @@ fn docker_config_hosts(name: &str, config: &UpstreamConfig) -> Vec<String> {
     if name == DOCKER_HUB {
         hosts.push("index.docker.io".to_owned());
     }
-    if let Ok(url) = reqwest::Url::parse(&config.url) {
+    for url in config
+        .url
+        .iter()
+        .filter_map(|u| reqwest::Url::parse(u).ok())
+    {
         if let Some(host) = url.host_str() {
             hosts.push(match url.port() {
                 Some(port) => format!("{host}:{port}"),

@@ -4,12 +4,20 @@
 //!
 //! Upstream knows nothing of storage: it hands the cache bytes, streams and digests as the
 //! remote registry claims them; verifying them is the cache's job.
+//!
+//! An upstream is hostile until proven otherwise: every body held in memory is read with a cap
+//! (and decoded with a cap when it comes gzip-encoded), every exchange but a blob body has an
+//! overall deadline (`request_timeout`), every number it sends (token lifetimes, `Retry-After`,
+//! rate limits) is clamped before arithmetic. An upstream may have several URLs: they are tried
+//! in order, a failed one is skipped for a while, and idempotent requests are retried with
+//! jittered backoff on connection errors and 5xx within the deadline.
 
 mod auth;
 pub mod credentials;
 pub mod tls;
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -22,11 +30,24 @@ pub use auth::{Challenge, RealmPolicy, TokenCache};
 use credentials::Credentials;
 
 use crate::config::{Config, UpstreamConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RateLimit};
 use crate::oci::{media_type, Digest, RepoName};
 
 /// Manifests larger than this are refused, as distribution does: they are read into memory.
+/// Tag lists and referrers indexes have the same cap.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// A token endpoint's answer is a small JSON object (a JWT or two); more is refused.
+pub const MAX_TOKEN_BYTES: usize = 1 << 20;
+/// The longest `Retry-After` passed on to clients: an upstream's number, clamped.
+pub const MAX_RETRY_AFTER_SECONDS: u64 = 24 * 3600;
+/// How long a URL of an upstream with several is skipped after it failed (no connection, a
+/// timeout, a 5xx), unless every URL failed.
+pub const FAILED_URL_SKIP: Duration = Duration::from_secs(30);
+/// Retries of an idempotent request after a connection error or a 5xx (besides trying the
+/// upstream's other URLs), each after a jittered backoff, all within `request_timeout`.
+pub const RETRIES: u32 = 2;
+/// The first backoff; it doubles with each retry.
+const BACKOFF: Duration = Duration::from_millis(100);
 
 /// An upstream failure, classified for the cache (which may serve stale) and the API (which maps
 /// it to an OCI error). Cheap to clone so one failure can answer every waiting client.
@@ -109,21 +130,49 @@ pub struct ManifestHead {
     pub digest: Option<Digest>,
 }
 
+/// One URL of an upstream and its recent health.
+struct Origin {
+    base: Url,
+    /// Which token realms may see the credentials when this URL challenges us.
+    realms: RealmPolicy,
+    /// When it last failed (connection, timeout, 5xx); it is skipped for [`FAILED_URL_SKIP`].
+    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Origin {
+    fn url(&self, path: &str) -> Result<Url, Error> {
+        let base = self.base.as_str().trim_end_matches('/');
+        Url::parse(&format!("{base}/v2/{path}"))
+            .map_err(|_| Error::Invalid("bad upstream URL".into()))
+    }
+
+    fn recently_failed(&self) -> bool {
+        let failed_at = *self.failed_at.lock().expect("origin lock");
+        failed_at.is_some_and(|at| at.elapsed() < FAILED_URL_SKIP)
+    }
+
+    fn set_failed(&self, failed: bool) {
+        *self.failed_at.lock().expect("origin lock") = failed.then(tokio::time::Instant::now);
+    }
+}
+
 /// One upstream registry.
 pub struct Upstream {
     /// The configured name (`docker.io`), used in logs, metrics and the index.
     pub name: String,
-    base: Url,
+    /// The configured URLs, in order of preference.
+    origins: Vec<Origin>,
     client: reqwest::Client,
     tokens: TokenCache,
     library_prefix: bool,
     credentials: Option<Arc<credentials::Store>>,
-    realms: RealmPolicy,
     /// The upstream answered a `Basic` challenge: send the credentials up front from now on
     /// rather than paying a 401 round trip per request.
     basic: AtomicBool,
     has_client_certificate: bool,
     connect_timeout: Duration,
+    /// The overall deadline of one exchange (see `UpstreamConfig::request_timeout`).
+    request_timeout: Duration,
     /// When the last failed connection was diagnosed, and whether the upstream asked for a
     /// client certificate; probes are rate-limited to one a minute.
     diagnosis: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
@@ -138,7 +187,18 @@ impl Upstream {
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, String> {
         install_crypto_provider();
-        let base = Url::parse(&config.url).map_err(|err| format!("upstreams.{name}.url: {err}"))?;
+        let mut origins = Vec::new();
+        for url in config.url.iter() {
+            let base = Url::parse(url).map_err(|err| format!("upstreams.{name}.url: {err}"))?;
+            origins.push(Origin {
+                realms: RealmPolicy::new(&base, &config.token_realms),
+                base,
+                failed_at: std::sync::Mutex::new(None),
+            });
+        }
+        if origins.is_empty() {
+            return Err(format!("upstreams.{name}.url: no URL"));
+        }
         let builder = reqwest::Client::builder()
             .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout.0)
@@ -157,18 +217,17 @@ impl Upstream {
             )),
             None => None,
         };
-        let realms = RealmPolicy::new(&base, &config.token_realms);
         Ok(Upstream {
             name: name.to_owned(),
-            base,
+            origins,
             client,
             tokens: TokenCache::default(),
             library_prefix: config.library_prefix(name),
             credentials,
-            realms,
             basic: AtomicBool::new(false),
             has_client_certificate,
             connect_timeout: config.connect_timeout.0,
+            request_timeout: config.request_timeout.0,
             diagnosis: std::sync::Mutex::new(None),
             metrics,
         })
@@ -196,27 +255,23 @@ impl Upstream {
         reference: &str,
     ) -> Result<RemoteManifest, Error> {
         let path = format!("{repo}/manifests/{reference}");
-        let mut response = self
-            .send(Method::GET, repo, &path, manifest_headers())
+        let (body, digest, declared) = self
+            .within(async {
+                let response = self
+                    .send(Method::GET, repo, &path, manifest_headers())
+                    .await?;
+                let digest = header_digest(response.headers());
+                let declared = content_type(response.headers());
+                let body = read_capped(response, MAX_MANIFEST_BYTES, "manifest").await?;
+                Ok((body, digest, declared))
+            })
             .await?;
-        let digest = header_digest(response.headers());
-        let declared = content_type(response.headers());
-        if response.content_length().unwrap_or(0) > MAX_MANIFEST_BYTES as u64 {
-            return Err(Error::Invalid("manifest larger than 4 MiB".into()));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
-            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
-                return Err(Error::Invalid("manifest larger than 4 MiB".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
         let media_type = declared
             .filter(|mt| media_type::is_manifest_type(mt))
             .or_else(|| media_type::sniff(&body))
             .ok_or_else(|| Error::Invalid("response is not a manifest".into()))?;
         Ok(RemoteManifest {
-            bytes: body.into(),
+            bytes: body,
             media_type,
             digest,
         })
@@ -231,7 +286,7 @@ impl Upstream {
     ) -> Result<ManifestHead, Error> {
         let path = format!("{repo}/manifests/{reference}");
         let response = self
-            .send(Method::HEAD, repo, &path, manifest_headers())
+            .within(self.send(Method::HEAD, repo, &path, manifest_headers()))
             .await?;
         Ok(ManifestHead {
             digest: header_digest(response.headers()),
@@ -239,7 +294,8 @@ impl Upstream {
     }
 
     /// Starts a blob download at byte `from` (a `Range` request to resume a dropped transfer).
-    /// Answers the response with its status checked; the caller streams the body.
+    /// Answers the response with its status checked; the caller streams the body. The deadline
+    /// covers the response's headers only: the body is bounded by `read_timeout`.
     pub async fn get_blob(
         &self,
         repo: &RepoName,
@@ -252,7 +308,9 @@ impl Upstream {
             let range = HeaderValue::from_str(&format!("bytes={from}-")).expect("ascii");
             headers.insert(header::RANGE, range);
         }
-        let response = self.send(Method::GET, repo, &path, headers).await?;
+        let response = self
+            .within(self.send(Method::GET, repo, &path, headers))
+            .await?;
         if from > 0 && response.status() != StatusCode::PARTIAL_CONTENT {
             return Err(Error::Invalid(
                 "upstream ignored the Range of a resumed download".into(),
@@ -265,7 +323,7 @@ impl Upstream {
     pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64, Error> {
         let path = format!("{repo}/blobs/{digest}");
         let response = self
-            .send(Method::HEAD, repo, &path, HeaderMap::new())
+            .within(self.send(Method::HEAD, repo, &path, HeaderMap::new()))
             .await?;
         response
             .headers()
@@ -282,10 +340,13 @@ impl Upstream {
         } else {
             format!("{repo}/tags/list?{query}")
         };
-        let response = self
-            .send(Method::GET, repo, &path, HeaderMap::new())
-            .await?;
-        small_body(response).await
+        self.within(async {
+            let response = self
+                .send(Method::GET, repo, &path, HeaderMap::new())
+                .await?;
+            read_capped(response, MAX_MANIFEST_BYTES, "response").await
+        })
+        .await
     }
 
     /// The upstream's referrers of `digest` (an OCI image index), passed through with the
@@ -302,14 +363,37 @@ impl Upstream {
         } else {
             format!("{repo}/referrers/{digest}?{query}")
         };
-        let response = self
-            .send(Method::GET, repo, &path, HeaderMap::new())
-            .await?;
-        small_body(response).await
+        self.within(async {
+            let response = self
+                .send(Method::GET, repo, &path, HeaderMap::new())
+                .await?;
+            read_capped(response, MAX_MANIFEST_BYTES, "response").await
+        })
+        .await
+    }
+
+    /// Runs one exchange under the upstream's overall deadline; a deadline that passes is an
+    /// [`Error::Timeout`], reported like any failed exchange.
+    async fn within<T>(
+        &self,
+        exchange: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(self.request_timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                let error = Error::Timeout;
+                self.metrics
+                    .upstream_exchange(&self.name, Err(&error), started.elapsed());
+                Err(error)
+            }
+        }
     }
 
     /// Sends a request with the cached token for the repository's pull scope; on a 401, answers
-    /// the challenge once and retries. Statuses other than 2xx become [`Error`]s.
+    /// the challenge once and retries. Connection errors and 5xx are retried (they are GETs and
+    /// HEADs, idempotent) after a jittered backoff, [`RETRIES`] times. Statuses other than 2xx
+    /// become [`Error`]s.
     async fn send(
         &self,
         method: Method,
@@ -317,30 +401,32 @@ impl Upstream {
         path: &str,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
-        let url = self.url(path)?;
         let scope = format!("repository:{repo}:pull");
         let mut authorization = if self.basic.load(Ordering::Relaxed) {
             self.basic_authorization()
         } else {
             self.tokens.get(&scope).map(|t| format!("Bearer {t}"))
         };
-        for attempt in 0..2 {
-            let mut request = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
-            if let Some(value) = &authorization {
-                request = request.header(header::AUTHORIZATION, value);
-            }
-            let started = std::time::Instant::now();
-            let response = match request.send().await.map_err(Error::from_reqwest) {
-                Err(Error::Transport(text)) => Err(Error::Transport(self.diagnose(text).await)),
-                other => other,
+        let mut challenged = false;
+        let mut retries = 0;
+        loop {
+            let (response, origin) = self
+                .exchange(&method, path, &headers, authorization.as_deref())
+                .await;
+            let retry = match &response {
+                Err(Error::Transport(_)) => true,
+                Ok(response) => response.status().is_server_error(),
+                Err(_) => false,
             };
-            self.observe(&response, started);
+            if retry && retries < RETRIES {
+                retries += 1;
+                tokio::time::sleep(backoff(retries)).await;
+                continue;
+            }
             let response = response?;
             let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+            if status == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
                 let challenge = response
                     .headers()
                     .get(header::WWW_AUTHENTICATE)
@@ -349,7 +435,7 @@ impl Upstream {
                 match challenge {
                     Some(challenge) if challenge.scheme == "bearer" => {
                         self.tokens.forget(&scope);
-                        let token = self.fetch_token(&challenge, &scope).await?;
+                        let token = self.fetch_token(&challenge, &scope, origin).await?;
                         authorization = Some(format!("Bearer {token}"));
                         continue;
                     }
@@ -373,13 +459,63 @@ impl Upstream {
             }
             return classify(response);
         }
-        Err(Error::Unauthorized)
     }
 
-    /// Reports one exchange (status, timing, rate-limit headers, health) to the metrics.
+    /// One request, to the first of the upstream's URLs that answers: URLs that failed lately
+    /// are tried last, a connection failure, timeout or 5xx moves on to the next URL (the last
+    /// URL's answer is returned whatever it is). Answers which URL it came from.
+    async fn exchange(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        authorization: Option<&str>,
+    ) -> (Result<reqwest::Response, Error>, usize) {
+        let mut order: Vec<usize> = (0..self.origins.len())
+            .filter(|i| !self.origins[*i].recently_failed())
+            .collect();
+        order.extend((0..self.origins.len()).filter(|i| self.origins[*i].recently_failed()));
+        let mut last = (Err(Error::Transport("no upstream URL".into())), 0);
+        for (n, index) in order.iter().copied().enumerate() {
+            let origin = &self.origins[index];
+            let url = match origin.url(path) {
+                Ok(url) => url,
+                Err(err) => return (Err(err), index),
+            };
+            let mut request = self
+                .client
+                .request(method.clone(), url)
+                .headers(headers.clone());
+            if let Some(value) = authorization {
+                request = request.header(header::AUTHORIZATION, value);
+            }
+            let started = std::time::Instant::now();
+            let response = match request.send().await.map_err(Error::from_reqwest) {
+                Err(Error::Transport(text)) => {
+                    Err(Error::Transport(self.diagnose(&origin.base, text).await))
+                }
+                other => other,
+            };
+            self.observe(&response, started);
+            let failed = match &response {
+                Ok(response) => response.status().is_server_error(),
+                Err(err) => matches!(err, Error::Transport(_) | Error::Timeout),
+            };
+            origin.set_failed(failed);
+            if failed && n + 1 < order.len() {
+                tracing::info!(upstream = %self.name, url = %origin.base, "upstream URL failed, trying the next one");
+                last = (response, index);
+                continue;
+            }
+            return (response, index);
+        }
+        last
+    }
+
+    /// Reports one exchange (status, timing, rate limit, health) to the metrics.
     fn observe(&self, response: &Result<reqwest::Response, Error>, started: std::time::Instant) {
         let result = match response {
-            Ok(response) => Ok((response.status(), response.headers())),
+            Ok(response) => Ok((response.status(), rate_limit(response.headers()))),
             Err(error) => Err(error as &dyn std::fmt::Display),
         };
         self.metrics
@@ -388,8 +524,13 @@ impl Upstream {
 
     /// Gets a bearer token from the challenge's realm for `scope` and caches it; every attempt
     /// is counted, and a failure becomes the upstream's last error on the status page.
-    async fn fetch_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
-        let result = self.request_token(challenge, scope).await;
+    async fn fetch_token(
+        &self,
+        challenge: &Challenge,
+        scope: &str,
+        origin: usize,
+    ) -> Result<String, Error> {
+        let result = self.request_token(challenge, scope, origin).await;
         let error = result.as_ref().err().map(|e| e as &dyn std::fmt::Display);
         self.metrics.token_fetch(&self.name, error);
         result
@@ -398,10 +539,8 @@ impl Upstream {
     /// Adds a hint to a connection failure whose text does not say why: an https upstream
     /// that wants a client certificate we do not have often shows up only as a closed
     /// connection.
-    async fn diagnose(&self, text: String) -> String {
-        if self.base.scheme() != "https"
-            || self.has_client_certificate
-            || tls::explain(&text).is_some()
+    async fn diagnose(&self, base: &Url, text: String) -> String {
+        if base.scheme() != "https" || self.has_client_certificate || tls::explain(&text).is_some()
         {
             return text;
         }
@@ -409,8 +548,7 @@ impl Upstream {
         let asked = match cached {
             Some((at, asked)) if at.elapsed() < Duration::from_secs(60) => asked,
             _ => {
-                let asked =
-                    tls::asks_for_client_certificate(&self.base, self.connect_timeout).await;
+                let asked = tls::asks_for_client_certificate(base, self.connect_timeout).await;
                 *self.diagnosis.lock().expect("diagnosis lock") =
                     Some((std::time::Instant::now(), asked));
                 asked
@@ -435,9 +573,14 @@ impl Upstream {
     }
 
     /// Asks the challenge's realm for a token. The credentials go along only if the realm
-    /// passes the [`RealmPolicy`]; otherwise the token is requested anonymously, which is
-    /// enough for public content and leaks nothing.
-    async fn request_token(&self, challenge: &Challenge, scope: &str) -> Result<String, Error> {
+    /// passes the [`RealmPolicy`] of the URL that challenged us; otherwise the token is
+    /// requested anonymously, which is enough for public content and leaks nothing.
+    async fn request_token(
+        &self,
+        challenge: &Challenge,
+        scope: &str,
+        origin: usize,
+    ) -> Result<String, Error> {
         let realm = challenge
             .param("realm")
             .ok_or_else(|| Error::Invalid("bearer challenge without realm".into()))?;
@@ -447,7 +590,7 @@ impl Upstream {
             return Err(Error::Invalid("bearer realm is not an http(s) URL".into()));
         }
         let credentials = match &self.credentials {
-            Some(store) if self.realms.allows(&url) => Some(store.get()),
+            Some(store) if self.origins[origin].realms.allows(&url) => Some(store.get()),
             Some(_) => {
                 tracing::warn!(
                     upstream = %self.name,
@@ -500,7 +643,7 @@ impl Upstream {
             }
             other => other?,
         };
-        let body = response.bytes().await.map_err(Error::from_reqwest)?;
+        let body = read_capped(response, MAX_TOKEN_BYTES, "token response").await?;
         let (token, lifetime) = serde_json::from_slice::<auth::TokenResponse>(&body)
             .ok()
             .and_then(auth::TokenResponse::into_token)
@@ -508,25 +651,82 @@ impl Upstream {
         self.tokens.put(scope, token.clone(), lifetime);
         Ok(token)
     }
-
-    fn url(&self, path: &str) -> Result<Url, Error> {
-        let base = self.base.as_str().trim_end_matches('/');
-        Url::parse(&format!("{base}/v2/{path}"))
-            .map_err(|_| Error::Invalid("bad upstream URL".into()))
-    }
 }
 
-/// Reads a JSON answer (tag list, referrers index) with the manifest size cap, so a hostile
-/// upstream cannot make us buffer without bound.
-async fn small_body(mut response: reqwest::Response) -> Result<Bytes, Error> {
+/// Reads a body held in memory (manifest, tag list, referrers index, token) with a cap on what
+/// is received and, for a gzip-encoded body, on what it decodes to (a few KiB of gzip can
+/// expand to gigabytes), so a hostile upstream cannot make us buffer without bound. Other
+/// content codings are refused: we never ask for them.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+    what: &str,
+) -> Result<Bytes, Error> {
+    let too_large = || Error::Invalid(format!("{what} larger than {cap} bytes"));
+    let gzip = match response
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or_default().trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        None | Some("" | "identity") => false,
+        Some("gzip" | "x-gzip") => true,
+        Some(_) => {
+            return Err(Error::Invalid(format!(
+                "{what} with an unsupported Content-Encoding"
+            )))
+        }
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > cap as u64)
+    {
+        return Err(too_large());
+    }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
-        if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err(Error::Invalid("response larger than 4 MiB".into()));
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.into())
+    if !gzip {
+        return Ok(body.into());
+    }
+    // At most 4 MiB each way: decoding in place is cheaper than a hop to the blocking pool.
+    let mut decoded = Vec::new();
+    flate2::read::MultiGzDecoder::new(body.as_slice())
+        .take(cap as u64 + 1)
+        .read_to_end(&mut decoded)
+        .map_err(|_| Error::Invalid(format!("{what}: undecodable gzip body")))?;
+    if decoded.len() > cap {
+        return Err(too_large());
+    }
+    Ok(decoded.into())
+}
+
+/// The backoff before retry `n` (1-based): doubling from [`BACKOFF`], with full jitter over its
+/// upper half so that many clients retrying at once do not retry in step.
+fn backoff(n: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let ceiling = BACKOFF.saturating_mul(1 << n.min(8));
+    let random = std::collections::hash_map::RandomState::new().hash_one(n);
+    let fraction = 0.5 + (random % 1000) as f64 / 2000.0;
+    ceiling.mul_f64(fraction)
+}
+
+/// The upstream's pull allowance from Docker Hub's `ratelimit-remaining` and `ratelimit-limit`.
+pub fn rate_limit(headers: &HeaderMap) -> RateLimit {
+    RateLimit {
+        remaining: ratelimit_header(headers, "ratelimit-remaining"),
+        limit: ratelimit_header(headers, "ratelimit-limit"),
+    }
+}
+
+/// The number at the start of a `ratelimit-*` header: Docker Hub sends `100;w=21600`.
+fn ratelimit_header(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let value = headers.get(name)?.to_str().ok()?;
+    value.split(';').next()?.trim().parse().ok()
 }
 
 /// Turns non-success statuses into errors.
@@ -544,7 +744,8 @@ fn classify(response: reqwest::Response) -> Result<reqwest::Response, Error> {
                 .headers()
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok()),
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|seconds| seconds.min(MAX_RETRY_AFTER_SECONDS)),
         },
         other => Error::Status(other.as_u16()),
     })
@@ -637,5 +838,54 @@ impl Upstreams {
     }
 }
 
-/// How long to wait for a whole manifest exchange.
-pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_headers() {
+        let cases = [
+            ("100;w=21600", Some(100)),
+            ("0;w=21600", Some(0)),
+            ("76", Some(76)),
+            (" 12 ; w=60", Some(12)),
+            ("-1;w=60", None),
+            ("lots", None),
+        ];
+        for (value, want) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert("ratelimit-remaining", value.parse().unwrap());
+            assert_eq!(rate_limit(&headers).remaining, want, "{value}");
+        }
+        assert_eq!(rate_limit(&HeaderMap::new()), RateLimit::default());
+    }
+
+    #[test]
+    fn retry_after_is_clamped() {
+        let cases = [
+            ("18446744073709551615", Some(MAX_RETRY_AFTER_SECONDS)),
+            ("120", Some(120)),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+            ("-5", None),
+        ];
+        for (value, want) in cases {
+            let response = axum::http::Response::builder()
+                .status(429)
+                .header(header::RETRY_AFTER, value)
+                .body(Vec::<u8>::new())
+                .unwrap();
+            let got = classify(reqwest::Response::from(response)).unwrap_err();
+            assert_eq!(got, Error::TooManyRequests { retry_after: want }, "{value}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        for n in 1..=RETRIES + 2 {
+            let ceiling = BACKOFF * (1 << n);
+            let got = backoff(n);
+            assert!(got >= ceiling / 2 && got <= ceiling, "{n}: {got:?}");
+        }
+        assert!(backoff(u32::MAX) <= BACKOFF * 256);
+    }
+}

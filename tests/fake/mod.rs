@@ -46,6 +46,10 @@ pub struct Faults {
     pub hold: Mutex<Option<(usize, tokio::sync::watch::Receiver<bool>)>>,
     /// Sleep this long before answering a manifest request.
     pub manifest_delay_ms: AtomicU64,
+    /// The bearer challenge's realm instead of this fake's `/token` (a hostile token endpoint).
+    pub token_realm: Mutex<Option<String>>,
+    /// Answer this many of the next registry requests with 503, then behave.
+    pub fail_next: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -218,10 +222,15 @@ async fn registry(
             .as_deref()
             .is_some_and(|a| a.starts_with("Bearer tok-"))
     {
-        let challenge = format!(
-            r#"Bearer realm="{}/token",service="fake",scope="repository:x:pull""#,
-            fake.url()
-        );
+        let realm = fake
+            .faults
+            .token_realm
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| format!("{}/token", fake.url()));
+        let challenge =
+            format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull""#);
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, challenge)],
@@ -234,6 +243,14 @@ async fn registry(
     }
     if let Some(status) = *fake.faults.status.lock().unwrap() {
         return StatusCode::from_u16(status).unwrap().into_response();
+    }
+    if fake
+        .faults
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
@@ -505,5 +522,26 @@ impl Counters {
             }
             arrived.await;
         }
+    }
+}
+
+/// Starts regmirror from a whole configuration (upstreams included) without `listen` and
+/// `storage`, which are set here: its store is in a fresh temporary directory.
+pub async fn mirror_from(text: &str) -> Mirror {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let text = format!("listen: 127.0.0.1:0\nstorage: {{ root: {root:?} }}\n{text}\n");
+    let config = regmirror::Config::parse(&text, "test").unwrap();
+    let state = regmirror::state(&config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = regmirror::server::Listener::new(listener, None).unwrap();
+    let serving = regmirror::serve(listener, state.clone(), std::future::pending());
+    tokio::spawn(async move { serving.await.unwrap() });
+    Mirror {
+        url,
+        root,
+        state,
+        _dir: Some(dir),
     }
 }
