@@ -1196,6 +1196,22 @@ fn client_snippets_name_the_mirror_for_every_upstream() {
     assert!(mirror["keypair"][0]["cert"].is_string(), "{mirror:#}");
     assert!(mirror.get("http").is_none());
 
+    // containers/image: a path-prefix mirror per upstream (tests/clients.rs pulls with it).
+    let containers = toml_to_json(&repo().join("deploy/clients/containers/registries.conf"));
+    for upstream in ["docker.io", "ghcr.io", "quay.io"] {
+        let entry = containers["registry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["prefix"] == upstream)
+            .unwrap_or_else(|| panic!("no [[registry]] for {upstream}"));
+        assert_eq!(
+            entry["mirror"][0]["location"],
+            format!("{host}/{upstream}"),
+            "{upstream}"
+        );
+    }
+
     let k3s = yaml(
         &read("deploy/clients/k3s/registries.yaml"),
         "registries.yaml",

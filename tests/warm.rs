@@ -175,6 +175,7 @@ async fn warm_then_pull_every_platform_with_the_upstream_down() {
     ])
     .await;
     assert!(out.success, "{out}");
+    eprintln!("first warm:\n{}", out.stdout);
     let mut lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "one line per image and a summary:\n{out}");
     let summary = lines.pop().unwrap();
