@@ -97,7 +97,10 @@ struct Staged {
 
 impl Staged {
     fn new(binary: &Path) -> Self {
-        let rel = format!("target/image/deploy-test-{}", std::process::id());
+        // One directory per test: the compose tests run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rel = format!("target/image/deploy-test-{}-{n}", std::process::id());
         let dir = repo().join(&rel);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(binary, dir.join("regmirror")).unwrap();
