@@ -573,12 +573,19 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
     let binary = tokio::task::spawn_blocking(static_binary).await.unwrap();
     let dist = Distribution::start().await;
     let img = push_image(&dist.url(), "library/zerosetup", "v1", &[3000, 800_000]).await;
-    // compose.yaml publishes 5000, so that is where the engine's mirror is.
-    let mirror = "http://127.0.0.1:5000";
+    // compose.yaml publishes 5000 unless REGMIRROR_PORT says otherwise: the test takes a free
+    // port on loopback, so nothing it starts listens beyond this machine.
+    let published = format!("127.0.0.1:{}", free_port());
+    let mirror = format!("http://{published}");
+    let mirror = mirror.as_str();
     let containerd = Containerd::start().await;
-    // The port proxy publishes ports without iptables rules.
-    let dockerd =
-        Dockerd::start_with_args(containerd, mirror, &["--userland-proxy=true".into()]).await;
+    // The port proxy publishes ports without iptables rules; `--ip` keeps them on loopback.
+    let dockerd = Dockerd::start_with_args(
+        containerd,
+        mirror,
+        &["--userland-proxy=true".into(), "--ip=127.0.0.1".into()],
+    )
+    .await;
     let docker_host = format!("unix://{}", dockerd.dir().join("docker.sock").display());
 
     // compose.yaml's own image name, so `up` finds it instead of building from source.
@@ -609,7 +616,7 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
         // No --file: compose finds compose.yaml itself.
         files: Vec::new(),
         docker_host: docker_host.clone(),
-        env: Vec::new(),
+        env: vec![("REGMIRROR_PORT".into(), published.clone())],
         image: image.to_owned(),
         env_file: Some(empty_env.clone()),
     };
