@@ -7,12 +7,14 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod healthcheck;
 pub mod metrics;
 pub mod oci;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod upstream;
+pub mod warm;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -26,14 +26,60 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Exit 0 if a plain-HTTP GET of the URL answers 2xx: the container HEALTHCHECK, since a
-    /// scratch image has no curl.
+    /// Exit 0 if a GET of the mirror's /healthz answers 2xx: the container HEALTHCHECK, since a
+    /// scratch image has no curl. With --config the URL is where that configuration listens
+    /// (`listen`, https with `tls`).
     Healthcheck {
-        #[arg(long, default_value = "http://127.0.0.1:5000/healthz")]
-        url: String,
+        /// The configuration the server runs with; the probe goes where it listens.
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
+        /// An explicit http:// or https:// URL (default: http://127.0.0.1:5000/healthz).
+        #[arg(long)]
+        url: Option<String>,
         /// Seconds allowed for connecting and for the answer.
         #[arg(long, default_value_t = 3)]
         timeout: u64,
+        /// PEM client certificate, for a listener with `tls.client_ca`.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// PEM key of --client-cert.
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
+    },
+    /// Pre-warm a running mirror: pull every platform of each image through it, as a client
+    /// would, so that later pulls are cache hits. Exits 1 naming each reference that failed.
+    Warm {
+        /// Image references: alpine:3.20, docker.io/library/alpine:3.20, ghcr.io/org/app:1.4,
+        /// quay.io/org/app@sha256:… (a registry host becomes the mirror's `?ns=`).
+        references: Vec<String>,
+        /// A file of references, one per line (`#` comments and blank lines are skipped).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// The mirror's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        mirror: String,
+        /// Only this platform of multi-platform images (os/arch[/variant]); default all.
+        #[arg(long)]
+        platform: Option<regmirror::warm::Platform>,
+        /// Blob downloads (and images) in flight at once.
+        #[arg(long, short, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+        jobs: u16,
+        /// The mirror's htpasswd user; the password comes from --password-file or the
+        /// REGMIRROR_PASSWORD environment variable, never from the command line.
+        #[arg(long)]
+        username: Option<String>,
+        /// A file holding the password of --username.
+        #[arg(long, requires = "username")]
+        password_file: Option<PathBuf>,
+        /// PEM CA certificates to trust for an https:// mirror (besides the system roots).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// PEM client certificate, for a mirror with `tls.client_ca`.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// PEM key of --client-cert.
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
     },
 }
 
@@ -48,15 +94,96 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {
-        Command::Healthcheck { url, timeout } => {
-            match healthcheck(&url, std::time::Duration::from_secs(timeout)) {
+        Command::Healthcheck {
+            config,
+            url,
+            timeout,
+            client_cert,
+            client_key,
+        } => {
+            let mut probe = match (config, url) {
+                (Some(path), _) => match Config::load(&path) {
+                    Ok(config) => regmirror::healthcheck::Probe::from_config(&config),
+                    Err(err) => {
+                        eprintln!("{err}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, url) => regmirror::healthcheck::Probe {
+                    url: url.unwrap_or_else(|| "http://127.0.0.1:5000/healthz".to_owned()),
+                    client_identity: None,
+                },
+            };
+            probe.client_identity = client_cert.zip(client_key);
+            let timeout = std::time::Duration::from_secs(timeout);
+            match regmirror::healthcheck::check(&probe, timeout) {
                 Ok(status) => {
-                    println!("{url}: {status}");
+                    println!("{}: {status}", probe.url);
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
-                    eprintln!("{url}: {err}");
+                    eprintln!("{}: {err}", probe.url);
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Warm {
+            mut references,
+            file,
+            mirror,
+            platform,
+            jobs,
+            username,
+            password_file,
+            ca,
+            client_cert,
+            client_key,
+        } => {
+            if let Some(file) = file {
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => references.extend(regmirror::warm::read_list(&text)),
+                    Err(err) => {
+                        eprintln!("--file {}: {err}", file.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if references.is_empty() {
+                eprintln!("regmirror warm: no image references (give some, or --file)");
+                return ExitCode::from(2);
+            }
+            let basic_auth = match username {
+                None => None,
+                Some(user) => match password(password_file.as_ref()) {
+                    Ok(password) => Some((user, password)),
+                    Err(err) => {
+                        eprintln!("regmirror warm: {err}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let options = regmirror::warm::Options {
+                mirror,
+                references,
+                platform,
+                jobs: usize::from(jobs),
+                basic_auth,
+                ca,
+                client_identity: client_cert.zip(client_key),
+                progress: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(regmirror::warm::run(options, Box::new(std::io::stdout()))) {
+                Ok(summary) if summary.failed.is_empty() => ExitCode::SUCCESS,
+                Ok(summary) => {
+                    for (reference, _) in &summary.failed {
+                        eprintln!("regmirror warm: failed: {reference}");
+                    }
+                    ExitCode::FAILURE
+                }
+                Err(err) => {
+                    eprintln!("regmirror warm: {err}");
+                    ExitCode::from(2)
                 }
             }
         }
@@ -99,50 +226,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// One HTTP/1.0 GET over a std `TcpStream`; returns the status line if the status is 2xx.
-///
-/// Deliberately tiny (no TLS, no redirects, no runtime): it probes the local listener only.
-fn healthcheck(url: &str, timeout: std::time::Duration) -> Result<String, String> {
-    use std::io::{Read, Write};
-    use std::net::{TcpStream, ToSocketAddrs};
-
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are supported")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, "/"),
-    };
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(|err| format!("resolving {authority}: {err}"))?
-        .next()
-        .ok_or_else(|| format!("{authority} has no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: regmirror-healthcheck\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    // The status line is all we need; HTTP/1.0 makes the server close after the body.
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.contains(&b'\n') && head.len() < 4096 {
-        match stream.read(&mut buf).map_err(|e| e.to_string())? {
-            0 => break,
-            n => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let status_line = text.lines().next().unwrap_or("").trim().to_owned();
-    match status_line.split_whitespace().nth(1) {
-        Some(code) if code.starts_with('2') && code.len() == 3 => Ok(status_line),
-        _ if status_line.is_empty() => Err("no HTTP answer".to_owned()),
-        _ => Err(status_line),
+/// The mirror password for `warm`: from a file, else from `REGMIRROR_PASSWORD` (never
+/// from the command line, where `ps` shows it).
+fn password(file: Option<&PathBuf>) -> Result<String, String> {
+    match file {
+        Some(file) => std::fs::read_to_string(file)
+            .map(|text| text.trim_end_matches(['\r', '\n']).to_owned())
+            .map_err(|err| format!("--password-file {}: {err}", file.display())),
+        None => std::env::var("REGMIRROR_PASSWORD")
+            .map_err(|_| "--username needs --password-file or REGMIRROR_PASSWORD".to_owned()),
     }
 }
 

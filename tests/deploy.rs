@@ -97,7 +97,10 @@ struct Staged {
 
 impl Staged {
     fn new(binary: &Path) -> Self {
-        let rel = format!("target/image/deploy-test-{}", std::process::id());
+        // One directory per test: the compose tests run in parallel in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rel = format!("target/image/deploy-test-{}-{n}", std::process::id());
         let dir = repo().join(&rel);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(binary, dir.join("regmirror")).unwrap();
@@ -130,6 +133,8 @@ struct ComposeProject {
     docker_host: String,
     env: Vec<(String, String)>,
     image: String,
+    /// `--env-file`: an empty one stands for a fresh clone without `.env`.
+    env_file: Option<PathBuf>,
 }
 
 impl ComposeProject {
@@ -140,6 +145,9 @@ impl ComposeProject {
             .arg(&self.project)
             .arg("--project-directory")
             .arg(repo());
+        if let Some(env_file) = &self.env_file {
+            cmd.arg("--env-file").arg(env_file);
+        }
         for file in &self.files {
             cmd.arg("--file").arg(file);
         }
@@ -270,7 +278,9 @@ impl Drop for ComposeProject {
 /// healthy, pull through it with two clients (dockerd via daemon.json, containerd via the
 /// hosts.toml snippet), `down` (keeping the volume), `up` again, and pull everything again
 /// with zero blob downloads from the upstream. The upstream requires credentials, which
-/// reach regmirror as a compose secret.
+/// reach regmirror as a compose secret through the opt-in compose.credentials.yaml; the
+/// test config listens on another port than 5000, which compose.yaml's healthcheck
+/// (`healthcheck --config`) finds in the configuration.
 #[tokio::test(flavor = "multi_thread")]
 async fn compose_serves_from_its_volume_after_down_and_up() {
     require_root("the compose test");
@@ -391,11 +401,11 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
 
     // compose's config with this machine's addresses; the upstream by name, resolved
     // through the container's /etc/hosts.
-    let compose_config = read("deploy/compose/config.yml");
+    let compose_config = read("deploy/compose/config.credentials.yml");
     for needle in ["listen: 0.0.0.0:5000", "url: https://registry-1.docker.io"] {
         assert!(
             compose_config.contains(needle),
-            "deploy/compose/config.yml has no `{needle}`"
+            "deploy/compose/config.credentials.yml has no `{needle}`"
         );
     }
     let test_config = compose_config
@@ -417,6 +427,7 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
         project: format!("regmirror-deploy-{}", std::process::id()),
         files: vec![
             repo().join("compose.yaml"),
+            repo().join("compose.credentials.yaml"),
             repo().join("tests/deploy/compose.test.yaml"),
         ],
         docker_host: docker_host.clone(),
@@ -431,9 +442,9 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
                 "REGMIRROR_TEST_CONFIG".into(),
                 config_path.display().to_string(),
             ),
-            ("REGMIRROR_TEST_PORT".into(), port.to_string()),
         ],
         image: image.clone(),
+        env_file: None,
     };
     project.render_for_host_network(scratch.path()).await;
 
@@ -549,6 +560,220 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
     drop(staged);
 }
 
+/// A fresh clone, as a new user runs it: `docker-compose up --detach` with compose.yaml as
+/// it is, no `.env`, no variable and no secret file, starts a healthy anonymous mirror
+/// published on :5000 (through the engine's port proxy, on the project's own bridge network).
+/// Then compose's config.yml, unchanged but for a local upstream's URL (there are no
+/// credentials in it to remove), serves a real dockerd's pulls through the same compose.yaml
+/// with the test's host-network override.
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_starts_with_zero_setup_and_serves_pulls() {
+    require_root("the compose test");
+    require_tool("docker-compose");
+    let binary = tokio::task::spawn_blocking(static_binary).await.unwrap();
+    let dist = Distribution::start().await;
+    let img = push_image(&dist.url(), "library/zerosetup", "v1", &[3000, 800_000]).await;
+    // compose.yaml publishes 5000 unless REGMIRROR_PORT says otherwise: the test takes a free
+    // port on loopback, so nothing it starts listens beyond this machine.
+    let published = format!("127.0.0.1:{}", free_port());
+    let mirror = format!("http://{published}");
+    let mirror = mirror.as_str();
+    let containerd = Containerd::start().await;
+    // The port proxy publishes ports without iptables rules; `--ip` keeps them on loopback.
+    let dockerd = Dockerd::start_with_args(
+        containerd,
+        mirror,
+        &["--userland-proxy=true".into(), "--ip=127.0.0.1".into()],
+    )
+    .await;
+    let docker_host = format!("unix://{}", dockerd.dir().join("docker.sock").display());
+
+    // compose.yaml's own image name, so `up` finds it instead of building from source.
+    let staged = Staged::new(&binary);
+    let image = "regmirror:latest";
+    let dockerfile = repo().join("deploy/Dockerfile");
+    dockerd
+        .docker(&[
+            "build",
+            "--file",
+            dockerfile.to_str().unwrap(),
+            "--target",
+            "prebuilt",
+            "--build-arg",
+            &format!("PREBUILT={}", staged.rel),
+            "--tag",
+            image,
+            repo().to_str().unwrap(),
+        ])
+        .await
+        .assert_success();
+
+    let scratch = tempdir("zero-setup-");
+    let empty_env = scratch.path().join("empty.env");
+    std::fs::write(&empty_env, "").unwrap();
+    let fresh = ComposeProject {
+        project: format!("regmirror-zero-{}", std::process::id()),
+        // No --file: compose finds compose.yaml itself.
+        files: Vec::new(),
+        docker_host: docker_host.clone(),
+        env: vec![("REGMIRROR_PORT".into(), published.clone())],
+        image: image.to_owned(),
+        env_file: Some(empty_env.clone()),
+    };
+    fresh.run(&["up", "--detach"]).await.assert_success();
+    let healthy = fresh.wait_healthy(Duration::from_secs(90)).await;
+    eprintln!("zero-setup `up`: healthy after {healthy:?}");
+    let http = http();
+    for path in ["/v2/", "/healthz"] {
+        let response = http
+            .get(format!("{mirror}{path}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {mirror}{path}: {e}"));
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let container = fresh.inspect_container().await;
+    let mounts = container["Mounts"].to_string();
+    assert!(!mounts.contains("/run/secrets"), "{mounts}");
+    let env = container["Config"]["Env"].to_string();
+    assert!(!env.contains("DOCKERHUB"), "{env}");
+    // The probe went where the configuration listens.
+    let health = container["State"]["Health"]["Log"].to_string();
+    assert!(
+        health.contains("http://127.0.0.1:5000/healthz: HTTP/1.0 200"),
+        "{health}"
+    );
+    fresh.run(&["down", "--volumes"]).await.assert_success();
+
+    // Pulls: the same compose.yaml, its config.yml with a local upstream.
+    let compose_config = read("deploy/compose/config.yml");
+    for needle in ["listen: 0.0.0.0:5000", "url: https://registry-1.docker.io"] {
+        assert!(
+            compose_config.contains(needle),
+            "config.yml has no `{needle}`"
+        );
+    }
+    let test_config = compose_config
+        .replace("listen: 0.0.0.0:5000", "listen: 127.0.0.1:5000")
+        .replace(
+            "url: https://registry-1.docker.io",
+            &format!("url: http://upstream.regmirror.test:{}", dist_port(&dist)),
+        );
+    let config_path = scratch.path().join("config.yml");
+    std::fs::write(&config_path, test_config).unwrap();
+    set_mode(&config_path, 0o444);
+    let mut project = ComposeProject {
+        project: format!("regmirror-zero-pull-{}", std::process::id()),
+        files: vec![
+            repo().join("compose.yaml"),
+            repo().join("tests/deploy/compose.test.yaml"),
+        ],
+        docker_host,
+        env: vec![
+            ("REGMIRROR_TEST_IMAGE".into(), image.to_owned()),
+            (
+                "REGMIRROR_TEST_CONFIG".into(),
+                config_path.display().to_string(),
+            ),
+        ],
+        image: image.to_owned(),
+        env_file: Some(empty_env),
+    };
+    project.render_for_host_network(scratch.path()).await;
+    project
+        .run(&["up", "--detach", "--no-build", "regmirror"])
+        .await
+        .assert_success();
+    project.wait_healthy(Duration::from_secs(90)).await;
+    let tag = "zerosetup:v1";
+    dockerd.docker_pull(tag).await.assert_success();
+    assert!(
+        dockerd
+            .repo_digests(tag)
+            .await
+            .contains(&format!("zerosetup@{}", img.manifest_digest)),
+        "{:?}",
+        dockerd.repo_digests(tag).await
+    );
+    for d in img.blob_digests() {
+        assert_eq!(dist.blob_gets_for(&d).await, 1, "upstream GETs of {d}");
+    }
+    drop(project);
+    drop(fresh);
+    drop(dockerd);
+    drop(staged);
+}
+
+/// `regmirror healthcheck --config FILE` probes where FILE says the server listens: another
+/// port than 5000, HTTPS with `tls` (the certificate is not verified: the probe talks to its
+/// own listener), and with `tls.client_ca` the probe's client certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_follows_the_configuration() {
+    let dir = tempdir("healthcheck-");
+    let ca = common::pki::Ca::new(dir.path(), "hc-ca");
+    let server = ca.server("mirror");
+    let clients = common::pki::Ca::new(dir.path(), "hc-clients");
+    let probe = clients.client("probe");
+    let dist = Distribution::start().await;
+    let check = |args: Vec<String>| async move {
+        let mut cmd = Command::new(Regmirror::binary());
+        cmd.arg("healthcheck").args(["--timeout", "5"]).args(args);
+        run(cmd, Duration::from_secs(30)).await
+    };
+    let config_arg = |rm: &Regmirror| {
+        vec![
+            "--config".to_owned(),
+            rm.config_path().display().to_string(),
+        ]
+    };
+    let tls_config = |extra: &str| {
+        format!(
+            "listen: @LISTEN@\nstorage: {{ root: @ROOT@ }}\ndefault_upstream: docker.io\n\
+             upstreams:\n  docker.io: {{ url: '{}' }}\n\
+             tls: {{ cert: {:?}, key: {:?}{extra} }}\n",
+            dist.url(),
+            server.cert,
+            server.key
+        )
+    };
+
+    let plain = Regmirror::with_docker_io(&dist.url()).await;
+    let out = check(config_arg(&plain)).await;
+    assert!(out.success, "{out}");
+    assert!(
+        out.stdout
+            .starts_with(&format!("{}/healthz: HTTP/1.0 200", plain.url())),
+        "{out}"
+    );
+
+    let https = Regmirror::start(&tls_config("")).await;
+    assert!(https.url().starts_with("https://"));
+    let out = check(config_arg(&https)).await;
+    assert!(out.success, "{out}");
+    assert!(
+        out.stdout
+            .starts_with(&format!("{}/healthz: HTTP/1.0 200", https.url())),
+        "{out}"
+    );
+
+    let mtls = Regmirror::start(&tls_config(&format!(", client_ca: {:?}", clients.cert))).await;
+    let out = check(config_arg(&mtls)).await;
+    assert!(!out.success, "no client certificate: {out}");
+    let mut args = config_arg(&mtls);
+    args.extend([
+        "--client-cert".to_owned(),
+        probe.cert.display().to_string(),
+        "--client-key".to_owned(),
+        probe.key.display().to_string(),
+    ]);
+    let out = check(args).await;
+    assert!(out.success, "{out}");
+
+    // The default still probes http://127.0.0.1:5000, and an unreadable config is refused.
+    let out = check(vec!["--config".into(), "/nonexistent/config.yml".into()]).await;
+    assert_eq!(out.code, Some(2), "{out}");
+}
+
 /// `docker run --rm --network none IMAGE check-config` with `mounts` (host file, container
 /// path) bind-mounted read-only.
 async fn check_config_in_image(dockerd: &Dockerd, image: &str, mounts: &[(&str, &str)]) {
@@ -589,21 +814,29 @@ fn set_mode(path: &Path, mode: u32) {
 // ---------------------------------------------------------------------------------------
 
 /// `docker-compose config` accepts compose.yaml with the `monitoring` profile, and
-/// `promtool` accepts the Prometheus configuration it mounts.
+/// `promtool` accepts the Prometheus configuration it mounts. compose.yaml needs no
+/// variable, `.env` or secret; compose.credentials.yaml adds them and refuses to run without
+/// the user name.
 #[test]
 fn compose_file_and_monitoring_config_validate() {
-    let mut cmd = Command::new(require_tool("docker-compose"));
-    cmd.current_dir(repo())
-        .args([
-            "--file",
-            "compose.yaml",
-            "--profile",
-            "monitoring",
-            "config",
-        ])
-        .env("DOCKERHUB_USERNAME", "someone")
-        .env_remove("DOCKER_HOST");
-    let out = run_blocking(cmd, Duration::from_secs(60));
+    let scratch = tempdir("compose-");
+    // A developer's .env must not supply anything: an empty one, as in a fresh clone.
+    let empty_env = scratch.path().join("empty.env");
+    std::fs::write(&empty_env, "").unwrap();
+    let compose = |files: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(require_tool("docker-compose"));
+        cmd.current_dir(repo()).arg("--env-file").arg(&empty_env);
+        for file in files {
+            cmd.args(["--file", file]);
+        }
+        cmd.args(["--profile", "monitoring", "config"])
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKERHUB_USERNAME")
+            .env_remove("DOCKERHUB_TOKEN_FILE")
+            .envs(env.iter().copied());
+        run_blocking(cmd, Duration::from_secs(60))
+    };
+    let out = compose(&["compose.yaml"], &[]);
     out.assert_success();
     let rendered = yaml(&out.stdout, "docker-compose config");
     for service in ["regmirror", "prometheus", "grafana"] {
@@ -615,26 +848,57 @@ fn compose_file_and_monitoring_config_validate() {
     }
     let regmirror = &rendered["services"]["regmirror"];
     assert_eq!(regmirror["restart"], "unless-stopped");
-    assert!(regmirror["healthcheck"]["test"]
-        .to_string()
-        .contains("/healthz"));
+    // The healthcheck probes where the mounted configuration listens.
+    assert_eq!(
+        regmirror["healthcheck"]["test"],
+        serde_json::json!([
+            "CMD",
+            "/usr/local/bin/regmirror",
+            "healthcheck",
+            "--config",
+            "/etc/regmirror/config.yml"
+        ])
+    );
     assert!(rendered["volumes"].get("regmirror-data").is_some());
-    assert!(rendered["secrets"].get("dockerhub-token").is_some());
+    assert!(rendered.get("secrets").is_none(), "{}", out.stdout);
+    assert!(regmirror.get("secrets").is_none(), "{}", out.stdout);
+    assert!(!out.stdout.contains("DOCKERHUB"), "{}", out.stdout);
 
-    // Without the user name compose refuses to start, and says why.
-    let scratch = tempdir("compose-");
-    let empty_env = scratch.path().join("empty.env");
-    std::fs::write(&empty_env, "").unwrap();
-    let mut cmd = Command::new(require_tool("docker-compose"));
-    cmd.current_dir(repo())
-        // A developer's .env must not supply it.
-        .arg("--env-file")
-        .arg(&empty_env)
-        .args(["--file", "compose.yaml", "config"])
-        .env_remove("DOCKERHUB_USERNAME");
-    let out = run_blocking(cmd, Duration::from_secs(60));
+    // The credentials override: the user name is required, and says why.
+    let out = compose(&["compose.yaml", "compose.credentials.yaml"], &[]);
     assert!(!out.success, "{out}");
     assert!(out.stderr.contains("DOCKERHUB_USERNAME"), "{out}");
+    let out = compose(
+        &["compose.yaml", "compose.credentials.yaml"],
+        &[("DOCKERHUB_USERNAME", "someone")],
+    );
+    out.assert_success();
+    let rendered = yaml(&out.stdout, "docker-compose config");
+    let regmirror = &rendered["services"]["regmirror"];
+    assert!(rendered["secrets"].get("dockerhub-token").is_some());
+    assert_eq!(regmirror["environment"]["DOCKERHUB_USERNAME"], "someone");
+    let volumes = regmirror["volumes"].to_string();
+    assert!(volumes.contains("config.credentials.yml"), "{volumes}");
+    assert!(
+        !volumes.contains("compose/config.yml"),
+        "one config mount: {volumes}"
+    );
+
+    // The two compose configurations differ only by the Docker Hub credentials.
+    let anonymous = yaml(&read("deploy/compose/config.yml"), "config.yml");
+    let mut credentials = yaml(
+        &read("deploy/compose/config.credentials.yml"),
+        "config.credentials.yml",
+    );
+    let hub = credentials["upstreams"]["docker.io"]
+        .as_object_mut()
+        .unwrap();
+    assert_eq!(hub.remove("username").unwrap(), "${DOCKERHUB_USERNAME}");
+    assert_eq!(
+        hub.remove("password_file").unwrap(),
+        "/run/secrets/dockerhub-token"
+    );
+    assert_eq!(anonymous, credentials);
 
     let mut promtool = Command::new(require_tool("promtool"));
     promtool
@@ -646,6 +910,7 @@ fn compose_file_and_monitoring_config_validate() {
     for file in [
         "deploy/config.yml",
         "deploy/compose/config.yml",
+        "deploy/compose/config.credentials.yml",
         "deploy/kubernetes/base/config.yml",
         "deploy/kubernetes/components/credentials/config.yml",
     ] {
@@ -940,6 +1205,22 @@ fn client_snippets_name_the_mirror_for_every_upstream() {
     assert!(mirror["keypair"][0]["key"].is_string(), "{mirror:#}");
     assert!(mirror["keypair"][0]["cert"].is_string(), "{mirror:#}");
     assert!(mirror.get("http").is_none());
+
+    // containers/image: a path-prefix mirror per upstream (tests/clients.rs pulls with it).
+    let containers = toml_to_json(&repo().join("deploy/clients/containers/registries.conf"));
+    for upstream in ["docker.io", "ghcr.io", "quay.io"] {
+        let entry = containers["registry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["prefix"] == upstream)
+            .unwrap_or_else(|| panic!("no [[registry]] for {upstream}"));
+        assert_eq!(
+            entry["mirror"][0]["location"],
+            format!("{host}/{upstream}"),
+            "{upstream}"
+        );
+    }
 
     let k3s = yaml(
         &read("deploy/clients/k3s/registries.yaml"),

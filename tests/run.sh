@@ -16,6 +16,11 @@ packages=(skopeo docker-registry containerd docker.io umoci apache2-utils promet
 # tests/credentials.rs and tests/tls.rs: a forward proxy, and test certificates made by openssl.
 required_tools+=(tinyproxy openssl)
 packages+=(tinyproxy openssl)
+# tests/clients.rs: podman (containers/image) pulling through registries.conf; docker-proxy
+# (docker.io) publishes compose.yaml's port in tests/deploy.rs; tests/warm.rs runs `warm` on
+# a pseudo-terminal with `script` (bsdutils).
+required_tools+=(podman docker-proxy script)
+packages+=(podman bsdutils)
 
 missing_tools() {
     local t out=()

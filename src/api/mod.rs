@@ -252,6 +252,11 @@ async fn registry(
         Err((error, outcome)) => mark(error.into_response(), route, outcome),
     };
     response.extensions_mut().insert(upstream_name);
+    // distribution-spec "Registry Proxying": say which namespace answered. Only an `ns` that
+    // resolved to a configured upstream gets here, so the value is one of a closed set.
+    if let Some(value) = ns.as_deref().and_then(|ns| HeaderValue::from_str(ns).ok()) {
+        response.headers_mut().insert("oci-namespace", value);
+    }
     response
 }
 
