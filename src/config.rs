@@ -80,8 +80,9 @@ pub struct ServerConfig {
     /// closed (a stalled reader holds its buffers until then).
     #[serde(default = "defaults::send_timeout")]
     pub send_timeout: HumanDuration,
-    /// HTTP/2 streams (requests) one connection may have open at once. Each buffers at most
-    /// one read chunk plus the HTTP/2 send buffer, see the README's memory bound.
+    /// HTTP/2 streams (requests) one connection may have open at once. Each holds at most one
+    /// read chunk (128 KiB of a stored blob, 512 KiB of one downloading) while its client does
+    /// not read, see the README's memory bound.
     #[serde(default = "defaults::http2_max_streams")]
     pub http2_max_streams: u32,
     /// `auto`: cache hits on plain HTTP/1 connections go out with sendfile(2) if the start-up
@@ -333,7 +334,7 @@ mod defaults {
     }
 
     pub fn http2_max_streams() -> u32 {
-        64
+        32
     }
 
     pub fn listen() -> SocketAddr {

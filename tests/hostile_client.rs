@@ -15,7 +15,7 @@ mod fake;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fake::Fake;
@@ -118,6 +118,19 @@ async fn truncate_mid_response(client: reqwest::Client, m: &Mirror, fake: &Fake)
     let mut received = 0usize;
     while received < 1 << 20 {
         received += response.chunk().await.unwrap().expect("more body").len();
+    }
+    // Let the server run into the stalled client, so that it holds a chunk it has not sent
+    // yet when the file shrinks (where a mapped chunk raised SIGBUS). The pass does not depend
+    // on this wait; it only makes the old failure certain.
+    let served = || m.state.metrics.served_bytes_total("cache");
+    let mut last = served();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = served();
+        if now == last {
+            break;
+        }
+        last = now;
     }
     std::fs::OpenOptions::new()
         .write(true)
@@ -447,28 +460,39 @@ async fn connections_beyond_the_limit_wait_for_a_slot() {
     for _ in 0..2 {
         silent.push(TcpStream::connect(m.addr).await.unwrap());
     }
-    let closed = async {
-        let mut first = None;
-        for mut s in silent {
-            until_closed(&mut s).await;
-            first.get_or_insert_with(Instant::now);
-        }
-        first.unwrap()
-    };
-    let served = async {
-        let mut s = TcpStream::connect(m.addr).await.unwrap();
-        s.write_all(b"GET /v2/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let got = until_closed(&mut s).await;
-        (Instant::now(), got)
-    };
-    let (first_closed, (answered, got)) = tokio::join!(closed, served);
+    let mut s = TcpStream::connect(m.addr).await.unwrap();
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut s).await;
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // The server closed a silent connection to free the slot before it took the third, and on
+    // loopback that FIN is already here: at least one of them reads as closed.
+    let closed = silent.iter().filter(|s| closed_by_peer(s)).count();
     assert!(
-        answered >= first_closed,
+        closed >= 1,
         "the third connection was served while two others held both slots"
     );
+}
+
+/// Whether the peer closed `s` (EOF or reset), without waiting: a peeking non-blocking read.
+fn closed_by_peer(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 1];
+    // SAFETY: a one-byte read into a live buffer on a live descriptor.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_PEEK,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock,
+    }
 }
 
 /// Item 6: with fewer file descriptors than sockets thrown at it, the accept loop rides out
@@ -613,7 +637,7 @@ async fn stalled_http2_readers_hold_bounded_memory() {
         grown >> 10,
         bound >> 10
     );
-    assert!(allowed <= 64, "{allowed} streams per connection");
+    assert!(allowed <= 32, "{allowed} streams per connection");
     assert!(grown <= bound, "RSS grew {grown} bytes, bound {bound}");
 
     // A blob still being filled (the upstream trickles it): the readers follow the download.
