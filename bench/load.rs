@@ -262,6 +262,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(request)
         .await
         .map_err(|e| format!("write: {e}"))?;
+    // TLS may hold the record back until flushed.
+    s.flush().await.map_err(|e| format!("flush: {e}"))?;
     let mut filled = 0;
     let (head_len, length, keep_alive, status) = loop {
         if filled == buf.len() {

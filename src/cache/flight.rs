@@ -310,14 +310,15 @@ async fn read_chunk(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> 
         rustix::io::ReadWriteFlags::NOWAIT,
     );
     match fast {
-        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-        Ok(n) => {
+        Ok(n) if n > 0 => {
             chunk.len = n;
             return Ok(Bytes::from_owner(chunk));
         }
-        // EAGAIN: not in the page cache. Anything else (a file system or kernel without
-        // RWF_NOWAIT) gets its real answer from a plain read below.
-        Err(_) => {}
+        // EAGAIN: not in the page cache. 0 is not the end of the file (its length was checked
+        // above) but a page that cannot be had without waiting (some kernels answer so for
+        // pages under writeback). Anything else (a file system or kernel without RWF_NOWAIT)
+        // gets its real answer from a plain read below.
+        Ok(_) | Err(_) => {}
     }
     tokio::task::spawn_blocking(move || {
         let n = file.read_at(&mut chunk.buf[..len], pos)?;
