@@ -56,7 +56,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench compare -- [--reps N] [--secs S] [--big-mib M] \
          [--wan RTT_MS,MBIT] [--out FILE] [--quick] [--only PHASE,...] [--perf] [--regmirror-bin PATH]\n\
-         phases: pulls, herd, blobs, manifests; --perf writes target/bench/perf/*.data"
+         phases: pulls, herd, blobs, manifests, https; --perf writes target/bench/perf/*.data"
     );
     std::process::exit(2)
 }
@@ -89,7 +89,7 @@ fn parse_options(args: &[String]) -> Options {
             "--out" => o.out = Some(PathBuf::from(value())),
             "--only" => {
                 o.only = value().split(',').map(str::to_owned).collect();
-                let known = ["pulls", "herd", "blobs", "manifests"];
+                let known = ["pulls", "herd", "blobs", "manifests", "https"];
                 if o.only.iter().any(|p| !known.contains(&p.as_str())) {
                     usage()
                 }
@@ -148,6 +148,10 @@ enum Who {
     RegmirrorTtl0,
     Peer,
     Nginx,
+    /// A regmirror serving HTTPS, and nginx serving its blob file over HTTPS with the same
+    /// certificate (the `https` phase).
+    RegmirrorTls,
+    NginxTls,
 }
 
 impl Who {
@@ -157,6 +161,8 @@ impl Who {
             Who::RegmirrorTtl0 => "regmirror ttl=0",
             Who::Peer => "distribution",
             Who::Nginx => "nginx",
+            Who::RegmirrorTls => "regmirror https",
+            Who::NginxTls => "nginx https",
         }
     }
 }
@@ -211,6 +217,8 @@ struct Bench {
     ttl0: Regmirror,
     peer: Peer,
     nginx: Option<Nginx>,
+    /// The `https` phase's servers.
+    tls: Option<(Regmirror, Nginx)>,
     /// Bytes the WAN relay carried towards the caches, when there is one.
     relay_bytes: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     samples: Samples,
@@ -223,6 +231,8 @@ impl Bench {
             Who::RegmirrorTtl0 => self.ttl0.host(),
             Who::Peer => self.peer.host(),
             Who::Nginx => self.nginx.as_ref().expect("nginx started").host(),
+            Who::RegmirrorTls => self.tls.as_ref().expect("https phase").0.host(),
+            Who::NginxTls => self.tls.as_ref().expect("https phase").1.host(),
         }
     }
 
@@ -236,6 +246,8 @@ impl Bench {
             Who::RegmirrorTtl0 => vec![self.ttl0.pid()],
             Who::Peer => vec![self.peer.pid()],
             Who::Nginx => self.nginx.as_ref().map(|n| n.pids()).unwrap_or_default(),
+            Who::RegmirrorTls => self.tls.iter().map(|t| t.0.pid()).collect(),
+            Who::NginxTls => self.tls.as_ref().map(|t| t.1.pids()).unwrap_or_default(),
         }
     }
 
@@ -461,6 +473,7 @@ async fn run(opts: Options) {
         ttl0,
         peer,
         nginx: None,
+        tls: None,
         relay_bytes: relay.as_ref().map(|r| r.downstream_bytes.clone()),
         samples: Samples::default(),
     };
@@ -484,6 +497,9 @@ async fn run(opts: Options) {
     }
     if opts.runs("manifests") {
         manifests(&mut b, &images[0]).await;
+    }
+    if opts.runs("https") {
+        https(&mut b, &config, &images[0]).await;
     }
 
     let mut usage = BTreeMap::new();
@@ -624,6 +640,7 @@ async fn blobs(b: &mut Bench, img: &Images) {
                     head: false,
                     path: path(who, &big, "bench/big"),
                     headers: vec![],
+                    tls: None,
                 };
                 let (o, cpu) = b.load_with_cpu(who, t, c).await;
                 println!(
@@ -639,6 +656,7 @@ async fn blobs(b: &mut Bench, img: &Images) {
                 head: false,
                 path: path(who, &small, "bench/five"),
                 headers: vec![],
+                tls: None,
             };
             let (o, cpu) = b.load_with_cpu(who, t, 64).await;
             println!(
@@ -647,6 +665,75 @@ async fn blobs(b: &mut Bench, img: &Images) {
                 o.rps()
             );
             b.samples.add("blob 1MiB c=64", who, o.rps());
+        }
+    }
+}
+
+/// Warm blob GET over HTTPS (HTTP/1.1, TLS 1.3): a regmirror with `tls:` against nginx serving
+/// that regmirror's own blob file over HTTPS with the same certificate. Neither can use
+/// sendfile; both read the file and encrypt it.
+async fn https(b: &mut Bench, config: &RegmirrorConfig, img: &Images) {
+    let pki = common::tempdir("bench-pki-");
+    let ca = common::pki::Ca::new(pki.path(), "bench-ca");
+    let cert = ca.server("bench-server");
+    let yaml = format!(
+        "{}tls: {{ cert: {:?}, key: {:?} }}\n",
+        config.to_yaml(),
+        cert.cert,
+        cert.key
+    );
+    let regmirror = Regmirror::start_tls(&b.opts.regmirror_bin, &yaml).await;
+    let (big, _) = img.big.largest_layer();
+    let client = load::tls_client(&ca.cert);
+    // One GET fills this instance's cache from the upstream.
+    let warm = load::Target {
+        addr: regmirror.host().parse().expect("address"),
+        head: false,
+        path: format!("/v2/bench/big/blobs/{big}"),
+        headers: vec![],
+        tls: Some(client.clone()),
+    };
+    let o = tokio::task::spawn_blocking(move || {
+        load::run(&warm, 1, Duration::ZERO, Duration::from_secs(2))
+    })
+    .await
+    .expect("warm-up");
+    assert!(o.errors == 0, "https warm-up: {:?}", o.first_error);
+    let hex = big.strip_prefix("sha256:").expect("sha256 digest");
+    assert!(
+        regmirror
+            .data_dir()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .exists(),
+        "the https regmirror cached the blob"
+    );
+    let nginx = Nginx::start_https(regmirror.data_dir(), &cert.cert, &cert.key).await;
+    b.tls = Some((regmirror, nginx));
+    for rep in 0..b.opts.reps {
+        for who in order(rep, &[Who::RegmirrorTls, Who::NginxTls]) {
+            for c in [1, 4, 16] {
+                let path = match who {
+                    Who::NginxTls => format!("/blobs/sha256/{}/{hex}", &hex[..2]),
+                    _ => format!("/v2/bench/big/blobs/{big}"),
+                };
+                let t = load::Target {
+                    addr: b.addr(who),
+                    head: false,
+                    path,
+                    headers: vec![],
+                    tls: Some(client.clone()),
+                };
+                let (o, cpu) = b.load_with_cpu(who, t, c).await;
+                println!(
+                    "[rep {rep}] {:<16} blob {} MiB c={c:<2} {:6.2} GB/s ({cpu})",
+                    who.name(),
+                    b.opts.big / MIB,
+                    o.gbps()
+                );
+                b.samples.add(&format!("https blob c={c}"), who, o.gbps());
+            }
         }
     }
 }
@@ -668,6 +755,7 @@ async fn manifests(b: &mut Bench, img: &Images) {
                         head,
                         path: format!("/v2/{}/manifests/{reference}", five.repo),
                         headers: vec![accept.clone()],
+                        tls: None,
                     };
                     b.upstream.settle().await;
                     let offset = servers::file_len(&b.upstream.log_path().to_owned());
@@ -845,6 +933,27 @@ fn report(s: &Samples, usage: &BTreeMap<Who, Usage>, header: &str, big_mib: usiz
         "blob 1MiB c=64",
         None,
     ));
+    for c in [1, 4, 16] {
+        let key = format!("https blob c={c}");
+        let (a, n) = (
+            s.median(&key, Who::RegmirrorTls),
+            s.median(&key, Who::NginxTls),
+        );
+        let rn = ratio(a, n);
+        let goal = (c == 16).then_some(Goal::AtLeast(0.9));
+        lines.push(Line {
+            label: format!(
+                "warm blob GET over HTTPS, c={c} (GB/s) [nginx: HTTPS, same file and certificate]"
+            ),
+            cells: [cell(a), "–".into(), cell(n)],
+            ratio_peer: None,
+            ratio_limit: rn,
+            goal: goal.and_then(|g| Some((g, g.met(rn?)))),
+        });
+        if let Some(goal) = goal {
+            goal_texts.push((lines.len() - 1, goal.text("nginx")));
+        }
+    }
 
     for (by, goal_default) in [("tag", 20.0), ("digest", 5.0)] {
         for method in ["GET", "HEAD"] {

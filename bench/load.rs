@@ -9,8 +9,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// Bytes read per `read` call: large, so big bodies cost few system calls.
 const READ_BUF: usize = 256 * 1024;
@@ -23,6 +24,8 @@ pub struct Target {
     pub path: String,
     /// Extra header lines, each `Name: value`.
     pub headers: Vec<String>,
+    /// HTTPS with this client configuration (HTTP/1.1 by ALPN) instead of plain HTTP.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
@@ -98,8 +101,8 @@ pub fn run(target: &Target, conns: usize, warmup: Duration, measure: Duration) -
         let tasks: Vec<_> = (0..conns)
             .map(|_| {
                 let request = request.clone();
-                let (addr, head) = (target.addr, target.head);
-                tokio::spawn(async move { connection(addr, head, request, window).await })
+                let (addr, head, tls) = (target.addr, target.head, target.tls.clone());
+                tokio::spawn(async move { connection(addr, head, tls, request, window).await })
             })
             .collect();
         let mut total = Outcome {
@@ -137,20 +140,18 @@ fn thread_cpu_secs() -> f64 {
 async fn connection(
     addr: SocketAddr,
     head: bool,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     request: Vec<u8>,
     (from, until): (Instant, Instant),
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut buf = vec![0u8; READ_BUF];
-    let mut stream: Option<TcpStream> = None;
+    let mut stream: Option<Stream> = None;
     while Instant::now() < until {
         let s = match stream.as_mut() {
             Some(s) => s,
-            None => match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    stream.insert(s)
-                }
+            None => match connect(addr, tls.clone()).await {
+                Ok(s) => stream.insert(s),
                 Err(e) => {
                     fail(&mut out, format!("connect: {e}"));
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -194,6 +195,45 @@ async fn connection(
     out
 }
 
+type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A connection, with a TLS handshake when `tls` is set.
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<Stream, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = tls else {
+        return Ok(Either::Left(tcp));
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    Ok(Either::Right(tls))
+}
+
+/// A client configuration trusting the PEM CA at `ca`, offering HTTP/1.1 only.
+pub fn tls_client(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(cert.expect("CA certificate")).expect("CA added");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
 fn fail(out: &mut Outcome, e: String) {
     out.errors += 1;
     if out.first_error.is_none() {
@@ -211,8 +251,8 @@ enum Exchange {
 }
 
 /// Sends one request and reads its response to the end of the body.
-async fn exchange(
-    s: &mut TcpStream,
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
     head: bool,
     request: &[u8],
     buf: &mut [u8],
@@ -222,6 +262,8 @@ async fn exchange(
     s.write_all(request)
         .await
         .map_err(|e| format!("write: {e}"))?;
+    // TLS may hold the record back until flushed.
+    s.flush().await.map_err(|e| format!("flush: {e}"))?;
     let mut filled = 0;
     let (head_len, length, keep_alive, status) = loop {
         if filled == buf.len() {

@@ -32,7 +32,7 @@ impl Regmirror {
             .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
             .replace("@ROOT@", &data.to_string_lossy());
         let config = dir.path().join("config.yml");
-        std::fs::write(&config, yaml).unwrap();
+        std::fs::write(&config, &yaml).unwrap();
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--config")
@@ -41,14 +41,25 @@ impl Regmirror {
         no_proxy(&mut cmd);
         let log = dir.path().join("regmirror.log");
         let mut proc = ChildProc::spawn("regmirror", cmd, &log);
-        let base = format!("http://127.0.0.1:{port}");
-        wait_for_v2(&base, &mut proc, Duration::from_secs(30)).await;
+        if yaml.contains("\ntls:") {
+            crate::common::distribution::wait_for_tcp(port, &mut proc, Duration::from_secs(30))
+                .await;
+        } else {
+            let base = format!("http://127.0.0.1:{port}");
+            wait_for_v2(&base, &mut proc, Duration::from_secs(30)).await;
+        }
         Regmirror {
             proc,
             port,
             data,
             _dir: dir,
         }
+    }
+
+    /// [`Regmirror::start`] with a `tls:` section in `yaml`: waits for the port, not `/v2/`.
+    pub async fn start_tls(bin: &Path, yaml: &str) -> Regmirror {
+        assert!(yaml.contains("\ntls:"), "an HTTPS configuration");
+        Regmirror::start(bin, yaml).await
     }
 
     pub fn host(&self) -> String {
@@ -125,6 +136,15 @@ pub struct Nginx {
 
 impl Nginx {
     pub async fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None).await
+    }
+
+    /// nginx serving `root` over HTTPS (HTTP/1.1) with this certificate and key.
+    pub async fn start_https(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(root, Some((cert, key))).await
+    }
+
+    async fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         let bin = require_tool("nginx");
         let dir = tempdir("bench-nginx-");
         let port = free_port();
@@ -151,12 +171,19 @@ impl Nginx {
              \x20 scgi_temp_path {d}/scgi;\n\
              \x20 default_type application/octet-stream;\n\
              \x20 server {{\n\
-             \x20   listen 127.0.0.1:{port};\n\
+             \x20   listen 127.0.0.1:{port}{ssl};\n\
+             {certs}\
              \x20   root {root};\n\
              \x20   location /v2/ {{ return 200 '{{}}'; }}\n\
              \x20 }}\n\
              }}\n",
-            root = root.display()
+            root = root.display(),
+            ssl = if tls.is_some() { " ssl" } else { "" },
+            certs = tls.map_or(String::new(), |(cert, key)| format!(
+                "    ssl_certificate {};\n    ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:SSL:1m;\n",
+                cert.display(),
+                key.display()
+            )),
         );
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, config).unwrap();
@@ -169,8 +196,13 @@ impl Nginx {
             .arg(dir.path().join("error.log"));
         let log = dir.path().join("nginx.out");
         let mut proc = ChildProc::spawn("nginx", cmd, &log);
-        let base = format!("http://127.0.0.1:{port}");
-        wait_for_v2(&base, &mut proc, Duration::from_secs(10)).await;
+        if tls.is_some() {
+            crate::common::distribution::wait_for_tcp(port, &mut proc, Duration::from_secs(10))
+                .await;
+        } else {
+            let base = format!("http://127.0.0.1:{port}");
+            wait_for_v2(&base, &mut proc, Duration::from_secs(10)).await;
+        }
         Nginx {
             proc,
             port,

@@ -55,6 +55,69 @@ pub struct Config {
     /// Then, how long in-flight responses may take to finish before the process exits.
     #[serde(default = "defaults::shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// How the mirror treats its own clients' connections: timeouts, limits, sendfile.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// Client connections: what one client (or many) may hold of the server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Connections served at once (TLS handshakes included). Beyond it, new connections wait
+    /// in the kernel's accept queue until one closes, so a flood of idle sockets cannot take
+    /// every file descriptor.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
+    /// Time an HTTP/1 client has to send a request's headers once it started one.
+    #[serde(default = "defaults::header_read_timeout")]
+    pub header_read_timeout: HumanDuration,
+    /// A connection with no request under way and no bytes in either direction for this long
+    /// is closed (a silent socket, an idle keep-alive or HTTP/2 connection).
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// A connection whose client has not taken a single byte of a response for this long is
+    /// closed (a stalled reader holds its buffers until then).
+    #[serde(default = "defaults::send_timeout")]
+    pub send_timeout: HumanDuration,
+    /// HTTP/2 streams (requests) one connection may have open at once. Each holds at most one
+    /// read chunk (128 KiB of a stored blob, 512 KiB of one downloading) while its client does
+    /// not read, see the README's memory bound.
+    #[serde(default = "defaults::http2_max_streams")]
+    pub http2_max_streams: u32,
+    /// `auto`: cache hits on plain HTTP/1 connections go out with sendfile(2) if the start-up
+    /// self-test proves that the HTTP stack passes placeholder frames through untouched;
+    /// `off`: always copy.
+    #[serde(default)]
+    pub sendfile: SendfileMode,
+    /// For tests only: plain connections report that they cannot write vectored, as a broken
+    /// IO wrapper would, so the sendfile self-test must notice and turn sendfile off.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub break_vectored_writes: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: defaults::max_connections(),
+            header_read_timeout: defaults::header_read_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            send_timeout: defaults::send_timeout(),
+            http2_max_streams: defaults::http2_max_streams(),
+            sendfile: SendfileMode::Auto,
+            break_vectored_writes: false,
+        }
+    }
+}
+
+/// `server.sendfile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendfileMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// Local storage.
@@ -279,6 +342,26 @@ pub enum LogFormat {
 mod defaults {
     use super::*;
 
+    pub fn max_connections() -> usize {
+        4096
+    }
+
+    pub fn header_read_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+
+    pub fn idle_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+
+    pub fn send_timeout() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
+    }
+
+    pub fn http2_max_streams() -> u32 {
+        32
+    }
+
     pub fn listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 5000))
     }
@@ -398,6 +481,21 @@ impl Config {
     /// Every semantic problem, each prefixed with its key.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if self.server.max_connections == 0 {
+            problems.push("server.max_connections: must be at least 1".to_owned());
+        }
+        if self.server.http2_max_streams == 0 {
+            problems.push("server.http2_max_streams: must be at least 1".to_owned());
+        }
+        for (key, value) in [
+            ("header_read_timeout", self.server.header_read_timeout),
+            ("idle_timeout", self.server.idle_timeout),
+            ("send_timeout", self.server.send_timeout),
+        ] {
+            if value.0.is_zero() {
+                problems.push(format!("server.{key}: must be longer than 0s"));
+            }
+        }
         if self.upstreams.is_empty() {
             problems.push("upstreams: at least one upstream is required".to_owned());
         }

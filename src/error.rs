@@ -51,11 +51,18 @@ pub enum ErrorCode {
     BadGateway,
     /// 504: the upstream did not answer in time; code `UNAVAILABLE` as above.
     GatewayTimeout,
+    /// 400: a listing's `n` is not a number (distribution's code).
+    PaginationNumberInvalid,
+    /// 404: a `/v2/` path that names no API operation; code `UNSUPPORTED`.
+    UnknownEndpoint,
+    /// 414: a request target longer than the server reads (written by the server module in
+    /// place of hyper's bodiless refusal); code `UNSUPPORTED`.
+    UriTooLong,
 }
 
 impl ErrorCode {
     /// Every variant, for tests and for pre-registering metric labels.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::BlobUnknown,
         ErrorCode::BlobUploadInvalid,
         ErrorCode::BlobUploadUnknown,
@@ -75,6 +82,9 @@ impl ErrorCode {
         ErrorCode::RangeInvalid,
         ErrorCode::BadGateway,
         ErrorCode::GatewayTimeout,
+        ErrorCode::PaginationNumberInvalid,
+        ErrorCode::UnknownEndpoint,
+        ErrorCode::UriTooLong,
     ];
 
     /// The code string of the error envelope.
@@ -92,7 +102,10 @@ impl ErrorCode {
             ErrorCode::SizeInvalid => "SIZE_INVALID",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
-            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::Unsupported | ErrorCode::UnknownEndpoint | ErrorCode::UriTooLong => {
+                "UNSUPPORTED"
+            }
+            ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
             ErrorCode::Unavailable | ErrorCode::BadGateway | ErrorCode::GatewayTimeout => {
                 "UNAVAILABLE"
@@ -126,6 +139,9 @@ impl ErrorCode {
             ErrorCode::RangeInvalid => StatusCode::RANGE_NOT_SATISFIABLE,
             ErrorCode::BadGateway => StatusCode::BAD_GATEWAY,
             ErrorCode::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::PaginationNumberInvalid => StatusCode::BAD_REQUEST,
+            ErrorCode::UnknownEndpoint => StatusCode::NOT_FOUND,
+            ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -153,6 +169,9 @@ impl ErrorCode {
             ErrorCode::RangeInvalid => "requested range not satisfiable",
             ErrorCode::BadGateway => "upstream registry unavailable",
             ErrorCode::GatewayTimeout => "upstream registry timed out",
+            ErrorCode::PaginationNumberInvalid => "invalid number of results requested",
+            ErrorCode::UnknownEndpoint => "no such registry API endpoint",
+            ErrorCode::UriTooLong => "request target too long",
         }
     }
 }
@@ -401,6 +420,13 @@ mod tests {
             (ErrorCode::RangeInvalid, "RANGE_INVALID", 416),
             (ErrorCode::BadGateway, "UNAVAILABLE", 502),
             (ErrorCode::GatewayTimeout, "UNAVAILABLE", 504),
+            (
+                ErrorCode::PaginationNumberInvalid,
+                "PAGINATION_NUMBER_INVALID",
+                400,
+            ),
+            (ErrorCode::UnknownEndpoint, "UNSUPPORTED", 404),
+            (ErrorCode::UriTooLong, "UNSUPPORTED", 414),
         ];
         assert_eq!(cases.len(), ErrorCode::ALL.len());
         for ((code, as_str, status), listed) in cases.into_iter().zip(ErrorCode::ALL) {

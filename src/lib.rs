@@ -119,18 +119,45 @@ pub fn check(config: &Config) -> Result<(), RunError> {
     }
 }
 
-/// Serves [`app`] on `listener` until `shutdown` resolves and in-flight requests finish: what
-/// [`run`] does once everything is set up (tests call it with a state they keep).
+/// Serves [`app`] on `listener` with the default `server:` settings until `shutdown` resolves
+/// and in-flight requests finish (tests call it with a state they keep).
 pub async fn serve(
     listener: server::Listener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, &config::ServerConfig::default(), shutdown).await
+}
+
+/// What [`run`] does once everything is set up: proves sendfile with its self-test (unless
+/// `server.sendfile: off`), then serves [`app`] on `listener` until `shutdown` resolves and
+/// in-flight requests finish.
+pub async fn serve_with(
+    listener: server::Listener,
+    state: AppState,
+    config: &config::ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sendfile = match config.sendfile {
+        config::SendfileMode::Off => {
+            tracing::info!("sendfile off (server.sendfile); cache hits are copied");
+            false
+        }
+        config::SendfileMode::Auto => match server::sendfile_self_test(config).await {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(%reason, "sendfile self-test failed: the HTTP stack does not pass placeholder frames through untouched; cache hits are copied instead");
+                false
+            }
+        },
+    };
+    state.metrics.sendfile_enabled.set(i64::from(sendfile));
+    let options = server::Options {
+        sendfile,
+        sendfile_bytes: Some(state.metrics.sendfile_counter()),
+    };
     // Each request learns whether its connection can send files (`server::Connection`).
-    let app = app(state).into_make_service_with_connect_info::<server::Connection>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, app(state), config, options, shutdown).await
 }
 
 /// Serves the configuration until `shutdown` resolves, then lets in-flight requests finish.
@@ -198,7 +225,12 @@ pub async fn run(
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
-    let server = serve(listener, state, until_stopped(stopped.clone()));
+    let server = serve_with(
+        listener,
+        state,
+        &config.server,
+        until_stopped(stopped.clone()),
+    );
     let grace = config.shutdown_timeout.0;
     let deadline = async move {
         until_stopped(stopped).await;

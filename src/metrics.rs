@@ -38,6 +38,7 @@ pub const EVICTIONS: &str = "regmirror_evictions_total";
 pub const EVICTED_BYTES: &str = "regmirror_evicted_bytes_total";
 pub const PASSTHROUGH: &str = "regmirror_passthrough_total";
 pub const SENDFILE_BYTES: &str = "regmirror_sendfile_bytes_total";
+pub const SENDFILE_ENABLED: &str = "regmirror_sendfile_enabled";
 pub const BUILD_INFO: &str = "regmirror_build_info";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
@@ -67,6 +68,8 @@ pub struct Metrics {
     pub cache_size: IntGauge,
     pub cache_blobs: IntGauge,
     pub cache_limit: IntGauge,
+    /// 1 when cache hits on plain HTTP/1 go out with sendfile (the self-test passed).
+    pub sendfile_enabled: IntGauge,
     /// Not on the hit path's critical section for long: one map update per request.
     repositories: Mutex<HashMap<(String, String), RepositoryCounts>>,
     upstreams: Mutex<BTreeMap<String, UpstreamHealth>>,
@@ -243,12 +246,16 @@ impl Metrics {
             ),
             sendfile_bytes: counter(
                 SENDFILE_BYTES,
-                "Cache-hit blob bytes sent with sendfile(2), straight from the page cache (plain HTTP/1 connections).",
+                "Cache-hit blob bytes sendfile(2) reported sent, straight from the page cache (plain HTTP/1 connections).",
             ),
             downloads_in_flight: gauge(DOWNLOADS_IN_FLIGHT, "Blob downloads under way."),
             cache_size: gauge(CACHE_SIZE, "Bytes of committed blobs."),
             cache_blobs: gauge(CACHE_BLOBS, "Number of committed blobs."),
             cache_limit: gauge(CACHE_LIMIT, "Configured storage.max_size (0 = unbounded)."),
+            sendfile_enabled: gauge(
+                SENDFILE_ENABLED,
+                "1 when cache hits on plain HTTP/1 connections are sent with sendfile(2): server.sendfile is auto and the start-up self-test passed.",
+            ),
             repositories: Mutex::new(HashMap::new()),
             upstreams: Mutex::new(BTreeMap::new()),
             registry,
@@ -309,11 +316,12 @@ impl Metrics {
         self.served_bytes.with_label_values(&[source]).inc_by(bytes);
     }
 
-    pub fn sendfile_bytes(&self, bytes: u64) {
-        self.sendfile_bytes.inc_by(bytes);
+    /// The counter sendfile(2)'s results are added to, for the connections' writers.
+    pub fn sendfile_counter(&self) -> IntCounter {
+        self.sendfile_bytes.clone()
     }
 
-    /// Cache-hit bytes handed to sendfile since start-up.
+    /// Cache-hit bytes sendfile(2) reported sent since start-up.
     pub fn sendfile_bytes_total(&self) -> u64 {
         self.sendfile_bytes.get()
     }

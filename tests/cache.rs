@@ -359,8 +359,9 @@ async fn bad_input_gets_oci_errors() {
         (
             reqwest::Method::GET,
             "/v2/a/manifests/-bad".into(),
-            400,
-            "MANIFEST_INVALID",
+            // A tag that cannot exist names no manifest (issue 13, item 15).
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             reqwest::Method::GET,

@@ -59,9 +59,12 @@ async fn cached_images_still_pull_with_skopeo_and_dockerd_when_the_upstream_is_k
         "the stale answer is logged"
     );
 
-    // What was never cached fails fast with an OCI error.
-    let started = Instant::now();
-    let r = http()
+    // What was never cached fails with an OCI error, not a hang (the client's timeout is only
+    // a safety net).
+    let r = reqwest::Client::builder()
+        .timeout(SAFETY)
+        .build()
+        .unwrap()
         .get(format!("{}/v2/library/never/manifests/v1", rm.url()))
         .send()
         .await
@@ -69,8 +72,11 @@ async fn cached_images_still_pull_with_skopeo_and_dockerd_when_the_upstream_is_k
     assert_eq!(r.status(), 502);
     let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
-    assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// How long a test waits for an event before calling it a hang: a safety net against hangs,
+/// never the assertion itself (the machine may be loaded).
+const SAFETY: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_in_flight_downloads_finish() {
@@ -96,7 +102,7 @@ async fn sigterm_lets_in_flight_downloads_finish() {
         body.extend_from_slice(&chunk);
     }
     assert_eq!(sha256_digest(&body), digest.as_str());
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + SAFETY;
     while alive(pid) {
         assert!(
             Instant::now() < deadline,
@@ -109,12 +115,15 @@ async fn sigterm_lets_in_flight_downloads_finish() {
 
 /// With `shutdown_delay`, SIGTERM turns readiness off first and the listener keeps taking new
 /// connections until the delay is over, so a load balancer can stop sending clients before
-/// anyone is refused.
+/// anyone is refused. Checked by the order of events (readiness off, a new client served while
+/// the log has not yet announced the end of the delay, then the exit), not by durations.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_turns_readiness_off_then_serves_through_the_delay() {
+    const DELAY_OVER: &str = "shutting down: finishing in-flight requests";
     let upstream = fake::Fake::start().await;
     let mut config = RegmirrorConfig::docker_io(&upstream.url());
-    config.extra_yaml = "shutdown_delay: 3s\n".into();
+    // Long enough that the checks below happen inside it even on a loaded machine.
+    config.extra_yaml = "shutdown_delay: 10s\n".into();
     let rm = config.start().await;
     let get = |path: &'static str| {
         let url = format!("{}{path}", rm.url());
@@ -122,6 +131,7 @@ async fn sigterm_turns_readiness_off_then_serves_through_the_delay() {
         async move {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
+                .timeout(SAFETY)
                 .build()
                 .unwrap();
             client.get(url).send().await.map(|r| r.status().as_u16())
@@ -129,18 +139,26 @@ async fn sigterm_turns_readiness_off_then_serves_through_the_delay() {
     };
     assert_eq!(get("/readyz").await.unwrap(), 200);
     let pid = rm.pid().expect("running");
-    let signalled = Instant::now();
     assert_eq!(send_signal(pid, "TERM"), 0);
-    let deadline = signalled + Duration::from_secs(1);
+    let deadline = Instant::now() + SAFETY;
     while get("/readyz").await.unwrap() != 503 {
-        assert!(Instant::now() < deadline, "/readyz still 200 after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never turned 503 after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Well inside the delay, a new client is still served.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Readiness is off and the delay is not over: a new client is still served.
+    assert!(
+        !rm.log().contains(DELAY_OVER),
+        "the delay ended before readiness was seen off"
+    );
     assert_eq!(get("/v2/").await.unwrap(), 200);
-    assert!(signalled.elapsed() < Duration::from_millis(2500));
-    let deadline = signalled + Duration::from_secs(15);
+    assert!(
+        !rm.log().contains(DELAY_OVER),
+        "the delay ended before the new client was served"
+    );
+    let deadline = Instant::now() + SAFETY;
     while alive(pid) {
         assert!(
             Instant::now() < deadline,
@@ -148,10 +166,15 @@ async fn sigterm_turns_readiness_off_then_serves_through_the_delay() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let log = rm.log();
+    let (announced, over) = (
+        log.find("/readyz answers 503, still accepting requests"),
+        log.find(DELAY_OVER),
+    );
     assert!(
-        signalled.elapsed() >= Duration::from_secs(3),
-        "exited after {:?}, before shutdown_delay",
-        signalled.elapsed()
+        matches!((announced, over), (Some(a), Some(o)) if a < o),
+        "the exit did not go through the delay: {}",
+        tail(&log)
     );
     assert!(get("/v2/").await.is_err(), "nothing listens any more");
 }

@@ -32,6 +32,13 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Bound on remembered verifications; the memory is cleared when it is reached.
 const MAX_VERIFIED: usize = 4096;
+/// Failed password checks one client address may make in a burst; then one more every
+/// [`FAILURE_REFILL`]. bcrypt costs milliseconds of CPU on purpose, and a 2-core mirror must not
+/// be kept busy guessing passwords.
+const FAILURE_BURST: u32 = 10;
+const FAILURE_REFILL: Duration = Duration::from_secs(6);
+/// Bound on the addresses remembered; the oldest half is forgotten when it is reached.
+const MAX_TRACKED_CLIENTS: usize = 16_384;
 
 /// The users who may pull, reloaded when the htpasswd file changes.
 pub struct AccessControl {
@@ -40,6 +47,59 @@ pub struct AccessControl {
     users: RwLock<Arc<HashMap<String, String>>>,
     stamp: Mutex<Option<(Option<std::time::SystemTime>, u64)>>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    failures: Failures,
+}
+
+/// What a request's credentials get.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Allow,
+    Deny,
+    /// Too many failed checks from this address: retry after this many seconds.
+    Throttled(u64),
+}
+
+/// Failed password checks per client address, as a leaky bucket: each failure adds one, one
+/// drains every [`FAILURE_REFILL`], and a full bucket refuses checks without running bcrypt.
+#[derive(Default)]
+struct Failures(Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>);
+
+impl Failures {
+    fn level(count: f64, since: Instant, now: Instant) -> f64 {
+        let drained =
+            now.saturating_duration_since(since).as_secs_f64() / FAILURE_REFILL.as_secs_f64();
+        (count - drained).max(0.0)
+    }
+
+    /// `Some(seconds to wait)` when `addr` may not try another password now.
+    fn throttled(&self, addr: std::net::IpAddr, now: Instant) -> Option<u64> {
+        let failures = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let &(count, since) = failures.get(&addr)?;
+        let level = Self::level(count, since, now);
+        let full = f64::from(FAILURE_BURST);
+        (level > full - 1.0).then(|| {
+            let wait = (level - (full - 1.0)) * FAILURE_REFILL.as_secs_f64();
+            (wait.ceil() as u64).max(1)
+        })
+    }
+
+    fn failed(&self, addr: std::net::IpAddr, now: Instant) {
+        let mut failures = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if failures.len() >= MAX_TRACKED_CLIENTS && !failures.contains_key(&addr) {
+            // Forget the addresses that have drained the most.
+            let mut levels: Vec<_> = failures
+                .iter()
+                .map(|(a, &(count, since))| (Self::level(count, since, now), *a))
+                .collect();
+            levels.sort_by(|a, b| a.0.total_cmp(&b.0));
+            for (_, a) in levels.into_iter().take(MAX_TRACKED_CLIENTS / 2) {
+                failures.remove(&a);
+            }
+        }
+        let entry = failures.entry(addr).or_insert((0.0, now));
+        let level = Self::level(entry.0, entry.1, now);
+        *entry = (level + 1.0, now);
+    }
 }
 
 impl AccessControl {
@@ -52,6 +112,7 @@ impl AccessControl {
             challenge: format!("Basic realm=\"{}\"", config.realm),
             users: RwLock::new(Arc::new(users)),
             verified: Mutex::new(HashMap::new()),
+            failures: Failures::default(),
         })
     }
 
@@ -89,9 +150,22 @@ impl AccessControl {
     }
 
     /// Whether an `Authorization` header names a user with the right password.
+    #[cfg(test)]
     async fn allows(&self, authorization: Option<&str>) -> bool {
+        let addr = std::net::IpAddr::from([127, 0, 0, 1]);
+        self.check(authorization, addr, Instant::now()).await == Verdict::Allow
+    }
+
+    /// Checks an `Authorization` header from a client at `addr`.
+    async fn check(
+        &self,
+        authorization: Option<&str>,
+        addr: std::net::IpAddr,
+        now: Instant,
+    ) -> Verdict {
         let Some((user, password)) = authorization.and_then(parse_basic) else {
-            return false;
+            // No credentials is how every client starts (to get the challenge): not a failure.
+            return Verdict::Deny;
         };
         let key: [u8; 32] = Sha256::new()
             .chain_update(user.as_bytes())
@@ -105,8 +179,11 @@ impl AccessControl {
                 .get(&key)
                 .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
             {
-                return true;
+                return Verdict::Allow;
             }
+        }
+        if let Some(seconds) = self.failures.throttled(addr, now) {
+            return Verdict::Throttled(seconds);
         }
         let Some(hash) = self
             .users
@@ -115,21 +192,24 @@ impl AccessControl {
             .get(&user)
             .cloned()
         else {
-            return false;
+            self.failures.failed(addr, now);
+            return Verdict::Deny;
         };
         // bcrypt costs milliseconds of CPU on purpose: off the async threads.
         let ok =
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                 .await
                 .unwrap_or(false);
-        if ok {
-            let mut verified = self.verified.lock().expect("verified lock");
-            if verified.len() >= MAX_VERIFIED {
-                verified.clear();
-            }
-            verified.insert(key, Instant::now());
+        if !ok {
+            self.failures.failed(addr, now);
+            return Verdict::Deny;
         }
-        ok
+        let mut verified = self.verified.lock().expect("verified lock");
+        if verified.len() >= MAX_VERIFIED {
+            verified.clear();
+        }
+        verified.insert(key, Instant::now());
+        Verdict::Allow
     }
 }
 
@@ -145,12 +225,28 @@ pub async fn require(State(state): State<AppState>, request: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if access.allows(authorization).await {
-        return next.run(request).await;
+    // Requests without a connection (`app().oneshot` in tests) share one unspecified address.
+    let addr = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::server::Connection>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| {
+            c.peer.ip().to_canonical()
+        });
+    match access.check(authorization, addr, Instant::now()).await {
+        Verdict::Allow => next.run(request).await,
+        Verdict::Deny => ApiError::new(ErrorCode::Unauthorized)
+            .with_challenge(access.challenge.clone())
+            .into_response(),
+        // 429 rather than a delayed 401: it costs nothing to answer and holds no connection
+        // open, and `docker login` shows it as such, where a 401 would read as a wrong
+        // password.
+        Verdict::Throttled(seconds) => ApiError::new(ErrorCode::TooManyRequests)
+            .with_message(format!(
+                "too many failed logins from this address; retry in {seconds} s"
+            ))
+            .with_retry_after(seconds)
+            .into_response(),
     }
-    ApiError::new(ErrorCode::Unauthorized)
-        .with_challenge(access.challenge.clone())
-        .into_response()
 }
 
 /// `Basic base64(user:password)` → (user, password).
@@ -264,6 +360,36 @@ mod tests {
         assert!(
             err.contains("line 1") && err.contains("carol") && !err.contains("apr1"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn failed_checks_are_throttled_per_address_and_drain() {
+        let failures = Failures::default();
+        let (a, b) = (
+            std::net::IpAddr::from([10, 0, 0, 1]),
+            std::net::IpAddr::from([10, 0, 0, 2]),
+        );
+        let t0 = Instant::now();
+        for _ in 0..FAILURE_BURST - 1 {
+            assert_eq!(failures.throttled(a, t0), None);
+            failures.failed(a, t0);
+        }
+        assert_eq!(failures.throttled(a, t0), None, "the last of the burst");
+        failures.failed(a, t0);
+        let wait = failures
+            .throttled(a, t0)
+            .expect("throttled after the burst");
+        assert_eq!(wait, FAILURE_REFILL.as_secs());
+        assert_eq!(
+            failures.throttled(b, t0),
+            None,
+            "other addresses are not affected"
+        );
+        assert_eq!(
+            failures.throttled(a, t0 + FAILURE_REFILL),
+            None,
+            "drained by one"
         );
     }
 }

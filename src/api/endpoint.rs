@@ -73,6 +73,10 @@ pub struct Endpoint {
 
 /// Splits the path after `/v2/` into the raw repository part and its target. Answers the route
 /// even when the rest is invalid, for logs and metrics.
+///
+/// The operation is named by the path's last segments (`…/manifests/<ref>`, `…/blobs/<digest>`,
+/// `…/referrers/<digest>`, `…/tags/list`, `…/blobs/uploads[/<id>]`), so a repository may itself
+/// have a segment called `manifests` or `blobs` (`a/manifests/b/blobs/<digest>`).
 pub fn split(rest: &str) -> Result<(&str, Target), (Route, ApiError)> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Ok((name, Target::Tags));
@@ -83,33 +87,43 @@ pub fn split(rest: &str) -> Result<(&str, Target), (Route, ApiError)> {
     {
         return Ok((name, Target::BlobUpload));
     }
-    if let Some((name, upload)) = rest.rsplit_once("/blobs/uploads/") {
-        if !upload.contains('/') {
-            return Ok((name, Target::BlobUpload));
+    let unknown = || {
+        (
+            Route::Unknown,
+            ApiError::new(ErrorCode::UnknownEndpoint).with_message("unknown registry API path"),
+        )
+    };
+    let (head, last) = rest.rsplit_once('/').ok_or_else(unknown)?;
+    // A one-segment repository is `head` alone; the name is then empty and refused later.
+    let (name, kind) = head.rsplit_once('/').unwrap_or(("", head));
+    match kind {
+        "manifests" => {
+            // A reference that cannot exist is a manifest that does not exist, as the
+            // conformance suite and distribution answer; it is never asked for upstream.
+            let reference = last.parse().map_err(|e: crate::oci::ParseError| {
+                (
+                    Route::Manifest,
+                    ApiError::new(ErrorCode::ManifestUnknown).with_message(e.to_string()),
+                )
+            })?;
+            Ok((name, Target::Manifest(reference)))
         }
+        "blobs" => {
+            let digest = last.parse().map_err(|e| (Route::Blob, ApiError::from(e)))?;
+            Ok((name, Target::Blob(digest)))
+        }
+        "referrers" => {
+            let digest = last
+                .parse()
+                .map_err(|e| (Route::Referrers, ApiError::from(e)))?;
+            Ok((name, Target::Referrers(digest)))
+        }
+        "uploads" => match name.strip_suffix("/blobs") {
+            Some(name) => Ok((name, Target::BlobUpload)),
+            None => Err(unknown()),
+        },
+        _ => Err(unknown()),
     }
-    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
-        let reference = reference
-            .parse()
-            .map_err(|e| (Route::Manifest, ApiError::from(e)))?;
-        return Ok((name, Target::Manifest(reference)));
-    }
-    if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
-        let digest = digest
-            .parse()
-            .map_err(|e| (Route::Blob, ApiError::from(e)))?;
-        return Ok((name, Target::Blob(digest)));
-    }
-    if let Some((name, digest)) = rest.rsplit_once("/referrers/") {
-        let digest = digest
-            .parse()
-            .map_err(|e| (Route::Referrers, ApiError::from(e)))?;
-        return Ok((name, Target::Referrers(digest)));
-    }
-    Err((
-        Route::Unknown,
-        ApiError::new(ErrorCode::Unsupported).with_message("unknown registry API path"),
-    ))
 }
 
 /// Resolves the upstream and the repository name.
@@ -124,11 +138,12 @@ pub fn resolve(
             let upstream = upstreams.get(ns).ok_or_else(|| unknown_upstream(ns))?;
             (upstream.clone(), raw_name)
         }
-        None => match raw_name.split_once('/') {
-            Some((first, rest)) if upstreams.get(first).is_some() => {
-                (upstreams.get(first).expect("checked").clone(), rest)
-            }
-            _ => (upstreams.default_upstream().clone(), raw_name),
+        None => match raw_name
+            .split_once('/')
+            .and_then(|(first, rest)| Some((upstreams.get(first)?, rest)))
+        {
+            Some((upstream, rest)) => (upstream.clone(), rest),
+            None => (upstreams.default_upstream().clone(), raw_name),
         },
     };
     let repo: RepoName = name.parse()?;
@@ -235,6 +250,32 @@ mod tests {
             ),
             ("manifests/x", None, None),
             ("a/nothing", None, None),
+            // Repositories with segments named like the operations.
+            (
+                "a/manifests/b/manifests/latest",
+                None,
+                Some(("docker.io", "a/manifests/b", Route::Manifest)),
+            ),
+            (
+                "a/manifests/b/blobs/DIGEST",
+                None,
+                Some(("docker.io", "a/manifests/b", Route::Blob)),
+            ),
+            (
+                "blobs/manifests/v1",
+                None,
+                Some(("docker.io", "library/blobs", Route::Manifest)),
+            ),
+            (
+                "a/blobs/uploads/manifests/v1",
+                None,
+                Some(("docker.io", "a/blobs/uploads", Route::Manifest)),
+            ),
+            (
+                "a/blobs/uploads/some-id",
+                None,
+                Some(("docker.io", "library/a", Route::BlobUpload)),
+            ),
         ];
         for (path, ns, want) in cases {
             let path = path.replace("DIGEST", &d);
@@ -285,6 +326,11 @@ mod tests {
             code("a/manifests/x", Some("nope.io")),
             Some(ErrorCode::NameUnknown)
         );
-        assert_eq!(code("a/whatever", None), Some(ErrorCode::Unsupported));
+        assert_eq!(code("a/whatever", None), Some(ErrorCode::UnknownEndpoint));
+        assert_eq!(code("a/b/c", None), Some(ErrorCode::UnknownEndpoint));
+        assert_eq!(
+            code("a/manifests/.INVALID_MANIFEST_NAME", None),
+            Some(ErrorCode::ManifestUnknown)
+        );
     }
 }

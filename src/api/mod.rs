@@ -153,7 +153,7 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
     let status = response.status().as_u16();
     state
         .metrics
-        .http_request(method.as_str(), route, status, elapsed);
+        .http_request(method_label(&method), route, status, elapsed);
     info!(
         request_id = %id,
         peer = peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
@@ -167,6 +167,23 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         "request"
     );
     response
+}
+
+/// The method as a metrics label: the standard ones by name, anything a client made up as
+/// `other`, so clients cannot create series.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// A per-process value that keeps request ids unique across restarts.
@@ -296,6 +313,16 @@ async fn manifest(state: &AppState, endpoint: &Endpoint, head: bool) -> Answer {
         .manifest(&endpoint.upstream, &endpoint.repo, reference)
         .await
         .map_err(failed)?;
+    // The media type comes from the upstream (a header or the manifest's body): a value that
+    // cannot be a header is the upstream's fault, answered as such, never a panic.
+    if !crate::oci::media_type::is_valid_header_value(&manifest.media_type) {
+        tracing::warn!(digest = %manifest.digest, media_type = ?manifest.media_type, "manifest media type cannot be sent as Content-Type");
+        return Err((
+            ApiError::new(ErrorCode::BadGateway)
+                .with_message("the upstream's manifest has an invalid media type"),
+            Some(outcome),
+        ));
+    }
     let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, &manifest.media_type)
@@ -313,7 +340,7 @@ async fn manifest(state: &AppState, endpoint: &Endpoint, head: bool) -> Answer {
     } else {
         Body::from(manifest.bytes)
     };
-    Ok((builder.body(body).expect("valid headers"), outcome))
+    Ok((built(builder, body)?, outcome))
 }
 
 async fn blob(
@@ -336,10 +363,8 @@ async fn blob(
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, size)
             .header(header::ACCEPT_RANGES, "bytes")
-            .header("docker-content-digest", digest.as_str())
-            .body(Body::empty())
-            .expect("valid headers");
-        return Ok((response, outcome));
+            .header("docker-content-digest", digest.as_str());
+        return Ok((built(response, Body::empty())?, outcome));
     }
     let blob = state
         .cache
@@ -356,10 +381,9 @@ async fn blob(
                 let error = ApiError::new(ErrorCode::RangeInvalid)
                     .with_message(format!("range not satisfiable for a blob of {size} bytes"));
                 let mut response = error.into_response();
-                response.headers_mut().insert(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-                );
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, value);
+                }
                 return Ok((response, outcome));
             }
         },
@@ -373,14 +397,9 @@ async fn blob(
     let metrics = state.metrics.clone();
     // A stored blob on a plain HTTP/1 connection goes out with sendfile, without being read.
     let stream = match (sendfile, blob.body) {
+        // regmirror_sendfile_bytes_total is counted by the connection, as sendfile(2) returns.
         (Some(sendfile), BlobBody::Stored(file, pin)) => {
-            let metrics = state.metrics.clone();
-            let frames = sendfile.stream(file, start, end, pin);
-            Box::pin(frames.inspect(move |frame| {
-                if let Ok(frame) = frame {
-                    metrics.sendfile_bytes(frame.len() as u64);
-                }
-            }))
+            Box::pin(sendfile.stream(file, start, end, pin))
         }
         (_, body) => body.stream(start, end),
     };
@@ -401,12 +420,7 @@ async fn blob(
             format!("bytes {start}-{}/{size}", end - 1),
         );
     }
-    Ok((
-        builder
-            .body(Body::from_stream(stream))
-            .expect("valid headers"),
-        outcome,
-    ))
+    Ok((built(builder, Body::from_stream(stream))?, outcome))
 }
 
 async fn referrers(state: &AppState, endpoint: &Endpoint, query: &str, head: bool) -> Answer {
@@ -424,17 +438,19 @@ async fn referrers(state: &AppState, endpoint: &Endpoint, query: &str, head: boo
         .map_err(failed)?;
     let response = Response::builder()
         .header(header::CONTENT_TYPE, crate::oci::media_type::OCI_INDEX)
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(if head {
-            Body::empty()
-        } else {
-            Body::from(body)
-        })
-        .expect("valid headers");
-    Ok((response, outcome))
+        .header(header::CONTENT_LENGTH, body.len());
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(body)
+    };
+    Ok((built(response, body)?, outcome))
 }
 
 async fn tags(state: &AppState, endpoint: &Endpoint, query: &str) -> Answer {
+    if let Err(error) = pagination(query) {
+        return Err((error, None));
+    }
     // Pass through only the pagination parameters the spec defines.
     let query: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(
@@ -446,11 +462,37 @@ async fn tags(state: &AppState, endpoint: &Endpoint, query: &str) -> Answer {
         .tags(&endpoint.upstream, &endpoint.repo, &query)
         .await
         .map_err(failed)?;
-    let response = Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
-        .expect("valid headers");
-    Ok((response, outcome))
+    let response = Response::builder().header(header::CONTENT_TYPE, "application/json");
+    Ok((built(response, Body::from(body))?, outcome))
+}
+
+/// A response from its builder; a header the builder refused (which only data from the
+/// network could cause) is logged and answered as an internal error rather than a panic.
+fn built(
+    builder: axum::http::response::Builder,
+    body: Body,
+) -> Result<Response, (ApiError, Option<Outcome>)> {
+    builder.body(body).map_err(|error| {
+        tracing::error!(%error, "response headers refused");
+        (ApiError::new(ErrorCode::Unknown), None)
+    })
+}
+
+/// The `n` of a paginated listing must be a number when present.
+pub(crate) fn pagination(query: &str) -> Result<Option<usize>, ApiError> {
+    let mut n = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        if key == "n" {
+            match value.parse::<usize>() {
+                Ok(value) => n = Some(value),
+                Err(_) => {
+                    return Err(ApiError::new(ErrorCode::PaginationNumberInvalid)
+                        .with_message("n must be a non-negative integer"))
+                }
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// A parsed `Range` header.
@@ -473,7 +515,14 @@ fn parse_range(value: &str, size: u64) -> RangeRequest {
     let Some((first, last)) = spec.trim().split_once('-') else {
         return RangeRequest::Ignored;
     };
-    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    // Digits only: `parse::<u64>` alone would take `+1`.
+    let parse = |s: &str| {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<u64>().ok()
+    };
     match (first.trim().is_empty(), parse(first), parse(last)) {
         // `bytes=-N`: the last N bytes.
         (true, _, Some(suffix)) if suffix > 0 => {
@@ -521,6 +570,10 @@ mod tests {
             ("items=0-1", 100, Ignored),
             ("bytes=x-y", 100, Ignored),
             ("bytes=-0", 100, Ignored),
+            ("bytes=+1-2", 100, Ignored),
+            ("bytes=1-+2", 100, Ignored),
+            ("bytes=-+5", 100, Ignored),
+            ("bytes= 1 - 2", 100, Satisfiable(1, 3)),
         ];
         for (header, size, want) in cases {
             assert_eq!(parse_range(header, size), want, "{header}");

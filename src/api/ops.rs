@@ -56,18 +56,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 /// `/v2/_catalog`: the repositories we hold, as `<upstream>/<repository>`, with `n`/`last`
 /// pagination.
 pub async fn catalog(state: &AppState, query: &str) -> Response {
-    let mut n: Option<usize> = None;
-    let mut last: Option<String> = None;
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        match &*key {
-            "n" => match value.parse() {
-                Ok(value) => n = Some(value),
-                Err(_) => return ApiError::new(ErrorCode::Unsupported).into_response(),
-            },
-            "last" => last = Some(value.into_owned()),
-            _ => {}
-        }
-    }
+    let n = match super::pagination(query) {
+        Ok(n) => n,
+        Err(error) => return error.into_response(),
+    };
+    let last: Option<String> = form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "last")
+        .map(|(_, value)| value.into_owned());
     let store = state.cache.store().clone();
     let repositories = match tokio::task::spawn_blocking(move || store.index.repositories()).await {
         Ok(Ok(repositories)) => repositories,

@@ -365,13 +365,16 @@ fn positioned_reads(
     })
 }
 
-/// Streams `start..end` of a committed file as views of memory mappings of it.
+/// Streams `start..end` of a committed file, read in chunks of [`READ_CHUNK`] into buffers
+/// taken from a pool and returned to it once the response has written them.
 ///
-/// Committed blobs are the hit path, and this is the copy that matters: bytes mapped from the
-/// page cache go to the socket with one kernel copy, where reading them first into a fresh
-/// (zeroed, page-faulted) buffer cost as much CPU again as sending them. Each chunk is its own
-/// mapping, unmapped once the response has written it, so memory stays bounded by the chunks
-/// in flight, as with read buffers.
+/// No memory mapping: a mapped file that shrinks (a disk error, an operator, a bad restore)
+/// raises SIGBUS in whichever thread touches the lost page (rustls encrypting it, h2 copying
+/// it) and kills the process. A read reports the same thing as an error for this transfer
+/// only. Pooled buffers keep the copy cheap: no allocation, no zeroing, no page faults per
+/// chunk once warm; and a chunk already in the page cache is read right on the async thread
+/// (`RWF_NOWAIT` fails instead of waiting for the disk), so only cold chunks pay the hop to the
+/// blocking pool.
 pub fn file_stream(
     file: Arc<File>,
     start: u64,
@@ -381,8 +384,8 @@ pub fn file_stream(
         if pos >= end {
             return None;
         }
-        let len = (end - pos).min(CHUNK as u64) as usize;
-        match map_at(file.clone(), pos, len).await {
+        let len = (end - pos).min(READ_CHUNK as u64) as usize;
+        match read_chunk(file.clone(), pos, len).await {
             Ok(chunk) => {
                 let next = pos + chunk.len() as u64;
                 Some((Ok(chunk), (file, next)))
@@ -392,33 +395,84 @@ pub fn file_stream(
     })
 }
 
-/// Maps `len` bytes of a committed file at `pos` and faults them in on the blocking pool, so
-/// that a page missing from the page cache is read from disk here rather than inside a socket
-/// write on an async thread, and a failing disk is an `io::Error` here; a short file is an
-/// error, never a silent truncation.
-async fn map_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+/// Bytes per read of a committed file: what one response holds in memory at a time besides
+/// its connection's buffers (the bound stated in the README).
+pub const READ_CHUNK: usize = 128 * 1024;
+
+/// Idle buffers kept for reuse; more are freed when they come back.
+const POOL_MAX: usize = 64;
+
+static POOL: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+/// A pooled buffer holding `len` bytes read from a file; back to the pool when dropped.
+struct Pooled {
+    buf: Box<[u8]>,
+    len: usize,
+}
+
+impl Pooled {
+    fn take() -> Pooled {
+        let buf = POOL
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop())
+            .unwrap_or_else(|| vec![0; READ_CHUNK].into_boxed_slice());
+        Pooled { buf, len: 0 }
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut pool) = POOL.lock() {
+            if pool.len() < POOL_MAX {
+                pool.push(buf);
+            }
+        }
+    }
+}
+
+/// Reads up to `len` (at most [`READ_CHUNK`]) bytes of a committed file at `pos`: on this
+/// thread if they are in the page cache, else on the blocking pool, so a socket write never
+/// waits for the disk. A file shorter than `pos + len` is an error, never a silent truncation.
+async fn read_chunk(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
+    let mut chunk = Pooled::take();
+    let wanted = pos
+        .checked_add(len as u64)
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    if file.metadata()?.len() < wanted {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let fast = rustix::io::preadv2(
+        &*file,
+        &mut [io::IoSliceMut::new(&mut chunk.buf[..len])],
+        pos,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    match fast {
+        Ok(n) if n > 0 => {
+            chunk.len = n;
+            return Ok(Bytes::from_owner(chunk));
+        }
+        // EAGAIN: not in the page cache. 0 is not the end of the file (its length was checked
+        // above) but a page that cannot be had without waiting (some kernels answer so for
+        // pages under writeback). Anything else (a file system or kernel without RWF_NOWAIT)
+        // gets its real answer from a plain read below.
+        Ok(_) | Err(_) => {}
+    }
     tokio::task::spawn_blocking(move || {
-        if file.metadata()?.len() < pos + len as u64 {
+        let n = file.read_at(&mut chunk.buf[..len], pos)?;
+        if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        // SAFETY: a committed blob never changes: it was written in tmp/, verified and renamed
-        // into place, and is only ever unlinked (which leaves a mapping intact), so the mapped
-        // bytes cannot change or shrink while the mapping lives.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(pos)
-                .len(len)
-                .map(&*file)?
-        };
-        match map.advise(memmap2::Advice::PopulateRead) {
-            Ok(()) => {}
-            // Kernels before 5.14 lack MADV_POPULATE_READ: start readahead instead.
-            Err(err) if err.kind() == io::ErrorKind::InvalidInput => {
-                let _ = map.advise(memmap2::Advice::WillNeed);
-            }
-            Err(err) => return Err(err),
-        }
-        Ok(Bytes::from_owner(map))
+        chunk.len = n;
+        Ok(Bytes::from_owner(chunk))
     })
     .await
     .map_err(io::Error::other)?
@@ -482,5 +536,35 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(futures_util::StreamExt::next(&mut stream).await.is_none());
+    }
+
+    /// A chunk already handed out stays readable when the file shrinks behind it (a mapped
+    /// chunk raised SIGBUS here), and the next one is an error, not a crash.
+    #[tokio::test]
+    async fn file_stream_survives_a_file_truncated_midway() {
+        let len = 4 * READ_CHUNK;
+        let (dir, bytes, file) = committed(len);
+        let mut stream = Box::pin(file_stream(file, 0, len as u64));
+        let first = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
+        let second = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("blob"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(first, bytes[..first.len()]);
+        assert_eq!(second, bytes[first.len()..first.len() + second.len()]);
+        let err = futures_util::StreamExt::next(&mut stream)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

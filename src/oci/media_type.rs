@@ -51,6 +51,21 @@ pub fn essence(mt: &str) -> &str {
     mt.split(';').next().unwrap_or_default().trim()
 }
 
+/// Whether `mt` can be sent as a `Content-Type` header: 1 to 255 visible ASCII characters and
+/// spaces (RFC 6838 names and parameters need nothing else), no control character, no
+/// leading or trailing space, and a `type/subtype` shape. Media types come from upstreams
+/// (headers and manifest bodies), so this is checked before one becomes a header.
+pub fn is_valid_header_value(mt: &str) -> bool {
+    let bytes = mt.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 255
+        && bytes.iter().all(|b| (0x20..0x7f).contains(b))
+        && mt.trim() == mt
+        && essence(mt).split_once('/').is_some_and(|(kind, sub)| {
+            !kind.is_empty() && !sub.is_empty() && !sub.contains('/') && !kind.contains(' ')
+        })
+}
+
 /// Whether `mt` names a multi-platform index (OCI index or Docker manifest
 /// list). Parameters and ASCII case are ignored, as media types are
 /// case-insensitive.
@@ -269,5 +284,31 @@ mod tests {
         for (body, expected) in cases {
             assert_eq!(referenced_digests(body.as_bytes()), expected, "{body}");
         }
+    }
+
+    #[test]
+    fn header_valid_media_types() {
+        for ok in [
+            OCI_MANIFEST,
+            "application/json; charset=utf-8",
+            "text/plain",
+        ] {
+            assert!(is_valid_header_value(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "application/vnd.oci.image.manifest.v1+json\u{1}",
+            "application/vnd.oci\nimage",
+            "application/x\rinjected: yes",
+            "no-slash",
+            "/x",
+            "x/",
+            " application/json",
+            "application/json\t",
+            "appl\u{e9}/json",
+        ] {
+            assert!(!is_valid_header_value(bad), "{bad:?}");
+        }
+        assert!(!is_valid_header_value(&format!("a/{}", "b".repeat(300))));
     }
 }

@@ -73,13 +73,29 @@ type Queue = Arc<Mutex<VecDeque<Segment>>>;
 pub struct PlainConn {
     tcp: TcpStream,
     queue: Queue,
+    /// What [`AsyncWrite::is_write_vectored`] answers: always true, except when a test plays
+    /// a broken IO wrapper for the start-up self-test to catch.
+    vectored: bool,
+    /// Counts the bytes sendfile(2) says it sent.
+    sent: Option<prometheus::IntCounter>,
 }
 
 impl PlainConn {
     pub fn new(tcp: TcpStream) -> PlainConn {
+        PlainConn::with_options(tcp, true, None)
+    }
+
+    /// `vectored: false` is for tests only (see the field).
+    pub fn with_options(
+        tcp: TcpStream,
+        vectored: bool,
+        sent: Option<prometheus::IntCounter>,
+    ) -> PlainConn {
         PlainConn {
             tcp,
             queue: Queue::default(),
+            vectored,
+            sent,
         }
     }
 
@@ -119,6 +135,9 @@ impl PlainConn {
             // The file is shorter than its index entry said: end the transfer short rather
             // than let anything else stand in for the missing bytes.
             return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if let Some(counter) = &self.sent {
+            counter.inc_by(sent as u64);
         }
         segment.sent += sent;
         if segment.sent == segment.len {
@@ -184,10 +203,10 @@ impl AsyncWrite for PlainConn {
             .position(|buf| placeholder_offset(buf).is_some())
         {
             None => Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs),
-            Some(0) => {
-                let at = placeholder_offset(&bufs[0]).expect("found above");
-                this.poll_send_file(cx, at, bufs[0].len())
-            }
+            Some(0) => match placeholder_offset(&bufs[0]) {
+                Some(at) => this.poll_send_file(cx, at, bufs[0].len()),
+                None => unreachable!("position found a placeholder at 0"),
+            },
             // Response headers before a file: MSG_MORE lets them leave in the same packet as
             // the file's first bytes rather than alone (the socket has TCP_NODELAY).
             Some(k) => poll_write_io(&this.tcp, cx, || {
@@ -206,7 +225,7 @@ impl AsyncWrite for PlainConn {
     /// Always: hyper copies body buffers into its own when an IO lacks vectored writes, and a
     /// copied placeholder could no longer be recognised.
     fn is_write_vectored(&self) -> bool {
-        true
+        self.vectored
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -277,15 +296,16 @@ async fn ensure_resident(file: &Arc<File>, offset: u64, len: usize) -> io::Resul
         if file.metadata()?.len() < offset + len as u64 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        // MADV_POPULATE_READ reports a page it cannot read (the file shrank since the check
+        // above, or the disk failed) as an error where touching the page would raise SIGBUS:
+        // nothing here reads mapped memory.
         match map.advise(memmap2::Advice::PopulateRead) {
             Ok(()) => Ok(()),
-            // Kernels before 5.14 lack MADV_POPULATE_READ: fault each page in by hand.
+            // Kernels before 5.14 lack MADV_POPULATE_READ: read the range into a scratch
+            // buffer instead, which fills the page cache just the same.
             Err(err) if err.kind() == io::ErrorKind::InvalidInput => {
-                for page in map.chunks(rustix::param::page_size()) {
-                    // SAFETY: in bounds of a live mapping; volatile so the read is not elided.
-                    unsafe { std::ptr::read_volatile(page.as_ptr()) };
-                }
-                Ok(())
+                drop(map);
+                read_through(&file, offset, len)
             }
             Err(err) => Err(err),
         }
@@ -294,14 +314,27 @@ async fn ensure_resident(file: &Arc<File>, offset: u64, len: usize) -> io::Resul
     .map_err(io::Error::other)?
 }
 
+/// Reads `len` bytes at `offset` and throws them away: they are in the page cache afterwards.
+fn read_through(file: &File, offset: u64, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut scratch = vec![0u8; len.min(256 * 1024)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(scratch.len());
+        file.read_exact_at(&mut scratch[..n], offset + done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// An unpopulated, page-aligned mapping of the pages holding `len` bytes at `offset`: creating
 /// it reads nothing, it is only asked about (mincore) or faulted in.
 fn map(file: &File, offset: u64, len: usize) -> io::Result<memmap2::Mmap> {
     let page = rustix::param::page_size() as u64;
     let start = offset - offset % page;
-    // SAFETY: only committed blobs are sent, and a committed blob never changes: it was
-    // verified in tmp/ and renamed into place, and is only ever unlinked, which leaves a
-    // mapping intact.
+    // SAFETY: the mapping's memory is never read or written by this process, only asked
+    // about (mincore) and populated (madvise), which report pages past the end of the file or
+    // unreadable as errors; so a file that shrinks or fails meanwhile cannot raise SIGBUS.
     unsafe {
         memmap2::MmapOptions::new()
             .offset(start)
