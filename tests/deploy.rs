@@ -562,7 +562,8 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
 
 /// A fresh clone, as a new user runs it: `docker-compose up --detach` with compose.yaml as
 /// it is, no `.env`, no variable and no secret file, starts a healthy anonymous mirror
-/// published on :5000 (through the engine's port proxy, on the project's own bridge network).
+/// published on :5000 by default (the test moves it to a free loopback port with REGMIRROR_PORT,
+/// through the engine's port proxy, on the project's own bridge network).
 /// Then compose's config.yml, unchanged but for a local upstream's URL (there are no
 /// credentials in it to remove), serves a real dockerd's pulls through the same compose.yaml
 /// with the test's host-network override.
@@ -654,7 +655,7 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
         );
     }
     let test_config = compose_config
-        .replace("listen: 0.0.0.0:5000", "listen: 127.0.0.1:5000")
+        .replace("listen: 0.0.0.0:5000", &format!("listen: {published}"))
         .replace(
             "url: https://registry-1.docker.io",
             &format!("url: http://upstream.regmirror.test:{}", dist_port(&dist)),
