@@ -64,14 +64,18 @@ pub struct StorageConfig {
     /// Directory holding `blobs/`, `tmp/` and `index/`.
     #[serde(default = "defaults::storage_root")]
     pub root: PathBuf,
-    /// Upper bound on the bytes of cached blobs; least recently used blobs are evicted above it.
-    /// `0` means unbounded.
+    /// Upper bound on the bytes of cached blobs (default `50GiB`); above it the least recently
+    /// pulled images are evicted, whole. `0` means unbounded.
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,
     /// Eviction stops once the cache is back under this percentage of `max_size`, so it runs in
     /// batches rather than on every download.
     #[serde(default = "defaults::low_watermark_percent")]
     pub low_watermark_percent: u8,
+    /// Free space kept on the store's disk for the index and logs (default `1GiB`): a download
+    /// that would eat into it is passed through uncached.
+    #[serde(default = "defaults::min_free")]
+    pub min_free: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -80,6 +84,7 @@ impl Default for StorageConfig {
             root: defaults::storage_root(),
             max_size: defaults::max_size(),
             low_watermark_percent: defaults::low_watermark_percent(),
+            min_free: defaults::min_free(),
         }
     }
 }
@@ -113,6 +118,10 @@ pub struct CacheConfig {
     /// See `blob_stall_timeout`.
     #[serde(default = "defaults::blob_stall_bytes")]
     pub blob_stall_bytes: ByteSize,
+    /// Images nobody pulled for this long are evicted even below `storage.max_size` (default
+    /// `30d`; `0` keeps them until space is needed).
+    #[serde(default = "defaults::max_age")]
+    pub max_age: HumanDuration,
 }
 
 impl Default for CacheConfig {
@@ -124,6 +133,7 @@ impl Default for CacheConfig {
             revalidate_timeout: defaults::revalidate_timeout(),
             blob_stall_timeout: defaults::blob_stall_timeout(),
             blob_stall_bytes: defaults::blob_stall_bytes(),
+            max_age: defaults::max_age(),
         }
     }
 }
@@ -278,7 +288,13 @@ mod defaults {
         PathBuf::from("./data")
     }
     pub fn max_size() -> ByteSize {
-        ByteSize(0)
+        ByteSize(50 << 30)
+    }
+    pub fn min_free() -> ByteSize {
+        ByteSize(1 << 30)
+    }
+    pub fn max_age() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30 * 24 * 3600))
     }
     pub fn tag_ttl() -> HumanDuration {
         HumanDuration(Duration::from_secs(300))

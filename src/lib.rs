@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod oci;
+pub mod outcome;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
@@ -47,6 +48,13 @@ pub enum RunError {
 /// Builds the application state from a configuration: opens (and reconciles) the store and
 /// creates one HTTP client per upstream.
 pub async fn state(config: &Config) -> Result<AppState, RunError> {
+    tracing::info!(
+        max_size = %config.storage.max_size,
+        low_watermark_percent = config.storage.low_watermark_percent,
+        min_free = %config.storage.min_free,
+        max_age = %config.cache.max_age,
+        "effective storage limits"
+    );
     let root = config.storage.root.clone();
     let path = root.display().to_string();
     let (store, reconciled) = tokio::task::spawn_blocking(move || storage::Store::open(&root))
@@ -206,7 +214,7 @@ pub async fn run(
         result = server => result.map_err(RunError::Serve)?,
         () = deadline => tracing::warn!(seconds = grace.as_secs(), "shutdown deadline passed, dropping the remaining connections"),
     }
-    if let Err(error) = store.index.flush() {
+    if let Err(error) = store.index().flush() {
         tracing::warn!(%error, "index flush on shutdown failed");
     }
     Ok(())

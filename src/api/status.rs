@@ -4,8 +4,8 @@
 //! healthy (state, last error, rate-limit allowance left).
 //!
 //! Every figure is also in an element with an `id` and its exact value in `data-value`, so
-//! tests (and scrapers) read numbers without parsing the human formatting. It reads the store,
-//! the index and [`Metrics`]; it changes nothing.
+//! tests (and scrapers) read numbers without parsing the human formatting. It reads the cache
+//! and [`Metrics`]; it changes nothing.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
@@ -24,16 +24,12 @@ const TOP_REPOSITORIES: usize = 10;
 
 /// `GET /`: the status page.
 pub async fn page(State(state): State<AppState>) -> Response {
-    let store = state.cache.store().clone();
-    // The index walk is blocking I/O; keep it off the async threads.
-    let repositories = tokio::task::spawn_blocking(move || store.index.repositories()).await;
-    let repositories = match repositories {
-        Ok(Ok(repositories)) => repositories,
-        Ok(Err(error)) => {
+    let repositories = match state.cache.repositories().await {
+        Ok(repositories) => repositories,
+        Err(error) => {
             tracing::error!(%error, "status page: repository listing failed");
             Vec::new()
         }
-        Err(_) => Vec::new(),
     };
     let facts = Facts::gather(&state, repositories);
     (
@@ -69,7 +65,7 @@ struct Facts {
 impl Facts {
     fn gather(state: &AppState, repositories: Vec<(String, String)>) -> Facts {
         let metrics: &Metrics = &state.metrics;
-        let store = state.cache.store();
+        let cache = &state.cache;
         let lookups = CACHE_KINDS
             .iter()
             .map(|kind| {
@@ -93,9 +89,9 @@ impl Facts {
         top.truncate(TOP_REPOSITORIES);
         Facts {
             version: env!("CARGO_PKG_VERSION"),
-            used_bytes: store.used_bytes(),
+            used_bytes: cache.used_bytes(),
             limit_bytes: state.max_size,
-            blobs: store.blob_count(),
+            blobs: cache.blob_count(),
             downloads_in_flight: state.cache.downloads_in_flight(),
             lookups,
             bytes_from_cache: metrics.served_bytes_total("cache"),
