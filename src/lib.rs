@@ -43,6 +43,9 @@ pub enum RunError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    /// The pinned images do not fit the cache.
+    #[error("{0}")]
+    Pins(String),
 }
 
 /// Builds the application state from a configuration: opens (and reconciles) the store and
@@ -201,6 +204,16 @@ pub async fn run(
             .clone()
             .run(until_stopped(stopped.clone())),
     );
+    let (too_big, pins_too_big) = tokio::sync::oneshot::channel();
+    if !config.pins.is_empty() {
+        tokio::spawn(cache::pins::run(
+            state.cache.clone(),
+            config.pins.clone(),
+            config.pins_refresh.0,
+            until_stopped(stopped.clone()),
+            too_big,
+        ));
+    }
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
@@ -213,6 +226,7 @@ pub async fn run(
     tokio::select! {
         result = server => result.map_err(RunError::Serve)?,
         () = deadline => tracing::warn!(seconds = grace.as_secs(), "shutdown deadline passed, dropping the remaining connections"),
+        Ok(message) = pins_too_big => return Err(RunError::Pins(message)),
     }
     if let Err(error) = store.index().flush() {
         tracing::warn!(%error, "index flush on shutdown failed");

@@ -284,3 +284,116 @@ async fn the_index_stays_bounded_under_churn_and_the_catalog_lists_what_is_held(
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pinned_image_is_fetched_at_start_up_and_survives_a_churn_that_evicts_everything_else() {
+    let fake = Fake::start().await;
+    let pinned = fake.put_image("library/pinned", "1.4", &[60_000, 40_000], 50);
+    let others: Vec<_> = (0..8)
+        .map(|i| fake.put_image(&format!("library/o{i}"), "1", &[60_000], 60 + i))
+        .collect();
+    let (m, _dir) = mirror_of(
+        &fake.url(),
+        "storage: { max_size: 300KiB, low_watermark_percent: 50 }\npins: [ 'docker.io/library/pinned:1.*' ]",
+    )
+    .await;
+    // The task `run` starts for `pins:`, started here the same way.
+    let config = ::regmirror::Config::parse(
+        &format!(
+            "default_upstream: docker.io\nupstreams: {{ docker.io: {{ url: '{}' }} }}\npins: [ 'docker.io/library/pinned:1.*' ]\n",
+            fake.url()
+        ),
+        "test",
+    )
+    .unwrap();
+    let (too_big, mut refused) = tokio::sync::oneshot::channel();
+    let mut passes = m.state.cache.pin_passes();
+    tokio::spawn(::regmirror::cache::pins::run(
+        m.state.cache.clone(),
+        config.pins.clone(),
+        Duration::from_secs(3600),
+        std::future::pending(),
+        too_big,
+    ));
+    tokio::time::timeout(Duration::from_secs(60), passes.wait_for(|n| *n >= 1))
+        .await
+        .expect("first pin pass")
+        .unwrap();
+    assert!(refused.try_recv().is_err(), "the pins fit");
+    // Fetched without a client asking: manifest, config and both layers are in the store.
+    let store = m.state.cache.store().clone();
+    let held = |d: &::regmirror::oci::Digest| store.stat(d).unwrap().is_some();
+    assert!(held(&pinned.digest));
+    assert!(pinned.layers.iter().all(|(d, _)| held(d)));
+    for (i, image) in others.iter().enumerate() {
+        for path in [
+            format!("o{i}/manifests/1"),
+            format!("o{i}/blobs/{}", image.layers[0].0),
+        ] {
+            let r = client()
+                .get(format!("{}/v2/{path}", m.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+        m.state.cache.clock().advance(Duration::from_secs(5));
+        evict(&m).await;
+    }
+    // Ageing does not take it either.
+    m.state
+        .cache
+        .clock()
+        .advance(Duration::from_secs(365 * 86400));
+    evict(&m).await;
+    assert!(held(&pinned.digest), "the pinned manifest stays");
+    assert!(
+        pinned.layers.iter().all(|(d, _)| held(d)),
+        "its layers stay"
+    );
+    assert!(
+        others.iter().all(|o| !held(&o.layers[0].0)),
+        "everything else was evicted"
+    );
+    let page = client()
+        .get(format!("{}/", m.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"data-pinned="docker.io/library/pinned:1.4""#),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pins_larger_than_the_cache_are_refused_once_their_size_is_known() {
+    let fake = Fake::start().await;
+    fake.put_image("library/big", "1", &[400_000], 70);
+    let (m, _dir) = mirror_of(&fake.url(), "storage: { max_size: 300KiB }").await;
+    let config = ::regmirror::Config::parse(
+        &format!(
+            "default_upstream: docker.io\nupstreams: {{ docker.io: {{ url: '{}' }} }}\npins: [ 'docker.io/library/big:1' ]\n",
+            fake.url()
+        ),
+        "test",
+    )
+    .unwrap();
+    let (too_big, refused) = tokio::sync::oneshot::channel();
+    tokio::spawn(::regmirror::cache::pins::run(
+        m.state.cache.clone(),
+        config.pins.clone(),
+        Duration::from_secs(3600),
+        std::future::pending(),
+        too_big,
+    ));
+    let message = tokio::time::timeout(Duration::from_secs(60), refused)
+        .await
+        .expect("first pin pass")
+        .unwrap();
+    assert!(message.contains("storage.max_size"), "{message}");
+}

@@ -60,6 +60,8 @@ struct Facts {
     upstreams: Vec<(String, UpstreamHealth)>,
     /// Whether this listener serves `/metrics` (not when `metrics.listen` moved it).
     metrics_here: bool,
+    /// Pinned tags (`upstream/repository:tag`) with the image digest each names, sorted.
+    pinned: Vec<(String, String)>,
 }
 
 impl Facts {
@@ -100,6 +102,15 @@ impl Facts {
             top,
             upstreams: metrics.upstream_health().into_iter().collect(),
             metrics_here: state.metrics_enabled,
+            pinned: {
+                let mut pinned: Vec<(String, String)> = cache
+                    .pinned()
+                    .into_iter()
+                    .map(|(name, digest)| (name, digest.to_string()))
+                    .collect();
+                pinned.sort();
+                pinned
+            },
         }
     }
 }
@@ -249,10 +260,29 @@ fn render(facts: &Facts, now: SystemTime) -> String {
             cached = counts.from_cache,
         );
     }
+    html.push_str("</tbody></table>\n");
+    // Pinned images.
+    if !facts.pinned.is_empty() {
+        let _ = write!(
+            html,
+            r#"<h2>Pinned images <small><span id="pinned-count" data-value="{n}">{n}</span> pinned, never evicted</small></h2>
+<table id="pinned"><thead><tr><th>Image</th><th>Digest</th></tr></thead><tbody>
+"#,
+            n = facts.pinned.len(),
+        );
+        for (name, digest) in &facts.pinned {
+            let _ = writeln!(
+                html,
+                r#"<tr data-pinned="{name}"><td class="name">{name} <small>pinned</small></td><td class="digest">{digest}</td></tr>"#,
+                name = escape(name),
+                digest = escape(digest),
+            );
+        }
+        html.push_str("</tbody></table>\n");
+    }
     let _ = write!(
         html,
-        r#"</tbody></table>
-<footer>Counts are since the process started; sizes are live.{}</footer>
+        r#"<footer>Counts are since the process started; sizes are live.{}</footer>
 </main></body></html>
 "#,
         if facts.metrics_here {
@@ -349,6 +379,7 @@ mod tests {
             bytes_from_cache: 2048,
             bytes_from_upstream: 4096,
             repositories_cached: 2,
+            pinned: vec![("docker.io/library/alpine:3.20".into(), "sha256:0123".into())],
             top: vec![
                 (
                     "docker.io/library/alpine".into(),
@@ -388,6 +419,7 @@ mod tests {
             "2m ago",
             "answered 503 &lt;Service Unavailable&gt;",
             "ghcr.io/&lt;evil&gt;",
+            r#"data-pinned="docker.io/library/alpine:3.20""#,
         ] {
             assert!(html.contains(want), "missing {want:?} in\n{html}");
         }

@@ -11,6 +11,7 @@ mod evict;
 mod flight;
 mod manifests;
 mod passthrough;
+pub mod pins;
 mod single;
 
 use std::collections::{HashMap, HashSet};
@@ -139,6 +140,10 @@ pub struct Cache {
     manifests: ManifestCache,
     /// Pull times and ages.
     clock: Arc<Clock>,
+    /// Pinned tags and the images they name, as of the last pin pass.
+    pinned: Mutex<pins::Pinned>,
+    /// Pin passes completed.
+    pin_passes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Cache {
@@ -188,6 +193,8 @@ impl Cache {
             stale: Mutex::default(),
             manifests: ManifestCache::new(MANIFEST_CACHE_BYTES),
             clock,
+            pinned: Mutex::default(),
+            pin_passes: tokio::sync::watch::Sender::new(0),
         })
     }
 

@@ -296,6 +296,11 @@ impl Index {
         Ok(())
     }
 
+    /// The content the image rooted at `root` holds.
+    pub fn members(&self, root: &Digest) -> Result<Vec<Digest>, IndexError> {
+        self.digests_under(&self.members, root)
+    }
+
     /// The images holding `digest`.
     pub fn owners(&self, digest: &Digest) -> Result<Vec<Digest>, IndexError> {
         self.digests_under(&self.owners, digest)
