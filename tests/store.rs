@@ -397,3 +397,34 @@ async fn pins_larger_than_the_cache_are_refused_once_their_size_is_known() {
         .unwrap();
     assert!(message.contains("storage.max_size"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stored_content_no_image_holds_is_evicted_too() {
+    let fake = Fake::start().await;
+    let images: Vec<_> = (0..3)
+        .map(|i| fake.put_image(&format!("library/s{i}"), "1", &[100_000], 80 + i))
+        .collect();
+    let (m, _dir) = mirror_of(
+        &fake.url(),
+        "storage: { max_size: 250KiB, low_watermark_percent: 50 }",
+    )
+    .await;
+    let store = m.state.cache.store().clone();
+    for (i, image) in images.iter().enumerate() {
+        let url = format!("{}/v2/s{i}/blobs/{}", m.url, image.layers[0].0);
+        client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        // As if adopted at start-up or indexed before images existed: held by no image.
+        store.index().remove_image(&image.layers[0].0).unwrap();
+    }
+    assert!(store.used_bytes() > 250 << 10);
+    let evicted = evict(&m).await;
+    assert!(evicted.images >= 2, "{evicted:?}");
+    assert!(store.used_bytes() <= 125 << 10, "{}", store.used_bytes());
+}

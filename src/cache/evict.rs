@@ -172,25 +172,15 @@ impl Evictor {
         if !shrinking && self.max_age == 0 {
             return evicted;
         }
-        let images = match self.store.index().images_by_age() {
-            Ok(images) => images,
-            Err(error) => {
-                warn!(%error, "eviction could not list images");
-                return evicted;
-            }
-        };
-        for (pulled, root) in images {
-            let aged = self.max_age > 0 && now.saturating_sub(pulled) > self.max_age;
-            let over = shrinking && self.store.used_bytes() > self.low;
-            if !aged && !over {
-                // Oldest first: nothing after this one is older.
-                break;
-            }
-            if self.is_pinned(&root) {
-                continue;
-            }
-            if let Err(error) = self.remove_image(&root, &mut evicted) {
-                warn!(%error, %root, "eviction could not remove an image");
+        self.pass(now, shrinking, &mut evicted);
+        // Still over with every image considered: stored content no image holds (files adopted
+        // at start-up, an index from before images) becomes images of its own, and one more
+        // pass considers them.
+        if shrinking && self.store.used_bytes() > self.low {
+            let adopted = self.adopt_strays();
+            if adopted > 0 {
+                info!(adopted, "content no image held became images of its own");
+                self.pass(now, shrinking, &mut evicted);
             }
         }
         if evicted.images > 0 {
@@ -205,6 +195,45 @@ impl Evictor {
             );
         }
         evicted
+    }
+
+    fn pass(&self, now: u64, shrinking: bool, evicted: &mut Evicted) {
+        let images = match self.store.index().images_by_age() {
+            Ok(images) => images,
+            Err(error) => {
+                warn!(%error, "eviction could not list images");
+                return;
+            }
+        };
+        for (pulled, root) in images {
+            let aged = self.max_age > 0 && now.saturating_sub(pulled) > self.max_age;
+            let over = shrinking && self.store.used_bytes() > self.low;
+            if !aged && !over {
+                // Oldest first: nothing after this one is older.
+                break;
+            }
+            if self.is_pinned(&root) {
+                continue;
+            }
+            if let Err(error) = self.remove_image(&root, evicted) {
+                warn!(%error, %root, "eviction could not remove an image");
+            }
+        }
+    }
+
+    /// Makes every stored blob no image holds an image of its own, dated by its last access,
+    /// so it can be evicted too. A full scan of the blobs: only when the images could not
+    /// bring the store under its limit.
+    fn adopt_strays(&self) -> usize {
+        let index = self.store.index();
+        let mut adopted = 0;
+        for (digest, entry) in index.all_blobs().unwrap_or_default() {
+            let stray = index.owners(&digest).is_ok_and(|owners| owners.is_empty());
+            if stray && index.own(&digest, entry.accessed).is_ok() {
+                adopted += 1;
+            }
+        }
+        adopted
     }
 
     fn remove_image(

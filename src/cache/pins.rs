@@ -77,7 +77,9 @@ impl Cache {
             }
         }
         self.stored_sizes(pass.pinned.values(), &mut sizes);
-        pass.bytes = sizes.values().fold(0u64, |sum, size| sum.saturating_add(*size));
+        pass.bytes = sizes
+            .values()
+            .fold(0u64, |sum, size| sum.saturating_add(*size));
         self.evictor
             .set_pinned(pass.pinned.values().cloned().collect());
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = pass.pinned.clone();
@@ -167,9 +169,9 @@ impl Cache {
         let index = self.store.index();
         for root in roots {
             for member in index.members(root).unwrap_or_default() {
-                if !sizes.contains_key(&member) {
-                    if let Ok(Some(entry)) = index.get_blob(&member) {
-                        sizes.insert(member, entry.size);
+                if let std::collections::hash_map::Entry::Vacant(slot) = sizes.entry(member) {
+                    if let Ok(Some(entry)) = index.get_blob(slot.key()) {
+                        slot.insert(entry.size);
                     }
                 }
             }
