@@ -58,6 +58,18 @@ pub struct Config {
     /// How the mirror treats its own clients' connections: timeouts, limits, sendfile.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Images kept whatever happens: `<upstream>/<repository>:<tag>` (e.g.
+    /// `docker.io/library/alpine:3.20`), where the tag may hold `*` wildcards
+    /// (`ghcr.io/org/app:1.*` pins every tag of the repository's tag list that matches).
+    /// Fetched in the background at start-up (every platform, through the cache, so verified
+    /// and single-flighted), revalidated every `pins_refresh`, never evicted nor aged out, and
+    /// counted against `storage.max_size`: once the first pass knows their size, a pinned set
+    /// larger than `max_size` stops the mirror with an error.
+    #[serde(default)]
+    pub pins: Vec<Pin>,
+    /// How often pinned tags are revalidated with the upstream (default `1h`).
+    #[serde(default = "defaults::pins_refresh")]
+    pub pins_refresh: HumanDuration,
 }
 
 /// Client connections: what one client (or many) may hold of the server.
@@ -120,6 +132,77 @@ pub enum SendfileMode {
     Off,
 }
 
+/// A pinned image reference: an upstream, a repository and a tag or tag pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// The upstream's name (or alias) as configured.
+    pub upstream: String,
+    pub repository: crate::oci::RepoName,
+    /// A tag, or a pattern where `*` stands for any run of characters.
+    pub tag: String,
+}
+
+impl Pin {
+    /// Whether the tag is a pattern (to match against the repository's tag list).
+    pub fn is_pattern(&self) -> bool {
+        self.tag.contains('*')
+    }
+
+    /// Whether `tag` is named by this pin.
+    pub fn matches(&self, tag: &str) -> bool {
+        glob(self.tag.as_bytes(), tag.as_bytes())
+    }
+}
+
+/// `*`-only wildcard matching.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    }
+}
+
+impl FromStr for Pin {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!("{s:?} is not an image reference like docker.io/library/alpine:3.20: {why}")
+        };
+        let (name, tag) = s.rsplit_once(':').ok_or_else(|| bad("no tag"))?;
+        if tag.contains('/') {
+            return Err(bad("no tag"));
+        }
+        let (upstream, repository) = name.split_once('/').ok_or_else(|| bad("no upstream"))?;
+        let valid_tag = !tag.is_empty()
+            && tag.len() <= 128
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*'));
+        if !valid_tag {
+            return Err(bad("invalid tag"));
+        }
+        Ok(Pin {
+            upstream: upstream.to_owned(),
+            repository: repository.parse().map_err(|e| bad(&format!("{e}")))?,
+            tag: tag.to_owned(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Pin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}:{}", self.upstream, self.repository, self.tag)
+    }
+}
+
 /// Local storage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,14 +210,18 @@ pub struct StorageConfig {
     /// Directory holding `blobs/`, `tmp/` and `index/`.
     #[serde(default = "defaults::storage_root")]
     pub root: PathBuf,
-    /// Upper bound on the bytes of cached blobs; least recently used blobs are evicted above it.
-    /// `0` means unbounded.
+    /// Upper bound on the bytes of cached blobs (default `50GiB`); above it the least recently
+    /// pulled images are evicted, whole. `0` means unbounded.
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,
     /// Eviction stops once the cache is back under this percentage of `max_size`, so it runs in
     /// batches rather than on every download.
     #[serde(default = "defaults::low_watermark_percent")]
     pub low_watermark_percent: u8,
+    /// Free space kept on the store's disk for the index and logs (default `1GiB`): a download
+    /// that would eat into it is passed through uncached.
+    #[serde(default = "defaults::min_free")]
+    pub min_free: ByteSize,
 }
 
 impl Default for StorageConfig {
@@ -143,6 +230,7 @@ impl Default for StorageConfig {
             root: defaults::storage_root(),
             max_size: defaults::max_size(),
             low_watermark_percent: defaults::low_watermark_percent(),
+            min_free: defaults::min_free(),
         }
     }
 }
@@ -176,6 +264,10 @@ pub struct CacheConfig {
     /// See `blob_stall_timeout`.
     #[serde(default = "defaults::blob_stall_bytes")]
     pub blob_stall_bytes: ByteSize,
+    /// Images nobody pulled for this long are evicted even below `storage.max_size` (default
+    /// `30d`; `0` keeps them until space is needed).
+    #[serde(default = "defaults::max_age")]
+    pub max_age: HumanDuration,
 }
 
 impl Default for CacheConfig {
@@ -187,6 +279,7 @@ impl Default for CacheConfig {
             revalidate_timeout: defaults::revalidate_timeout(),
             blob_stall_timeout: defaults::blob_stall_timeout(),
             blob_stall_bytes: defaults::blob_stall_bytes(),
+            max_age: defaults::max_age(),
         }
     }
 }
@@ -369,7 +462,16 @@ mod defaults {
         PathBuf::from("./data")
     }
     pub fn max_size() -> ByteSize {
-        ByteSize(0)
+        ByteSize(50 << 30)
+    }
+    pub fn pins_refresh() -> HumanDuration {
+        HumanDuration(Duration::from_secs(3600))
+    }
+    pub fn min_free() -> ByteSize {
+        ByteSize(1 << 30)
+    }
+    pub fn max_age() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30 * 24 * 3600))
     }
     pub fn tag_ttl() -> HumanDuration {
         HumanDuration(Duration::from_secs(300))
@@ -540,6 +642,21 @@ impl Config {
                         "upstreams.{name}: the name {alias:?} is already used by upstreams.{other}"
                     ));
                 }
+            }
+        }
+        for pin in &self.pins {
+            let known = self.upstreams.iter().any(|(name, upstream)| {
+                name.eq_ignore_ascii_case(&pin.upstream)
+                    || upstream
+                        .aliases
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(&pin.upstream))
+            });
+            if !known {
+                problems.push(format!(
+                    "pins: {pin}: {:?} is not one of the configured upstreams",
+                    pin.upstream
+                ));
             }
         }
         if !(1..=100).contains(&self.storage.low_watermark_percent) {
@@ -920,5 +1037,55 @@ mod tests {
         let text = "default_upstream: a.io\nupstreams:\n  a.io: { url: https://a.io }\n  b.io: { url: https://b.io, aliases: [a.io] }\n";
         let err = Config::parse(text, "t.yml").unwrap_err().to_string();
         assert!(err.contains("already used"), "{err}");
+    }
+
+    #[test]
+    fn pins_parse_and_match_tag_patterns() {
+        let pin: Pin = "docker.io/library/alpine:3.20".parse().unwrap();
+        assert_eq!(
+            (
+                pin.upstream.as_str(),
+                pin.repository.as_str(),
+                pin.tag.as_str()
+            ),
+            ("docker.io", "library/alpine", "3.20")
+        );
+        assert!(!pin.is_pattern() && pin.matches("3.20") && !pin.matches("3.2"));
+        let pin: Pin = "registry.local:5000/org/app:1.*".parse().unwrap();
+        assert_eq!(pin.upstream, "registry.local:5000");
+        assert!(pin.is_pattern());
+        assert!(
+            pin.matches("1.4") && pin.matches("1.") && !pin.matches("2.1") && !pin.matches("11.0")
+        );
+        for bad in [
+            "alpine",
+            "docker.io/alpine",
+            "registry.local:5000/org/app",
+            "docker.io/a:b/c",
+            "docker.io/x:",
+        ] {
+            assert!(bad.parse::<Pin>().is_err(), "{bad}");
+        }
+        let config = Config::parse(
+            "default_upstream: docker.io\nupstreams: { docker.io: { url: 'https://registry-1.docker.io' } }\npins: [ 'ghcr.io/org/app:1' ]\n",
+            "test",
+        );
+        let err = format!("{:?}", config.unwrap_err());
+        assert!(err.contains("not one of the configured upstreams"), "{err}");
+    }
+
+    #[test]
+    fn documented_defaults_are_the_defaults() {
+        let config = Config::parse(
+            "default_upstream: docker.io\nupstreams: { docker.io: { url: 'https://registry-1.docker.io' } }\n",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(config.storage.max_size, ByteSize(50 << 30));
+        assert_eq!(config.storage.min_free, ByteSize(1 << 30));
+        assert_eq!(config.cache.max_age.0, Duration::from_secs(30 * 86400));
+        assert_eq!(config.pins_refresh.0, Duration::from_secs(3600));
+        let embedded = include_str!("../config.yml");
+        assert!(embedded.contains("max_size: 50GiB"));
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod healthcheck;
 pub mod metrics;
 pub mod oci;
+pub mod outcome;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
@@ -44,11 +45,21 @@ pub enum RunError {
     },
     #[error("server: {0}")]
     Serve(std::io::Error),
+    /// The pinned images do not fit the cache.
+    #[error("{0}")]
+    Pins(String),
 }
 
 /// Builds the application state from a configuration: opens (and reconciles) the store and
 /// creates one HTTP client per upstream.
 pub async fn state(config: &Config) -> Result<AppState, RunError> {
+    tracing::info!(
+        max_size = %config.storage.max_size,
+        low_watermark_percent = config.storage.low_watermark_percent,
+        min_free = %config.storage.min_free,
+        max_age = %config.cache.max_age,
+        "effective storage limits"
+    );
     let root = config.storage.root.clone();
     let path = root.display().to_string();
     let (store, reconciled) = tokio::task::spawn_blocking(move || storage::Store::open(&root))
@@ -222,6 +233,16 @@ pub async fn run(
             .clone()
             .run(until_stopped(stopped.clone())),
     );
+    let (too_big, pins_too_big) = tokio::sync::oneshot::channel();
+    if !config.pins.is_empty() {
+        tokio::spawn(cache::pins::run(
+            state.cache.clone(),
+            config.pins.clone(),
+            config.pins_refresh.0,
+            until_stopped(stopped.clone()),
+            too_big,
+        ));
+    }
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
@@ -239,8 +260,9 @@ pub async fn run(
     tokio::select! {
         result = server => result.map_err(RunError::Serve)?,
         () = deadline => tracing::warn!(seconds = grace.as_secs(), "shutdown deadline passed, dropping the remaining connections"),
+        Ok(message) = pins_too_big => return Err(RunError::Pins(message)),
     }
-    if let Err(error) = store.index.flush() {
+    if let Err(error) = store.index().flush() {
         tracing::warn!(%error, "index flush on shutdown failed");
     }
     Ok(())

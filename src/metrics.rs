@@ -16,7 +16,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::cache::Outcome;
+use crate::outcome::Outcome;
 
 pub const HTTP_REQUESTS: &str = "regmirror_http_requests_total";
 pub const HTTP_DURATION: &str = "regmirror_http_request_duration_seconds";

@@ -14,9 +14,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     if !state.metrics_enabled {
         return StatusCode::NOT_FOUND.into_response();
     }
-    let store = state.cache.store();
-    state.metrics.cache_size.set(store.used_bytes() as i64);
-    state.metrics.cache_blobs.set(store.blob_count() as i64);
+    state
+        .metrics
+        .cache_size
+        .set(state.cache.used_bytes() as i64);
+    state
+        .metrics
+        .cache_blobs
+        .set(state.cache.blob_count() as i64);
     state.metrics.cache_limit.set(state.max_size as i64);
     state
         .metrics
@@ -42,11 +47,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.shutting_down.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
-    let store = state.cache.store().clone();
-    let ready = tokio::task::spawn_blocking(move || store.ready())
-        .await
-        .unwrap_or(false);
-    if ready {
+    if state.cache.ready().await {
         "ready\n".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store not ready\n").into_response()
@@ -63,14 +64,12 @@ pub async fn catalog(state: &AppState, query: &str) -> Response {
     let last: Option<String> = form_urlencoded::parse(query.as_bytes())
         .find(|(key, _)| key == "last")
         .map(|(_, value)| value.into_owned());
-    let store = state.cache.store().clone();
-    let repositories = match tokio::task::spawn_blocking(move || store.index.repositories()).await {
-        Ok(Ok(repositories)) => repositories,
-        Ok(Err(error)) => {
+    let repositories = match state.cache.repositories().await {
+        Ok(repositories) => repositories,
+        Err(error) => {
             tracing::error!(%error, "catalog listing failed");
             return ApiError::new(ErrorCode::Unknown).into_response();
         }
-        Err(_) => return ApiError::new(ErrorCode::Unknown).into_response(),
     };
     let names = repositories
         .into_iter()

@@ -4,8 +4,8 @@
 //! healthy (state, last error, rate-limit allowance left).
 //!
 //! Every figure is also in an element with an `id` and its exact value in `data-value`, so
-//! tests (and scrapers) read numbers without parsing the human formatting. It reads the store,
-//! the index and [`Metrics`]; it changes nothing.
+//! tests (and scrapers) read numbers without parsing the human formatting. It reads the cache
+//! and [`Metrics`]; it changes nothing.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
@@ -24,16 +24,12 @@ const TOP_REPOSITORIES: usize = 10;
 
 /// `GET /`: the status page.
 pub async fn page(State(state): State<AppState>) -> Response {
-    let store = state.cache.store().clone();
-    // The index walk is blocking I/O; keep it off the async threads.
-    let repositories = tokio::task::spawn_blocking(move || store.index.repositories()).await;
-    let repositories = match repositories {
-        Ok(Ok(repositories)) => repositories,
-        Ok(Err(error)) => {
+    let repositories = match state.cache.repositories().await {
+        Ok(repositories) => repositories,
+        Err(error) => {
             tracing::error!(%error, "status page: repository listing failed");
             Vec::new()
         }
-        Err(_) => Vec::new(),
     };
     let facts = Facts::gather(&state, repositories);
     (
@@ -64,12 +60,14 @@ struct Facts {
     upstreams: Vec<(String, UpstreamHealth)>,
     /// Whether this listener serves `/metrics` (not when `metrics.listen` moved it).
     metrics_here: bool,
+    /// Pinned tags (`upstream/repository:tag`) with the image digest each names, sorted.
+    pinned: Vec<(String, String)>,
 }
 
 impl Facts {
     fn gather(state: &AppState, repositories: Vec<(String, String)>) -> Facts {
         let metrics: &Metrics = &state.metrics;
-        let store = state.cache.store();
+        let cache = &state.cache;
         let lookups = CACHE_KINDS
             .iter()
             .map(|kind| {
@@ -93,9 +91,9 @@ impl Facts {
         top.truncate(TOP_REPOSITORIES);
         Facts {
             version: env!("CARGO_PKG_VERSION"),
-            used_bytes: store.used_bytes(),
+            used_bytes: cache.used_bytes(),
             limit_bytes: state.max_size,
-            blobs: store.blob_count(),
+            blobs: cache.blob_count(),
             downloads_in_flight: state.cache.downloads_in_flight(),
             lookups,
             bytes_from_cache: metrics.served_bytes_total("cache"),
@@ -104,6 +102,15 @@ impl Facts {
             top,
             upstreams: metrics.upstream_health().into_iter().collect(),
             metrics_here: state.metrics_enabled,
+            pinned: {
+                let mut pinned: Vec<(String, String)> = cache
+                    .pinned()
+                    .into_iter()
+                    .map(|(name, digest)| (name, digest.to_string()))
+                    .collect();
+                pinned.sort();
+                pinned
+            },
         }
     }
 }
@@ -253,10 +260,29 @@ fn render(facts: &Facts, now: SystemTime) -> String {
             cached = counts.from_cache,
         );
     }
+    html.push_str("</tbody></table>\n");
+    // Pinned images.
+    if !facts.pinned.is_empty() {
+        let _ = write!(
+            html,
+            r#"<h2>Pinned images <small><span id="pinned-count" data-value="{n}">{n}</span> pinned, never evicted</small></h2>
+<table id="pinned"><thead><tr><th>Image</th><th>Digest</th></tr></thead><tbody>
+"#,
+            n = facts.pinned.len(),
+        );
+        for (name, digest) in &facts.pinned {
+            let _ = writeln!(
+                html,
+                r#"<tr data-pinned="{name}"><td class="name">{name} <small>pinned</small></td><td class="digest">{digest}</td></tr>"#,
+                name = escape(name),
+                digest = escape(digest),
+            );
+        }
+        html.push_str("</tbody></table>\n");
+    }
     let _ = write!(
         html,
-        r#"</tbody></table>
-<footer>Counts are since the process started; sizes are live.{}</footer>
+        r#"<footer>Counts are since the process started; sizes are live.{}</footer>
 </main></body></html>
 "#,
         if facts.metrics_here {
@@ -353,6 +379,7 @@ mod tests {
             bytes_from_cache: 2048,
             bytes_from_upstream: 4096,
             repositories_cached: 2,
+            pinned: vec![("docker.io/library/alpine:3.20".into(), "sha256:0123".into())],
             top: vec![
                 (
                     "docker.io/library/alpine".into(),
@@ -392,6 +419,7 @@ mod tests {
             "2m ago",
             "answered 503 &lt;Service Unavailable&gt;",
             "ghcr.io/&lt;evil&gt;",
+            r#"data-pinned="docker.io/library/alpine:3.20""#,
         ] {
             assert!(html.contains(want), "missing {want:?} in\n{html}");
         }

@@ -100,10 +100,10 @@ impl Cache {
         let Some(entry) = self.store.stat(digest)? else {
             return Ok(None);
         };
-        match std::fs::metadata(self.store.blobs.path(digest)) {
-            Ok(meta) if meta.len() == entry.size => {}
-            Ok(meta) => {
-                self.forget_damaged(digest, Some(meta.len()), entry.size);
+        match self.store.blobs().stat(digest) {
+            Ok(len) if len == entry.size => {}
+            Ok(len) => {
+                self.forget_damaged(digest, Some(len), entry.size);
                 return Ok(None);
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
@@ -114,7 +114,7 @@ impl Cache {
         }
         if self
             .store
-            .index
+            .index()
             .is_linked(&upstream.name, repo.as_str(), digest)
             .map_err(storage::Error::from)?
         {
@@ -122,7 +122,7 @@ impl Cache {
         }
         upstream.head_blob(repo, digest).await.map_err(blob_error)?;
         self.store
-            .index
+            .index()
             .link(&upstream.name, repo.as_str(), digest)
             .map_err(storage::Error::from)?;
         Ok(Some(entry.size))
@@ -148,11 +148,22 @@ impl Cache {
         // from the store on the second round.
         for _ in 0..2 {
             if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
-                match self.store.blobs.open_blob(digest) {
+                // The filesystem backend hands out files, which sendfile needs; the only
+                // backend today, so a store without them is a configuration that cannot be.
+                let Some(opened) = self.store.blobs().file(digest) else {
+                    return Err(Error::Internal("store backend without file handles".into()));
+                };
+                match opened {
                     Ok(file) => {
                         let len = file.metadata().map_err(storage::Error::from)?.len();
                         if len == size {
-                            let _ = self.store.touch(digest);
+                            // A pull of this blob's own image if it is one (fetched by digest
+                            // alone); a layer's image is touched through its manifest.
+                            let _ = self.store.index().touch_image(
+                                digest,
+                                self.clock.now(),
+                                super::TOUCH_GRANULARITY_MS,
+                            );
                             self.metrics.cache_outcome("blob", Outcome::Hit);
                             return Ok(Blob {
                                 size,
@@ -178,12 +189,14 @@ impl Cache {
             };
             let joined = self.blob_flights.join(
                 source,
-                || store.blobs.create_tmp(),
+                || store.blobs().begin(),
                 // The index, not the file, says committed: eviction drops the entry before
                 // the file, and `linked_blob_size` above reads the index too.
                 || {
                     let stored = matches!(store.stat(digest), Ok(Some(_)));
-                    let linked = store.index.is_linked(&upstream.name, repo.as_str(), digest);
+                    let linked = store
+                        .index()
+                        .is_linked(&upstream.name, repo.as_str(), digest);
                     stored && linked.unwrap_or(false)
                 },
             );
@@ -203,7 +216,7 @@ impl Cache {
                         // the blob before it is served under this name.
                         upstream.head_blob(repo, digest).await.map_err(blob_error)?;
                         self.store
-                            .index
+                            .index()
                             .link(&upstream.name, repo.as_str(), digest)
                             .map_err(storage::Error::from)?;
                     }

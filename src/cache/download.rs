@@ -23,8 +23,6 @@ use crate::upstream;
 
 /// How many times a dropped or stalled blob download is resumed with a `Range` request.
 const RESUME_ATTEMPTS: u32 = 3;
-/// Free space kept on the store's disk: a download that would eat into it passes through.
-const DISK_RESERVE: u64 = 1 << 20;
 /// Bytes gathered from the network before one write to disk.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -108,17 +106,17 @@ impl Cache {
                 Progress::Done { total }
             }
             Ok(Fetched::Uncached(total)) => {
-                let _ = std::fs::remove_file(download.tmp_path());
+                self.store.blobs().abort(download.tmp_path());
                 self.metrics.passthrough();
                 Progress::Done { total }
             }
             Ok(Fetched::PassThrough { valid }) => {
-                let _ = std::fs::remove_file(download.tmp_path());
+                self.store.blobs().abort(download.tmp_path());
                 Progress::PassThrough { valid }
             }
             Err(err) => {
                 warn!(upstream = %upstream.name, repository = %repo, %digest, error = %err, "blob download failed, nothing cached");
-                let _ = std::fs::remove_file(download.tmp_path());
+                self.store.blobs().abort(download.tmp_path());
                 Progress::Failed(err)
             }
         };
@@ -131,8 +129,8 @@ impl Cache {
         if !self.evictor.fits(size) {
             return Some("blob larger than the cache may hold");
         }
-        let free = self.store.blobs.available_bytes()?;
-        (free < bytes.saturating_add(DISK_RESERVE)).then_some("store disk nearly full")
+        let free = self.store.blobs().available_bytes()?;
+        (free < bytes.saturating_add(self.policy.min_free)).then_some("store disk nearly full")
     }
 
     /// Downloads into the flight's file and commits it.
@@ -253,7 +251,7 @@ impl Cache {
         let (file, target) = (flight.file().clone(), digest.clone());
         let tmp = flight.tmp_path().to_owned();
         let committed =
-            tokio::task::spawn_blocking(move || store.blobs.commit(&tmp, &file, &target))
+            tokio::task::spawn_blocking(move || store.blobs().commit(&tmp, &file, &target))
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .map_err(storage::Error::from);
@@ -266,9 +264,10 @@ impl Cache {
             Err(err) => return Err(err.into()),
         }
         self.store.record(digest, written, None)?;
-        self.store
-            .index
+        let index = self.store.index();
+        index
             .link(&upstream.name, repo.as_str(), digest)
+            .and_then(|()| index.own(digest, self.clock.now()))
             .map_err(storage::Error::from)?;
         self.persist().await?;
         debug!(upstream = %upstream.name, repository = %repo, %digest, bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");

@@ -1,10 +1,16 @@
-//! Keeping the store under `storage.max_size`: least-recently-used blobs go first, blobs that
-//! cached tags point to go last, and a blob someone is reading or downloading is never chosen.
+//! Keeping the store under `storage.max_size` and `cache.max_age`, by image: the unit is what a
+//! tag names (its index or manifest, the platform manifests, configs and layers), and content
+//! fetched by digest alone is a unit of its own. The least recently pulled images go first;
+//! content another image still holds stays; an image with content someone is reading is left
+//! for the next pass. A tag is never left with any of its content gone: every tag the mirror
+//! lists pulls completely with the upstream down.
 //!
 //! Eviction runs in a background task woken after each commit that takes the store over its
-//! limit (and once a minute as a safety net); [`Evictor::run_once`] runs one pass for tests.
+//! limit (and once a minute, which is also when ageing is checked); [`Evictor::run_once`] runs
+//! one pass for tests, against the injectable [`Clock`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::storage::Store;
+use crate::storage::{now_millis, Store};
 
 /// Counts open readers per digest so eviction can skip blobs being served.
 #[derive(Default)]
@@ -59,11 +65,39 @@ impl Drop for ReadGuard {
     }
 }
 
+/// The time pulls are recorded with and ages measured against: the wall clock plus an offset
+/// tests move forward instead of sleeping.
+#[derive(Default)]
+pub struct Clock {
+    offset: AtomicU64,
+}
+
+impl Clock {
+    /// Milliseconds since the Unix epoch, as this clock tells it.
+    pub fn now(&self) -> u64 {
+        now_millis().saturating_add(self.offset.load(Ordering::Relaxed))
+    }
+
+    /// Moves this clock forward (tests).
+    pub fn advance(&self, by: Duration) {
+        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.offset
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
+                Some(o.saturating_add(by))
+            })
+            .ok();
+    }
+}
+
 /// What one pass removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Evicted {
     pub blobs: usize,
     pub bytes: u64,
+    /// Images removed.
+    pub images: usize,
+    /// Images left for the next pass because some of their content was being read.
+    pub busy: usize,
 }
 
 /// The eviction policy over a store.
@@ -71,10 +105,15 @@ pub struct Evictor {
     store: Arc<Store>,
     readers: Arc<Readers>,
     metrics: Arc<Metrics>,
+    clock: Arc<Clock>,
     /// Bytes above which a pass starts (0: unbounded).
     high: u64,
     /// Bytes a pass evicts down to.
     low: u64,
+    /// Images not pulled for this long are removed (0: never).
+    max_age: u64,
+    /// Roots of pinned images: never evicted, never aged out.
+    pinned: Mutex<HashSet<Digest>>,
     wake: Notify,
 }
 
@@ -83,15 +122,20 @@ impl Evictor {
         store: Arc<Store>,
         readers: Arc<Readers>,
         metrics: Arc<Metrics>,
+        clock: Arc<Clock>,
         max_size: u64,
         low_watermark_percent: u8,
+        max_age: Duration,
     ) -> Evictor {
         Evictor {
             store,
             readers,
             metrics,
+            clock,
             high: max_size,
             low: max_size / 100 * u64::from(low_watermark_percent),
+            max_age: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+            pinned: Mutex::default(),
             wake: Notify::new(),
         }
     }
@@ -108,51 +152,114 @@ impl Evictor {
         }
     }
 
-    /// One pass: when over the high watermark, removes blobs until under the low one.
-    /// Blocking (index scan, unlinks): call from `spawn_blocking`.
+    /// Replaces the set of pinned image roots.
+    pub fn set_pinned(&self, roots: HashSet<Digest>) {
+        *self.pinned.lock().expect("pinned lock") = roots;
+    }
+
+    /// Whether the image rooted at `root` is pinned.
+    pub fn is_pinned(&self, root: &Digest) -> bool {
+        self.pinned.lock().expect("pinned lock").contains(root)
+    }
+
+    /// One pass: removes images older than `max_age`, and when over the high watermark, the
+    /// least recently pulled images until under the low one. Blocking (index walk, unlinks):
+    /// call from `spawn_blocking`.
     pub fn run_once(&self) -> Evicted {
         let mut evicted = Evicted::default();
-        if self.high == 0 || self.store.used_bytes() <= self.high {
+        let now = self.clock.now();
+        let shrinking = self.high > 0 && self.store.used_bytes() > self.high;
+        if !shrinking && self.max_age == 0 {
             return evicted;
         }
-        let candidates = match self.store.index.lru_candidates() {
-            Ok(candidates) => candidates,
-            Err(error) => {
-                warn!(%error, "eviction could not list blobs");
-                return evicted;
-            }
-        };
-        let tagged = self.store.index.tagged_digests().unwrap_or_default();
-        // Orphans (layers, configs, untagged manifests) by age first, then tagged manifests by
-        // age: a tag we can still answer offline is worth more than a layer nobody asked for.
-        let (mut order, kept): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|(digest, _)| !tagged.contains(digest));
-        order.extend(kept);
-        for (digest, _) in order {
-            if self.store.used_bytes() <= self.low {
-                break;
-            }
-            if self.readers.is_pinned(&digest) {
-                continue;
-            }
-            match self.store.remove(&digest) {
-                Ok(Some(size)) => {
-                    evicted.blobs += 1;
-                    evicted.bytes += size;
-                }
-                Ok(None) => {}
-                Err(error) => warn!(%error, %digest, "eviction could not remove a blob"),
+        self.pass(now, shrinking, &mut evicted);
+        // Still over with every image considered: stored content no image holds (files adopted
+        // at start-up, an index from before images) becomes images of its own, and one more
+        // pass considers them.
+        if shrinking && self.store.used_bytes() > self.low {
+            let adopted = self.adopt_strays();
+            if adopted > 0 {
+                info!(adopted, "content no image held became images of its own");
+                self.pass(now, shrinking, &mut evicted);
             }
         }
-        self.metrics.evicted(evicted.blobs as u64, evicted.bytes);
-        info!(
-            blobs = evicted.blobs,
-            bytes = evicted.bytes,
-            used = self.store.used_bytes(),
-            "evicted least recently used blobs"
-        );
+        if evicted.images > 0 {
+            self.metrics.evicted(evicted.blobs as u64, evicted.bytes);
+            info!(
+                images = evicted.images,
+                blobs = evicted.blobs,
+                bytes = evicted.bytes,
+                busy = evicted.busy,
+                used = self.store.used_bytes(),
+                "evicted least recently pulled images"
+            );
+        }
         evicted
+    }
+
+    fn pass(&self, now: u64, shrinking: bool, evicted: &mut Evicted) {
+        let images = match self.store.index().images_by_age() {
+            Ok(images) => images,
+            Err(error) => {
+                warn!(%error, "eviction could not list images");
+                return;
+            }
+        };
+        for (pulled, root) in images {
+            let aged = self.max_age > 0 && now.saturating_sub(pulled) > self.max_age;
+            let over = shrinking && self.store.used_bytes() > self.low;
+            if !aged && !over {
+                // Oldest first: nothing after this one is older.
+                break;
+            }
+            if self.is_pinned(&root) {
+                continue;
+            }
+            if let Err(error) = self.remove_image(&root, evicted) {
+                warn!(%error, %root, "eviction could not remove an image");
+            }
+        }
+    }
+
+    /// Makes every stored blob no image holds an image of its own, dated by its last access,
+    /// so it can be evicted too. A full scan of the blobs: only when the images could not
+    /// bring the store under its limit.
+    fn adopt_strays(&self) -> usize {
+        let index = self.store.index();
+        let mut adopted = 0;
+        for (digest, entry) in index.all_blobs().unwrap_or_default() {
+            let stray = index.owners(&digest).is_ok_and(|owners| owners.is_empty());
+            if stray && index.own(&digest, entry.accessed).is_ok() {
+                adopted += 1;
+            }
+        }
+        adopted
+    }
+
+    fn remove_image(
+        &self,
+        root: &Digest,
+        evicted: &mut Evicted,
+    ) -> Result<(), crate::storage::Error> {
+        let index = self.store.index();
+        // All or nothing: an image whose content is being read waits for the next pass rather
+        // than losing part of itself.
+        if index
+            .sole_members(root)?
+            .iter()
+            .any(|digest| self.readers.is_pinned(digest))
+        {
+            evicted.busy += 1;
+            return Ok(());
+        }
+        for digest in index.remove_image(root)? {
+            if let Some(size) = self.store.remove(&digest)? {
+                evicted.blobs += 1;
+                evicted.bytes = evicted.bytes.saturating_add(size);
+            }
+        }
+        evicted.images += 1;
+        Ok(())
     }
 
     /// Runs passes when woken or once a minute, until `shutdown` resolves.

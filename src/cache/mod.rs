@@ -9,7 +9,9 @@ mod blobs;
 mod download;
 mod evict;
 mod flight;
+mod manifests;
 mod passthrough;
+pub mod pins;
 mod single;
 
 use std::collections::{HashMap, HashSet};
@@ -21,13 +23,15 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 pub use blobs::{Blob, BlobBody};
-pub use evict::{Evicted, Evictor, ReadGuard, Readers};
+pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
+use manifests::{ManifestCache, MANIFEST_CACHE_BYTES};
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
 use crate::oci::{media_type, Digest, Reference, RepoName};
+pub use crate::outcome::Outcome;
 use crate::storage::{self, Store};
 use crate::upstream::{self, Upstream, Upstreams};
 
@@ -60,30 +64,6 @@ impl From<storage::Error> for Error {
     }
 }
 
-/// How a request was answered, for headers, logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// From the store without asking the upstream.
-    Hit,
-    /// Fetched from the upstream.
-    Miss,
-    /// From the store because the upstream failed.
-    Stale,
-    /// From the store after the upstream confirmed it is current.
-    Revalidated,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Revalidated => "revalidated",
-        }
-    }
-}
-
 /// A verified manifest.
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -109,6 +89,10 @@ pub struct Policy {
     /// A blob download receiving fewer than `blob_stall_bytes` in this long is resumed.
     pub blob_stall_timeout: Duration,
     pub blob_stall_bytes: u64,
+    /// Images not pulled for this long are evicted; zero never.
+    pub max_age: Duration,
+    /// Free space a download must leave on the store's disk, or it passes through uncached.
+    pub min_free: u64,
 }
 
 impl Policy {
@@ -122,6 +106,8 @@ impl Policy {
             revalidate_timeout: config.cache.revalidate_timeout.0,
             blob_stall_timeout: config.cache.blob_stall_timeout.0,
             blob_stall_bytes: config.cache.blob_stall_bytes.0,
+            max_age: config.cache.max_age.0,
+            min_free: config.storage.min_free.0,
         }
     }
 }
@@ -150,6 +136,14 @@ pub struct Cache {
     injected_panics: Mutex<HashSet<Digest>>,
     /// Tags being served stale, so the warning is logged once per tag, not per request.
     stale: Mutex<HashSet<ManifestKey>>,
+    /// Verified manifests by digest, so hits touch no file.
+    manifests: ManifestCache,
+    /// Pull times and ages.
+    clock: Arc<Clock>,
+    /// Pinned tags and the images they name, as of the last pin pass.
+    pinned: Mutex<pins::Pinned>,
+    /// Pin passes completed.
+    pin_passes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Cache {
@@ -160,12 +154,15 @@ impl Cache {
         metrics: Arc<Metrics>,
     ) -> Arc<Cache> {
         let readers = Arc::new(Readers::default());
+        let clock = Arc::new(Clock::default());
         let evictor = Arc::new(Evictor::new(
             store.clone(),
             readers.clone(),
             metrics.clone(),
+            clock.clone(),
             policy.max_size,
             policy.low_watermark_percent,
+            policy.max_age,
         ));
         let slots = || -> HashMap<String, Arc<Semaphore>> {
             upstreams
@@ -194,11 +191,48 @@ impl Cache {
             manifest_slots,
             injected_panics: Mutex::default(),
             stale: Mutex::default(),
+            manifests: ManifestCache::new(MANIFEST_CACHE_BYTES),
+            clock,
+            pinned: Mutex::default(),
+            pin_passes: tokio::sync::watch::Sender::new(0),
         })
     }
 
+    /// The store, for start-up, shutdown and tests; the API asks the cache instead.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The clock pulls are recorded with (tests move it forward).
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
+    /// Bytes of committed blobs.
+    pub fn used_bytes(&self) -> u64 {
+        self.store.used_bytes()
+    }
+
+    /// Number of committed blobs.
+    pub fn blob_count(&self) -> u64 {
+        self.store.blob_count()
+    }
+
+    /// Whether the store takes writes and the index answers (for `/readyz`).
+    pub async fn ready(&self) -> bool {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.ready())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The `(upstream, repository)` pairs we hold content for, sorted (the catalog).
+    pub async fn repositories(&self) -> Result<Vec<(String, String)>, Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.index().repositories())
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| storage::Error::from(e).into())
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {
@@ -241,6 +275,13 @@ impl Cache {
         panics.insert(digest.clone());
     }
 
+    /// Empties the in-memory manifest cache, so the next hits read (and hash) the files: a
+    /// hook for tests of damaged files on the disk path.
+    #[doc(hidden)]
+    pub fn drop_manifests_in_memory(&self) {
+        self.manifests.clear();
+    }
+
     fn take_injected_panic(&self, digest: &Digest) -> bool {
         let mut panics = self
             .injected_panics
@@ -260,8 +301,14 @@ impl Cache {
             Reference::Digest(digest) => self.manifest_by_digest(upstream, repo, digest).await,
             Reference::Tag(tag) => self.manifest_by_tag(upstream, repo, tag.as_str()).await,
         };
-        if let Ok((_, outcome)) = &result {
+        if let Ok((manifest, outcome)) = &result {
             self.metrics.cache_outcome("manifest", *outcome);
+            // A pull of every image holding this manifest, for eviction order and `max_age`.
+            let _ = self.store.index().touch_owners(
+                &manifest.digest,
+                self.clock.now(),
+                TOUCH_GRANULARITY_MS,
+            );
         }
         result
     }
@@ -274,11 +321,11 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         if self
             .store
-            .index
+            .index()
             .is_linked(&upstream.name, repo.as_str(), digest)
             .map_err(storage::Error::from)?
         {
-            if let Some(manifest) = self.stored_manifest(digest)? {
+            if let Some(manifest) = self.stored_manifest(digest).await? {
                 return Ok((manifest, Outcome::Hit));
             }
         }
@@ -289,7 +336,9 @@ impl Cache {
             .run(key, move || async move {
                 let remote = upstream.get_manifest(&repo, digest.as_str()).await;
                 let remote = remote.map_err(manifest_error)?;
-                let manifest = this.commit_manifest(&upstream, &repo, remote, Some(&digest))?;
+                let manifest = this
+                    .commit_manifest(&upstream, &repo, remote, Some(&digest), false)
+                    .await?;
                 this.persist().await?;
                 Ok((manifest, Outcome::Miss))
             })
@@ -307,7 +356,7 @@ impl Cache {
         if let Some(entry) = &cached {
             let age = storage::now_millis().saturating_sub(entry.confirmed);
             if Duration::from_millis(age) < self.policy.tag_ttl {
-                if let Some(manifest) = self.stored_manifest(&entry.digest)? {
+                if let Some(manifest) = self.stored_manifest(&entry.digest).await? {
                     return Ok((manifest, Outcome::Hit));
                 }
             }
@@ -335,7 +384,7 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         let cached = self.cached_tag(upstream, repo, tag)?;
         let held = match &cached {
-            Some(entry) => self.stored_manifest(&entry.digest)?,
+            Some(entry) => self.stored_manifest(&entry.digest).await?,
             None => None,
         };
         let Some(held) = held else {
@@ -411,7 +460,9 @@ impl Cache {
         remote: upstream::RemoteManifest,
         expected: Option<&Digest>,
     ) -> Result<(Manifest, Outcome), Error> {
-        let manifest = self.commit_manifest(upstream, repo, remote, expected)?;
+        let manifest = self
+            .commit_manifest(upstream, repo, remote, expected, true)
+            .await?;
         self.put_tag(upstream, repo, tag, &manifest.digest)?;
         self.persist().await?;
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
@@ -442,7 +493,7 @@ impl Cache {
     /// Makes the index durable after a commit (see [`storage::Index::flush_async`]).
     async fn persist(&self) -> Result<(), Error> {
         self.store
-            .index
+            .index()
             .flush_async()
             .await
             .map_err(|e| storage::Error::from(e).into())
@@ -455,7 +506,7 @@ impl Cache {
         tag: &str,
     ) -> Result<Option<storage::TagEntry>, Error> {
         self.store
-            .index
+            .index()
             .get_tag(&upstream.name, repo.as_str(), tag)
             .map_err(|e| storage::Error::from(e).into())
     }
@@ -467,26 +518,33 @@ impl Cache {
         tag: &str,
         digest: &Digest,
     ) -> Result<(), Error> {
-        self.store
-            .index
-            .put_tag(
-                &upstream.name,
-                repo.as_str(),
-                tag,
-                digest,
-                storage::now_millis(),
-            )
+        let index = self.store.index();
+        // A tag always names an image: what it names is evicted as one.
+        index
+            .add_member(digest, digest, self.clock.now())
+            .and_then(|()| {
+                index.put_tag(
+                    &upstream.name,
+                    repo.as_str(),
+                    tag,
+                    digest,
+                    storage::now_millis(),
+                )
+            })
             .map_err(|e| storage::Error::from(e).into())
     }
 
     /// Verifies a manifest from the upstream against the digest we asked for (or the one the
     /// upstream claims), stores it and links it and everything it references to the repository.
-    fn commit_manifest(
+    /// It joins the images that hold it already; fetched for a tag, or by digest with no image
+    /// holding it, it roots an image of its own.
+    async fn commit_manifest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         remote: upstream::RemoteManifest,
         expected: Option<&Digest>,
+        tagged: bool,
     ) -> Result<Manifest, Error> {
         let digest = Digest::sha256_of(&remote.bytes);
         if let Some(expected) = expected.or(remote.digest.as_ref()) {
@@ -502,10 +560,14 @@ impl Cache {
             digest,
             media_type: remote.media_type,
         };
-        match self
-            .store
-            .put_verified(&manifest.digest, &manifest.bytes, &manifest.media_type)
-        {
+        // fsync and rename: blocking, off the async workers.
+        let (store, copy) = (self.store.clone(), manifest.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            store.put_verified(&copy.digest, &copy.bytes, &copy.media_type)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        match stored {
             Ok(()) => {}
             Err(err) if err.is_unwritable() => {
                 // A full or read-only disk must not take the mirror down: serve what we
@@ -517,7 +579,7 @@ impl Cache {
             Err(err) => return Err(err.into()),
         }
         let digest = &manifest.digest;
-        let index = &self.store.index;
+        let index = self.store.index();
         let link = |d: &Digest| {
             index
                 .link(&upstream.name, repo.as_str(), d)
@@ -527,36 +589,68 @@ impl Cache {
         // A manifest from this repository vouches for the blobs it names as its content, so
         // those already in the store (shared base layers) are served without asking the
         // upstream again. Its `subject` vouches for nothing: registries accept any digest there.
-        for (referenced, _) in media_type::referenced_digests(&manifest.bytes) {
-            link(&referenced)?;
+        let children: Vec<Digest> = media_type::referenced_digests(&manifest.bytes)
+            .into_iter()
+            .map(|(referenced, _)| referenced)
+            .collect();
+        for referenced in &children {
+            link(referenced)?;
         }
+        index
+            .set_children(digest, &children)
+            .map_err(storage::Error::from)?;
+        let mut roots = index.owners(digest).map_err(storage::Error::from)?;
+        if roots.is_empty() || (tagged && !roots.contains(digest)) {
+            roots.push(digest.clone());
+        }
+        let now = self.clock.now();
+        for root in &roots {
+            index
+                .add_member(root, digest, now)
+                .map_err(storage::Error::from)?;
+        }
+        self.manifests.insert(&manifest);
         self.evictor.committed();
         debug!(upstream = %upstream.name, repository = %repo, %digest, "manifest cached");
         Ok(manifest)
     }
 
-    /// A manifest from the store, if we hold it with its media type.
-    fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, Error> {
+    /// A manifest from the store, if we hold it with its media type: from memory when it is
+    /// there, else read and hashed on the blocking pool.
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, Error> {
         let Some(entry) = self.store.stat(digest)? else {
             return Ok(None);
         };
         let Some(media_type) = entry.media_type else {
             return Ok(None);
         };
-        match self.store.blobs.read(digest) {
+        if let Some(manifest) = self.manifests.get(digest) {
+            return Ok(Some(manifest));
+        }
+        let (store, wanted) = (self.store.clone(), digest.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            store
+                .blobs()
+                .read(&wanted)
+                .map(|bytes| (Digest::sha256_of(&bytes) == wanted, bytes))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        match read {
             // Small enough to hash on every read: a damaged file is dropped and fetched again,
             // never served under the digest it no longer has.
-            Ok(bytes) if Digest::sha256_of(&bytes) != *digest => {
+            Ok((false, bytes)) => {
                 self.forget_damaged(digest, Some(bytes.len() as u64), entry.size);
                 Ok(None)
             }
-            Ok(bytes) => {
-                let _ = self.store.touch(digest);
-                Ok(Some(Manifest {
+            Ok((true, bytes)) => {
+                let manifest = Manifest {
                     bytes: bytes.into(),
                     digest: digest.clone(),
                     media_type,
-                }))
+                };
+                self.manifests.insert(&manifest);
+                Ok(Some(manifest))
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 self.forget_damaged(digest, None, entry.size);
@@ -578,7 +672,7 @@ impl Cache {
             Err(err) if err.is_unavailable() && self.policy.serve_stale => {
                 let tags = self
                     .store
-                    .index
+                    .index()
                     .tags(&upstream.name, repo.as_str())
                     .map_err(storage::Error::from)?;
                 if tags.is_empty() {
@@ -679,6 +773,9 @@ impl Cache {
             .map_err(|e| storage::Error::from(e).into())
     }
 }
+
+/// Pull times are written at most this often per image.
+const TOUCH_GRANULARITY_MS: u64 = 1000;
 
 fn manifest_error(err: upstream::Error) -> Error {
     match err {

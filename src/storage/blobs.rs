@@ -12,7 +12,92 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::oci::Digest;
 
-/// The blob directories under the storage root.
+/// Where verified content lives: the narrow interface the cache sees, so a second backend (an
+/// object store) can take the filesystem's place.
+///
+/// A write is a pending file (readable while it grows, so clients stream a download as it
+/// arrives) that the caller hashes as it writes and then either commits under its digest,
+/// atomically, or aborts. Reads are whole (`read`), by range (`read_range`), or, where the
+/// backend has them, through a file handle (`file`), which the sendfile fast path needs.
+/// Everything is blocking: callers run it off the async threads.
+pub trait BlobStore: Send + Sync {
+    /// A fresh pending write: its location and a readable, writable handle.
+    fn begin(&self) -> io::Result<(PathBuf, File)>;
+    /// Makes verified pending content durable and visible under `digest`, atomically.
+    fn commit(&self, pending: &Path, file: &File, digest: &Digest) -> io::Result<()>;
+    /// Drops a pending write.
+    fn abort(&self, pending: &Path);
+    /// Writes and commits small verified content (a manifest) in one go.
+    fn write_verified(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()>;
+    /// A whole committed blob (manifests are small; callers enforce the cap).
+    fn read(&self, digest: &Digest) -> io::Result<Vec<u8>>;
+    /// Up to `len` bytes of a committed blob from `offset`.
+    fn read_range(&self, digest: &Digest, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// A file handle on a committed blob, for backends that have one (`None` otherwise).
+    fn file(&self, digest: &Digest) -> Option<io::Result<File>>;
+    /// The size of a committed blob.
+    fn stat(&self, digest: &Digest) -> io::Result<u64>;
+    /// Removes a committed blob; removing one that is not there succeeds.
+    fn delete(&self, digest: &Digest) -> io::Result<()>;
+    /// Every committed blob with its size.
+    fn list(&self) -> io::Result<Vec<(Digest, u64)>>;
+    /// Bytes the backend can still take, if it says.
+    fn available_bytes(&self) -> Option<u64>;
+    /// Whether the backend takes writes (for `/readyz`).
+    fn writable(&self) -> bool;
+}
+
+impl BlobStore for Blobs {
+    fn begin(&self) -> io::Result<(PathBuf, File)> {
+        self.create_tmp()
+    }
+    fn commit(&self, pending: &Path, file: &File, digest: &Digest) -> io::Result<()> {
+        Blobs::commit(self, pending, file, digest)
+    }
+    fn abort(&self, pending: &Path) {
+        let _ = fs::remove_file(pending);
+    }
+    fn write_verified(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
+        Blobs::write_verified(self, digest, bytes)
+    }
+    fn read(&self, digest: &Digest) -> io::Result<Vec<u8>> {
+        Blobs::read(self, digest)
+    }
+    fn read_range(&self, digest: &Digest, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let file = self.open_blob(digest)?;
+        let mut buf = vec![0; len];
+        let mut filled = 0;
+        while filled < len {
+            match file.read_at(&mut buf[filled..], offset.saturating_add(filled as u64))? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+    fn file(&self, digest: &Digest) -> Option<io::Result<File>> {
+        Some(self.open_blob(digest))
+    }
+    fn stat(&self, digest: &Digest) -> io::Result<u64> {
+        Ok(fs::metadata(self.path(digest))?.len())
+    }
+    fn delete(&self, digest: &Digest) -> io::Result<()> {
+        self.remove(digest)
+    }
+    fn list(&self) -> io::Result<Vec<(Digest, u64)>> {
+        self.scan()
+    }
+    fn available_bytes(&self) -> Option<u64> {
+        Blobs::available_bytes(self)
+    }
+    fn writable(&self) -> bool {
+        Blobs::writable(self)
+    }
+}
+
+/// The blob directories under the storage root: the filesystem [`BlobStore`].
 #[derive(Debug)]
 pub struct Blobs {
     blobs: PathBuf,
@@ -135,5 +220,30 @@ impl Blobs {
             Ok((path, _file)) => fs::remove_file(path).is_ok(),
             Err(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filesystem_store_commits_reads_ranges_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Box<dyn BlobStore> = Box::new(Blobs::open(dir.path()).unwrap());
+        let digest = Digest::sha256_of(b"hello world");
+        blobs.write_verified(&digest, b"hello world").unwrap();
+        assert_eq!(blobs.stat(&digest).unwrap(), 11);
+        assert_eq!(blobs.read_range(&digest, 6, 100).unwrap(), b"world");
+        assert_eq!(blobs.read(&digest).unwrap(), b"hello world");
+        assert!(blobs.file(&digest).unwrap().is_ok());
+        assert_eq!(blobs.list().unwrap(), vec![(digest.clone(), 11)]);
+        let (pending, file) = blobs.begin().unwrap();
+        blobs.abort(&pending);
+        drop(file);
+        blobs.delete(&digest).unwrap();
+        blobs.delete(&digest).unwrap();
+        assert!(blobs.list().unwrap().is_empty());
+        assert!(blobs.stat(&digest).is_err());
     }
 }

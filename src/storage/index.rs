@@ -1,4 +1,10 @@
-//! The index: facts about committed blobs, tags and which repositories hold which blobs, in sled.
+//! The index: facts about committed blobs, tags, which repositories hold which blobs, and which
+//! images (what a tag names, or content fetched by digest alone) hold which content, in sled.
+//!
+//! Every fact about a digest has a reverse entry keyed by that digest (`tag_refs`, `linked`,
+//! `owners`, `children`), so removing content removes everything said about it without a scan,
+//! and the catalog (`repos`, a link count per repository) and eviction order (`by_age`, images
+//! by last pull) are maintained as content comes and goes rather than computed per request.
 //!
 //! This is the only module that touches sled, so the engine stays swappable. One named tree per
 //! keyspace, values are versioned JSON so a later release can read an older index. The index is
@@ -10,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use super::now_millis;
 use crate::oci::Digest;
 
 /// A committed blob (layer, config or manifest).
@@ -56,13 +63,28 @@ const VERSION: u8 = 1;
 pub enum IndexError {
     /// The engine failed (I/O, corruption).
     #[error("index: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(String),
     /// A stored value could not be decoded.
     #[error("index: undecodable value in {tree}: {source}")]
     Decode {
         tree: &'static str,
         source: serde_json::Error,
     },
+}
+
+/// An image: the unit of eviction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    /// Schema version of this value.
+    pub v: u8,
+    /// Last time any of its manifests was pulled, milliseconds since the Unix epoch.
+    pub pulled: u64,
+}
+
+impl From<sled::Error> for IndexError {
+    fn from(err: sled::Error) -> Self {
+        IndexError::Engine(err.to_string())
+    }
 }
 
 /// The sled database and its trees.
@@ -73,6 +95,20 @@ pub struct Index {
     tags: sled::Tree,
     links: sled::Tree,
     referrers: sled::Tree,
+    /// `digest\0upstream\0repo\0tag`: the tags pointing at a digest.
+    tag_refs: sled::Tree,
+    /// `digest\0upstream\0repo`: the reverse of `links`.
+    linked: sled::Tree,
+    /// `upstream\0repo\0` → number of links (big-endian u64): the catalog.
+    repos: sled::Tree,
+    /// `manifest\0referenced`: what a committed manifest names.
+    children: sled::Tree,
+    /// `root\0member` and its reverse `member\0root`: image membership.
+    members: sled::Tree,
+    owners: sled::Tree,
+    /// `root` → [`ImageEntry`], and `pulled (8 bytes big-endian) root` in pull order.
+    images: sled::Tree,
+    by_age: sled::Tree,
 }
 
 impl Index {
@@ -89,6 +125,14 @@ impl Index {
             tags: db.open_tree("tags")?,
             links: db.open_tree("links")?,
             referrers: db.open_tree("referrers")?,
+            tag_refs: db.open_tree("tag_refs")?,
+            linked: db.open_tree("linked")?,
+            repos: db.open_tree("repos")?,
+            children: db.open_tree("children")?,
+            members: db.open_tree("members")?,
+            owners: db.open_tree("owners")?,
+            images: db.open_tree("images")?,
+            by_age: db.open_tree("by_age")?,
             db,
         })
     }
@@ -99,31 +143,6 @@ impl Index {
 
     pub fn put_blob(&self, digest: &Digest, entry: &BlobEntry) -> Result<(), IndexError> {
         self.blobs.insert(digest.as_str(), encode(entry))?;
-        Ok(())
-    }
-
-    /// Records an access; writes only when the stored time is older than `granularity`, so a
-    /// hot blob costs one index write a second, not one per request.
-    pub fn touch(&self, digest: &Digest, now: u64, granularity: u64) -> Result<(), IndexError> {
-        if let Some(mut entry) = self.get_blob(digest)? {
-            if entry.accessed + granularity <= now {
-                entry.accessed = now;
-                self.put_blob(digest, &entry)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Forgets a blob, and the referrers cached for it as a subject: they are kept only for
-    /// what the store holds, so the referrers tree shrinks with it.
-    pub fn remove_blob(&self, digest: &Digest) -> Result<(), IndexError> {
-        self.blobs.remove(digest.as_str())?;
-        let mut prefix = digest.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        for item in self.referrers.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            self.referrers.remove(key)?;
-        }
         Ok(())
     }
 
@@ -148,13 +167,6 @@ impl Index {
         Ok(out)
     }
 
-    /// Blobs ordered from least to most recently used (a full scan: call off the async threads).
-    pub fn lru_candidates(&self) -> Result<Vec<(Digest, BlobEntry)>, IndexError> {
-        let mut all = self.all_blobs()?;
-        all.sort_by_key(|(_, entry)| entry.accessed);
-        Ok(all)
-    }
-
     pub fn get_tag(
         &self,
         upstream: &str,
@@ -162,24 +174,6 @@ impl Index {
         tag: &str,
     ) -> Result<Option<TagEntry>, IndexError> {
         decode("tags", self.tags.get(key3(upstream, repo, tag))?)
-    }
-
-    pub fn put_tag(
-        &self,
-        upstream: &str,
-        repo: &str,
-        tag: &str,
-        digest: &Digest,
-        confirmed: u64,
-    ) -> Result<(), IndexError> {
-        let entry = TagEntry {
-            v: VERSION,
-            digest: digest.clone(),
-            confirmed,
-        };
-        self.tags
-            .insert(key3(upstream, repo, tag), encode(&entry))?;
-        Ok(())
     }
 
     /// Tags we hold for a repository, sorted (for `tags/list` when the upstream is down).
@@ -193,26 +187,6 @@ impl Index {
             }
         }
         Ok(out)
-    }
-
-    /// Digests every cached tag points to (they are kept in preference to orphans on eviction).
-    pub fn tagged_digests(&self) -> Result<std::collections::HashSet<Digest>, IndexError> {
-        let mut out = std::collections::HashSet::new();
-        for item in self.tags.iter() {
-            let (_, value) = item?;
-            if let Some(entry) = decode::<TagEntry>("tags", Some(value))? {
-                out.insert(entry.digest);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Records that `repo` on `upstream` holds `digest`: a cached blob is served under a
-    /// repository only if that repository's upstream has shown it to us.
-    pub fn link(&self, upstream: &str, repo: &str, digest: &Digest) -> Result<(), IndexError> {
-        self.links
-            .insert(key3(upstream, repo, digest.as_str()), &[])?;
-        Ok(())
     }
 
     pub fn is_linked(
@@ -292,24 +266,324 @@ impl Index {
         Ok(())
     }
 
-    /// Distinct `(upstream, repository)` pairs holding at least one blob, sorted.
+    /// Points a tag at a digest, confirmed by the upstream at `confirmed`.
+    pub fn put_tag(
+        &self,
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+        confirmed: u64,
+    ) -> Result<(), IndexError> {
+        let entry = TagEntry {
+            v: VERSION,
+            digest: digest.clone(),
+            confirmed,
+        };
+        let previous = self
+            .tags
+            .insert(key3(upstream, repo, tag), encode(&entry))?;
+        if let Some(previous) = decode::<TagEntry>("tags", previous)? {
+            if previous.digest != *digest {
+                self.tag_refs
+                    .remove(tag_ref(&previous.digest, upstream, repo, tag))?;
+            }
+        }
+        self.tag_refs
+            .insert(tag_ref(digest, upstream, repo, tag), &[])?;
+        Ok(())
+    }
+
+    /// Records that `repo` on `upstream` holds `digest`: a cached blob is served under a
+    /// repository only if that repository's upstream has shown it to us.
+    pub fn link(&self, upstream: &str, repo: &str, digest: &Digest) -> Result<(), IndexError> {
+        let fresh = self
+            .links
+            .insert(key3(upstream, repo, digest.as_str()), &[])?
+            .is_none();
+        if fresh {
+            self.linked
+                .insert(key3(digest.as_str(), upstream, repo), &[])?;
+            self.repos.update_and_fetch(key2(upstream, repo), |old| {
+                Some(count(old).saturating_add(1).to_be_bytes().to_vec())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Distinct `(upstream, repository)` pairs holding at least one link, sorted: read from the
+    /// per-repository link counts, as long as the list of repositories present.
     pub fn repositories(&self) -> Result<Vec<(String, String)>, IndexError> {
-        let mut out: Vec<(String, String)> = Vec::new();
-        for item in self.links.iter() {
+        let mut out = Vec::new();
+        for item in self.repos.iter() {
             let (key, _) = item?;
             let mut parts = key.split(|b| *b == 0);
-            let (Some(upstream), Some(repo)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let pair = (
-                String::from_utf8_lossy(upstream).into_owned(),
-                String::from_utf8_lossy(repo).into_owned(),
-            );
-            if out.last() != Some(&pair) {
-                out.push(pair);
+            if let (Some(upstream), Some(repo)) = (parts.next(), parts.next()) {
+                out.push((
+                    String::from_utf8_lossy(upstream).into_owned(),
+                    String::from_utf8_lossy(repo).into_owned(),
+                ));
             }
         }
         Ok(out)
+    }
+
+    /// Records what a committed manifest references, so images that hold it hold those too.
+    pub fn set_children(&self, manifest: &Digest, children: &[Digest]) -> Result<(), IndexError> {
+        for child in children {
+            self.children.insert(key2d(manifest, child.as_str()), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Makes `member` (and, through `children`, what it references) part of the image rooted
+    /// at `root`, creating the image as pulled at `now` if it is new.
+    pub fn add_member(&self, root: &Digest, member: &Digest, now: u64) -> Result<(), IndexError> {
+        if self.images.get(root.as_str())?.is_none() {
+            let entry = ImageEntry {
+                v: VERSION,
+                pulled: now,
+            };
+            if self
+                .images
+                .compare_and_swap(root.as_str(), None::<&[u8]>, Some(encode(&entry)))?
+                .is_ok()
+            {
+                self.by_age.insert(age_key(now, root), &[])?;
+            }
+        }
+        self.add_member_at(root, member, 0)
+    }
+
+    fn add_member_at(&self, root: &Digest, member: &Digest, depth: u8) -> Result<(), IndexError> {
+        self.members.insert(key2d(root, member.as_str()), &[])?;
+        self.owners.insert(key2d(member, root.as_str()), &[])?;
+        // An index names manifests which name blobs: three levels; more is a loop or abuse.
+        if depth < 3 {
+            for child in self.digests_under(&self.children, member)? {
+                self.add_member_at(root, &child, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes content nobody holds (a blob fetched by digest alone) an image of its own.
+    pub fn own(&self, digest: &Digest, now: u64) -> Result<(), IndexError> {
+        if self.owners.scan_prefix(prefix(digest)).next().is_none() {
+            self.add_member(digest, digest, now)?;
+        }
+        Ok(())
+    }
+
+    /// The content the image rooted at `root` holds.
+    pub fn members(&self, root: &Digest) -> Result<Vec<Digest>, IndexError> {
+        self.digests_under(&self.members, root)
+    }
+
+    /// The images holding `digest`.
+    pub fn owners(&self, digest: &Digest) -> Result<Vec<Digest>, IndexError> {
+        self.digests_under(&self.owners, digest)
+    }
+
+    /// The members of the image rooted at `root` that no other image holds.
+    pub fn sole_members(&self, root: &Digest) -> Result<Vec<Digest>, IndexError> {
+        let mut out = Vec::new();
+        for member in self.digests_under(&self.members, root)? {
+            if self.owners(&member)?.iter().all(|owner| owner == root) {
+                out.push(member);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a pull of the image rooted at `root`; writes only when the stored time is older
+    /// than `granularity`, so a hot image costs one index write a second, not one per request.
+    pub fn touch_image(&self, root: &Digest, now: u64, granularity: u64) -> Result<(), IndexError> {
+        let Some(old) = self.images.get(root.as_str())? else {
+            return Ok(());
+        };
+        let Some(entry) = decode::<ImageEntry>("images", Some(old.clone()))? else {
+            return Ok(());
+        };
+        if entry.pulled.saturating_add(granularity) > now {
+            return Ok(());
+        }
+        let new = ImageEntry {
+            v: VERSION,
+            pulled: now,
+        };
+        // Only the toucher that wins the swap moves the image in `by_age`: no duplicates.
+        if self
+            .images
+            .compare_and_swap(root.as_str(), Some(old), Some(encode(&new)))?
+            .is_ok()
+        {
+            self.by_age.remove(age_key(entry.pulled, root))?;
+            self.by_age.insert(age_key(now, root), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Records a pull of every image holding `digest`.
+    pub fn touch_owners(
+        &self,
+        digest: &Digest,
+        now: u64,
+        granularity: u64,
+    ) -> Result<(), IndexError> {
+        for root in self.owners(digest)? {
+            self.touch_image(&root, now, granularity)?;
+        }
+        Ok(())
+    }
+
+    /// The image rooted at `root`, if there is one.
+    pub fn image(&self, root: &Digest) -> Result<Option<ImageEntry>, IndexError> {
+        decode("images", self.images.get(root.as_str())?)
+    }
+
+    /// Images from least to most recently pulled, with their last pull. Reads the `by_age`
+    /// tree, as long as the number of images held.
+    pub fn images_by_age(&self) -> Result<Vec<(u64, Digest)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.by_age.iter() {
+            let (key, _) = item?;
+            if key.len() < 8 {
+                continue;
+            }
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&key[..8]);
+            if let Some(root) = parse_digest(&key[8..]) {
+                out.push((u64::from_be_bytes(at), root));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the image rooted at `root` with the tags naming it, and returns its members no
+    /// image holds any more: the caller removes that content (and with it this index's facts).
+    pub fn remove_image(&self, root: &Digest) -> Result<Vec<Digest>, IndexError> {
+        let mut orphans = Vec::new();
+        for member in self.digests_under(&self.members, root)? {
+            self.members.remove(key2d(root, member.as_str()))?;
+            self.owners.remove(key2d(&member, root.as_str()))?;
+            if self.owners.scan_prefix(prefix(&member)).next().is_none() {
+                orphans.push(member);
+            }
+        }
+        if let Some(entry) = decode::<ImageEntry>("images", self.images.remove(root.as_str())?)? {
+            self.by_age.remove(age_key(entry.pulled, root))?;
+        }
+        self.remove_tags_of(root)?;
+        Ok(orphans)
+    }
+
+    /// Removes everything the index says about `digest`: its blob entry, links (and catalog
+    /// counts), tags naming it, what it references, and the image it roots. Content that image
+    /// alone held and that is still stored becomes an image of its own; facts about content it
+    /// named but never got are dropped. Returns the blob entry if there was one (exactly one
+    /// of concurrent removers gets it).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, IndexError> {
+        let removed = decode("blobs", self.blobs.remove(digest.as_str())?)?;
+        self.drop_facts(digest)?;
+        if self.images.contains_key(digest.as_str())? {
+            for orphan in self.remove_image(digest)? {
+                if orphan == *digest {
+                    continue;
+                }
+                if self.blobs.contains_key(orphan.as_str())? {
+                    self.own(&orphan, now_millis())?;
+                } else {
+                    self.drop_facts(&orphan)?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn drop_facts(&self, digest: &Digest) -> Result<(), IndexError> {
+        for item in self.linked.scan_prefix(prefix(digest)) {
+            let (key, _) = item?;
+            self.linked.remove(&key)?;
+            let mut parts = key[prefix(digest).len()..].split(|b| *b == 0);
+            let (Some(upstream), Some(repo)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (upstream, repo) = (
+                String::from_utf8_lossy(upstream),
+                String::from_utf8_lossy(repo),
+            );
+            if self
+                .links
+                .remove(key3(&upstream, &repo, digest.as_str()))?
+                .is_some()
+            {
+                self.repos.update_and_fetch(key2(&upstream, &repo), |old| {
+                    let n = count(old).saturating_sub(1);
+                    (n > 0).then(|| n.to_be_bytes().to_vec())
+                })?;
+            }
+        }
+        self.remove_tags_of(digest)?;
+        for item in self.children.scan_prefix(prefix(digest)) {
+            let (key, _) = item?;
+            self.children.remove(key)?;
+        }
+        // Referrers are cached only for what the store holds: they go with their subject.
+        for item in self.referrers.scan_prefix(prefix(digest)) {
+            let (key, _) = item?;
+            self.referrers.remove(key)?;
+        }
+        Ok(())
+    }
+
+    fn remove_tags_of(&self, digest: &Digest) -> Result<(), IndexError> {
+        for item in self.tag_refs.scan_prefix(prefix(digest)) {
+            let (key, _) = item?;
+            self.tag_refs.remove(&key)?;
+            let mut parts = key[prefix(digest).len()..].split(|b| *b == 0);
+            let (Some(upstream), Some(repo), Some(tag)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let key = key3(
+                &String::from_utf8_lossy(upstream),
+                &String::from_utf8_lossy(repo),
+                &String::from_utf8_lossy(tag),
+            );
+            // Only if it still names this digest (a tag that moved on keeps its new target).
+            if let Some(entry) = decode::<TagEntry>("tags", self.tags.get(&key)?)? {
+                if entry.digest == *digest {
+                    self.tags.remove(&key)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The digests after `digest\0` in a `digest\0digest` tree.
+    fn digests_under(&self, tree: &sled::Tree, digest: &Digest) -> Result<Vec<Digest>, IndexError> {
+        let prefix = prefix(digest);
+        let mut out = Vec::new();
+        for item in tree.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            if let Some(digest) = parse_digest(&key[prefix.len()..]) {
+                out.push(digest);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries per tree and bytes on disk, for tests and the index-growth bound.
+    pub fn footprint(&self) -> Result<(usize, u64), IndexError> {
+        let entries = self
+            .db
+            .tree_names()
+            .iter()
+            .map(|name| self.db.open_tree(name).map(|t| t.len()))
+            .sum::<Result<usize, _>>()?;
+        Ok((entries, self.db.size_on_disk()?))
     }
 
     /// Whether the engine answers (for `/readyz`).
@@ -362,6 +636,40 @@ fn referrers_key(upstream: &str, repo: &str, subject: &Digest, query: &str) -> V
     key
 }
 
+fn prefix(digest: &Digest) -> Vec<u8> {
+    let mut key = digest.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+fn key2d(a: &Digest, b: &str) -> Vec<u8> {
+    let mut key = prefix(a);
+    key.extend_from_slice(b.as_bytes());
+    key
+}
+
+fn tag_ref(digest: &Digest, upstream: &str, repo: &str, tag: &str) -> Vec<u8> {
+    let mut key = prefix(digest);
+    key.extend_from_slice(&key3(upstream, repo, tag));
+    key
+}
+
+fn age_key(pulled: u64, root: &Digest) -> Vec<u8> {
+    let mut key = pulled.to_be_bytes().to_vec();
+    key.extend_from_slice(root.as_str().as_bytes());
+    key
+}
+
+fn parse_digest(bytes: &[u8]) -> Option<Digest> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+fn count(value: Option<&[u8]>) -> u64 {
+    value
+        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("index values always serialize")
 }
@@ -396,31 +704,9 @@ mod tests {
     }
 
     #[test]
-    fn tags_links_and_lru() {
+    fn tags_and_links() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(dir.path()).unwrap();
-        index
-            .put_blob(&digest(1), &blob_entry(10, 300, None))
-            .unwrap();
-        index
-            .put_blob(&digest(2), &blob_entry(20, 100, Some("x".into())))
-            .unwrap();
-        index.touch(&digest(1), 330, 60).unwrap();
-        assert_eq!(
-            index.get_blob(&digest(1)).unwrap().unwrap().accessed,
-            300,
-            "within granularity"
-        );
-        index.touch(&digest(1), 400, 60).unwrap();
-        assert_eq!(index.get_blob(&digest(1)).unwrap().unwrap().accessed, 400);
-        let order: Vec<_> = index
-            .lru_candidates()
-            .unwrap()
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect();
-        assert_eq!(order, vec![digest(2), digest(1)]);
-
         index
             .put_tag("docker.io", "library/a", "1", &digest(1), 5)
             .unwrap();
@@ -492,6 +778,7 @@ mod tests {
         );
 
         index.link("docker.io", "library/a", &digest(1)).unwrap();
+        index.link("docker.io", "library/a", &digest(1)).unwrap();
         index.link("docker.io", "library/a", &digest(2)).unwrap();
         index.link("ghcr.io", "x/y", &digest(2)).unwrap();
         assert!(index
@@ -505,5 +792,69 @@ mod tests {
                 ("ghcr.io".into(), "x/y".into())
             ]
         );
+        // Removing content removes its links, the repositories left empty and its tags.
+        index.remove_blob(&digest(2)).unwrap();
+        assert_eq!(
+            index.repositories().unwrap(),
+            vec![("docker.io".into(), "library/a".into())]
+        );
+        assert_eq!(index.tags("docker.io", "library/a").unwrap(), vec!["1"]);
+        assert!(index.tags("docker.io", "library/ab").unwrap().is_empty());
+        index.remove_blob(&digest(1)).unwrap();
+        assert!(index.repositories().unwrap().is_empty());
+        assert_eq!(index.footprint().unwrap().0, 0, "nothing left behind");
+    }
+
+    #[test]
+    fn images_hold_what_their_manifests_name_and_age_by_pull() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path()).unwrap();
+        // Index 10 names manifest 11 which names layers 1 and 2; image 20 shares layer 2.
+        index.set_children(&digest(10), &[digest(11)]).unwrap();
+        index.add_member(&digest(10), &digest(10), 100).unwrap();
+        index
+            .set_children(&digest(11), &[digest(1), digest(2)])
+            .unwrap();
+        for root in index.owners(&digest(11)).unwrap() {
+            index.add_member(&root, &digest(11), 100).unwrap();
+        }
+        index.set_children(&digest(20), &[digest(2)]).unwrap();
+        index.add_member(&digest(20), &digest(20), 200).unwrap();
+        index.own(&digest(30), 300).unwrap();
+        index.own(&digest(2), 300).unwrap();
+        assert_eq!(
+            index.owners(&digest(2)).unwrap().len(),
+            2,
+            "not its own unit"
+        );
+        assert_eq!(index.owners(&digest(1)).unwrap(), vec![digest(10)]);
+        let order = |index: &Index| -> Vec<Digest> {
+            index
+                .images_by_age()
+                .unwrap()
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect()
+        };
+        assert_eq!(order(&index), vec![digest(10), digest(20), digest(30)]);
+        index.touch_owners(&digest(11), 400, 1000).unwrap();
+        assert_eq!(
+            order(&index),
+            vec![digest(10), digest(20), digest(30)],
+            "within granularity"
+        );
+        index.touch_owners(&digest(11), 1500, 1000).unwrap();
+        assert_eq!(order(&index), vec![digest(20), digest(30), digest(10)]);
+        let mut sole = index.sole_members(&digest(10)).unwrap();
+        sole.sort();
+        let mut expected = vec![digest(10), digest(11), digest(1)];
+        expected.sort();
+        assert_eq!(sole, expected);
+        index.put_tag("u", "r", "t", &digest(10), 1).unwrap();
+        let mut orphans = index.remove_image(&digest(10)).unwrap();
+        orphans.sort();
+        assert_eq!(orphans, expected, "layer 2 stays with image 20");
+        assert!(index.get_tag("u", "r", "t").unwrap().is_none());
+        assert_eq!(order(&index), vec![digest(20), digest(30)]);
     }
 }

@@ -1,8 +1,10 @@
 //! Local storage: verified blobs on disk and the index that describes them.
 //!
-//! Storage knows nothing of HTTP or upstreams. It offers committed content by digest and keeps
-//! the index consistent with the files (reconciled at start-up). Hashing and the decision to
-//! commit belong to the cache, which is the only caller.
+//! Storage knows nothing of HTTP or upstreams. It offers two narrow interfaces: a
+//! [`BlobStore`] (the filesystem is its implementation) and the [`Index`]'s named operations;
+//! sled never shows outside `index.rs`. It keeps the index consistent with the files
+//! (reconciled at start-up). Hashing and the decision to commit belong to the cache, which is
+//! the only caller.
 
 mod blobs;
 mod index;
@@ -13,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use blobs::Blobs;
-pub use index::{blob_entry, BlobEntry, Index, IndexError, TagEntry};
+pub use blobs::{BlobStore, Blobs};
+pub use index::{blob_entry, BlobEntry, ImageEntry, Index, IndexError, TagEntry};
 
 use crate::oci::Digest;
 
@@ -59,8 +61,8 @@ impl Error {
 
 /// Blobs plus index, with the running total of stored bytes.
 pub struct Store {
-    pub blobs: Blobs,
-    pub index: Index,
+    blobs: Blobs,
+    index: Index,
     used: AtomicU64,
     count: AtomicU64,
 }
@@ -126,6 +128,16 @@ impl Store {
         Ok(report)
     }
 
+    /// Where the content is.
+    pub fn blobs(&self) -> &dyn BlobStore {
+        &self.blobs
+    }
+
+    /// The facts about it.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
     /// Bytes of committed blobs.
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
@@ -171,23 +183,19 @@ impl Store {
         self.record(digest, bytes.len() as u64, Some(media_type.to_owned()))
     }
 
-    /// Removes a blob from the index and the disk, returning its size if it was there.
+    /// Removes a blob from the disk and everything the index says about it (links, tags,
+    /// image membership), returning its size if it was stored. Also called for content an
+    /// evicted image named but never got, to drop its facts.
     pub fn remove(&self, digest: &Digest) -> Result<Option<u64>, Error> {
-        let Some(entry) = self.index.get_blob(digest)? else {
-            return Ok(None);
-        };
         // Index first: a crash in between leaves a file the next start-up adopts, never an
         // entry without a file.
-        self.index.remove_blob(digest)?;
+        let Some(entry) = self.index.remove_blob(digest)? else {
+            return Ok(None);
+        };
         self.blobs.remove(digest)?;
         self.used.fetch_sub(entry.size, Ordering::Relaxed);
         self.count.fetch_sub(1, Ordering::Relaxed);
         Ok(Some(entry.size))
-    }
-
-    /// Records an access for LRU purposes.
-    pub fn touch(&self, digest: &Digest) -> Result<(), Error> {
-        Ok(self.index.touch(digest, now_millis(), 1000)?)
     }
 
     /// `/readyz`: the disk takes writes and the index answers.
