@@ -511,7 +511,7 @@ async fn referrers_are_cached_and_served_stale() {
         .state
         .cache
         .store()
-        .index
+        .index()
         .referrers_queries("docker.io", "library/signed", &image.digest)
         .unwrap();
     assert!((2..=8).contains(&kept), "{kept} filters kept");

@@ -697,7 +697,7 @@ impl Cache {
         digest: &Digest,
         query: &str,
     ) -> Result<(Bytes, Outcome), Error> {
-        let index = &self.store.index;
+        let index = &self.store.index();
         let cached = index
             .get_referrers(&upstream.name, repo.as_str(), digest, query)
             .map_err(storage::Error::from)?;
@@ -747,7 +747,7 @@ impl Cache {
         };
         // Filters are chosen by clients: a few per subject are kept, not one per made-up value.
         const MAX_REFERRERS_QUERIES: usize = 8;
-        let index = &self.store.index;
+        let index = &self.store.index();
         let (name, repository) = (&upstream.name, repo.as_str());
         if index
             .get_referrers(name, repository, digest, query)
@@ -761,7 +761,7 @@ impl Cache {
             return Ok(());
         }
         self.store
-            .index
+            .index()
             .put_referrers(
                 &upstream.name,
                 repo.as_str(),
