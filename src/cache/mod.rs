@@ -10,6 +10,7 @@ mod download;
 mod evict;
 mod flight;
 mod passthrough;
+pub mod scrub;
 mod single;
 
 use std::collections::{HashMap, HashSet};
