@@ -360,7 +360,8 @@ mod tests {
     #[test]
     fn an_unreadable_or_foreign_index_is_moved_aside_and_rebuilt() {
         let a = Digest::sha256_of(b"a");
-        let damage: [(&str, fn(&Path)); 3] = [
+        type Damage = fn(&Path);
+        let damage: [(&str, Damage); 3] = [
             ("garbage", |index| {
                 for entry in std::fs::read_dir(index).unwrap() {
                     let path = entry.unwrap().path();
