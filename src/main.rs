@@ -149,7 +149,7 @@ fn verify(config: &Config, repair: bool) -> ExitCode {
             Ok((found, indexed))
         });
         let flushed = passes.and_then(|found| {
-            store.index.flush()?;
+            store.flush()?;
             Ok(found)
         });
         match flushed {

@@ -192,6 +192,27 @@ impl Store {
         Ok(report)
     }
 
+    /// Where the file of `digest` lives (for hashing it in place). The scrub reaches the
+    /// store only through this and the methods below.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.path(digest)
+    }
+
+    /// Every indexed blob with its entry (a full scan: call off the async threads).
+    pub fn indexed_blobs(&self) -> Result<Vec<(Digest, BlobEntry)>, Error> {
+        Ok(self.index.all_blobs()?)
+    }
+
+    /// Deletes the file of `digest` whatever the index says (a file that failed verification).
+    pub fn discard_file(&self, digest: &Digest) -> Result<(), Error> {
+        Ok(self.blobs.remove(digest)?)
+    }
+
+    /// Makes index writes so far durable (`verify --repair` before it exits).
+    pub fn flush(&self) -> Result<(), Error> {
+        Ok(self.index.flush()?)
+    }
+
     /// Takes the files found without an index entry at start-up, to verify them.
     pub fn take_unverified(&self) -> Vec<Digest> {
         std::mem::take(&mut *self.unverified.lock().unwrap_or_else(|e| e.into_inner()))

@@ -161,7 +161,7 @@ pub fn verify_unverified(
             report.stopped = true;
             return Ok(report);
         };
-        let path = opened.blobs.path(&digest);
+        let path = opened.blob_path(&digest);
         drop(opened);
         let hashed = hash_file(&path, limiter, &|| store().is_none());
         let Some(opened) = store() else {
@@ -186,7 +186,7 @@ pub fn verify_unverified(
                     // Not the bytes its name promises: never served, deleted. (If a fill
                     // recorded it meanwhile, the file is that fill's verified one.)
                     tracing::warn!(%digest, actual = %hashed.digest, "unindexed file does not hash to its name, deleting it");
-                    opened.blobs.remove(&digest)?;
+                    opened.discard_file(&digest)?;
                     report.corrupt.push(digest.clone());
                     on(Event::Corrupt { digest: &digest });
                 }
@@ -216,14 +216,14 @@ pub fn scrub_index(
         report.stopped = true;
         return Ok(report);
     };
-    let entries = opened.index.all_blobs()?;
+    let entries = opened.indexed_blobs()?;
     drop(opened);
     for (digest, entry) in entries {
         let Some(opened) = store() else {
             report.stopped = true;
             return Ok(report);
         };
-        let path = opened.blobs.path(&digest);
+        let path = opened.blob_path(&digest);
         drop(opened);
         let hashed = match hash_file(&path, limiter, &|| store().is_none()) {
             Ok(Some(hashed)) => hashed,
@@ -252,7 +252,7 @@ pub fn scrub_index(
         if repair {
             opened.remove(&digest)?;
             // `remove` unlinks only what the index knew; make sure the bad file is gone.
-            opened.blobs.remove(&digest)?;
+            opened.discard_file(&digest)?;
         }
         report.corrupt.push(digest.clone());
         on(Event::Corrupt { digest: &digest });
@@ -336,7 +336,7 @@ mod tests {
             store.put_verified(&m, manifest, "x").unwrap();
             store.put_verified(&good, b"good", "x").unwrap();
             store.put_verified(&bad, b"bad", "x").unwrap();
-            flip(&store.blobs.path(&bad));
+            flip(&store.blob_path(&bad));
         }
         // The index goes: every file is unverified, none is served before it is hashed.
         std::fs::remove_dir_all(dir.path().join("index")).unwrap();
@@ -349,7 +349,7 @@ mod tests {
             verify_unverified(&|| Some(held.clone()), &mut Limiter::new(0), &mut |_| {}).unwrap();
         assert_eq!(report.adopted, 2);
         assert_eq!(report.corrupt, vec![bad.clone()]);
-        assert!(!store.blobs.path(&bad).exists());
+        assert!(!store.blob_path(&bad).exists());
         assert!(store.stat(&bad).unwrap().is_none());
         assert_eq!(store.stat(&good).unwrap().unwrap().media_type, None);
         assert_eq!(
@@ -367,7 +367,7 @@ mod tests {
         let b = Digest::sha256_of(b"bbbb");
         store.put_verified(&a, b"aaaa", "x").unwrap();
         store.put_verified(&b, b"bbbb", "x").unwrap();
-        flip(&store.blobs.path(&b));
+        flip(&store.blob_path(&b));
         let held = store.clone();
         let get = || Some(held.clone());
 
@@ -389,7 +389,7 @@ mod tests {
         .unwrap();
         assert_eq!((fixed.blobs, fixed.bytes, corrupt), (2, 8, 1));
         assert!(store.stat(&b).unwrap().is_none());
-        assert!(!store.blobs.path(&b).exists());
+        assert!(!store.blob_path(&b).exists());
         assert!(store.stat(&a).unwrap().is_some());
         assert_eq!(store.blob_count(), 1);
     }
