@@ -222,6 +222,39 @@ pub struct StorageConfig {
     /// that would eat into it is passed through uncached.
     #[serde(default = "defaults::min_free")]
     pub min_free: ByteSize,
+    /// Memory sled may use to cache the index's pages (sled's `cache_capacity`). sled's own
+    /// default is 1 GiB; 64 MiB holds the hot part of an index of about a million blobs.
+    #[serde(default = "defaults::index_cache")]
+    pub index_cache: ByteSize,
+    /// Re-hashing stored blobs in the background (and verifying files found without an index
+    /// entry at start-up).
+    #[serde(default)]
+    pub scrub: ScrubConfig,
+}
+
+/// The background scrub: every `interval`, every stored blob is hashed again; a blob that no
+/// longer hashes to its digest is removed from the store and the index, and is fetched again
+/// on its next pull.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubConfig {
+    /// Time between the end of one pass and the start of the next. `0` turns the periodic
+    /// scrub off (files found unindexed at start-up are still verified before being served).
+    #[serde(default = "defaults::scrub_interval")]
+    pub interval: HumanDuration,
+    /// Bytes per second the scrub and the start-up verification may read, so they do not
+    /// starve clients of disk bandwidth. `0` means unbounded.
+    #[serde(default = "defaults::scrub_max_rate")]
+    pub max_rate: ByteSize,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        ScrubConfig {
+            interval: defaults::scrub_interval(),
+            max_rate: defaults::scrub_max_rate(),
+        }
+    }
 }
 
 impl Default for StorageConfig {
@@ -231,6 +264,8 @@ impl Default for StorageConfig {
             max_size: defaults::max_size(),
             low_watermark_percent: defaults::low_watermark_percent(),
             min_free: defaults::min_free(),
+            index_cache: defaults::index_cache(),
+            scrub: ScrubConfig::default(),
         }
     }
 }
@@ -487,6 +522,15 @@ mod defaults {
     }
     pub fn low_watermark_percent() -> u8 {
         90
+    }
+    pub fn index_cache() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+    pub fn scrub_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(7 * 24 * 3600))
+    }
+    pub fn scrub_max_rate() -> ByteSize {
+        ByteSize(50 << 20)
     }
     pub fn max_concurrent_fetches() -> usize {
         32

@@ -62,15 +62,25 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
     );
     let root = config.storage.root.clone();
     let path = root.display().to_string();
-    let (store, reconciled) = tokio::task::spawn_blocking(move || storage::Store::open(&root))
-        .await
-        .expect("store opening does not panic")
-        .map_err(|source| RunError::Storage {
-            path: path.clone(),
-            source,
-        })?;
-    tracing::info!(root = %path, blobs = store.blob_count(), bytes = store.used_bytes(), dropped = reconciled.dropped, adopted = reconciled.adopted, "store opened");
+    let options = storage::Options {
+        index_cache: config.storage.index_cache.0,
+    };
+    let (store, reconciled) =
+        tokio::task::spawn_blocking(move || storage::Store::open_with(&root, &options))
+            .await
+            .expect("store opening does not panic")
+            .map_err(|source| RunError::Storage {
+                path: path.clone(),
+                source,
+            })?;
+    tracing::info!(root = %path, blobs = store.blob_count(), bytes = store.used_bytes(), dropped = reconciled.dropped, corrupt = reconciled.corrupt, unverified = reconciled.unverified, index_rebuilt = reconciled.broken_index.is_some(), "store opened");
     let metrics = Arc::new(metrics::Metrics::new());
+    cache::scrub::spawn(
+        &store,
+        metrics.clone(),
+        &config.storage.scrub,
+        reconciled.unverified,
+    );
     let upstreams =
         Arc::new(upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?);
     let policy = cache::Policy::from_config(config);

@@ -26,6 +26,17 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Re-hash every stored blob and report the corrupt ones (exit 1 if any, without
+    /// --repair). Without --repair it only reads files, so it also runs beside a live server.
+    Verify {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Remove corrupt blobs from the store and the index (and adopt verified files the
+        /// index lost). Needs the store to itself: refused while a server runs on it, whose
+        /// background scrub (storage.scrub) does the same.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Exit 0 if a GET of the mirror's /healthz answers 2xx: the container HEALTHCHECK, since a
     /// scratch image has no curl. With --config the URL is where that configuration listens
     /// (`listen`, https with `tls`).
@@ -204,6 +215,13 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Verify { config, repair } => match load(config.as_ref()) {
+            Ok(config) => verify(&config, repair),
+            Err(err) => {
+                eprintln!("{err}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve { config } => {
             let config = match load(config.as_ref()) {
                 Ok(config) => config,
@@ -223,6 +241,83 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `regmirror verify`: hashes at full speed (the operator asked for it now).
+fn verify(config: &Config, repair: bool) -> ExitCode {
+    use regmirror::storage::{self, scrub};
+    let root = &config.storage.root;
+    let mut limiter = scrub::Limiter::new(0);
+    let report = if repair {
+        let options = storage::Options {
+            index_cache: config.storage.index_cache.0,
+        };
+        let store = match storage::Store::open_with(root, &options) {
+            Ok((store, _)) => store,
+            Err(storage::Error::Locked(lock)) => {
+                eprintln!(
+                    "{}: in use by a running regmirror (lock {}); its background scrub \
+                     (storage.scrub) removes corrupt blobs while serving, or stop it and run \
+                     verify --repair again",
+                    root.display(),
+                    lock.display()
+                );
+                return ExitCode::from(2);
+            }
+            Err(err) => {
+                eprintln!("{}: {err}", root.display());
+                return ExitCode::from(2);
+            }
+        };
+        let get = || Some(store.clone());
+        let passes = scrub::verify_unverified(&get, &mut limiter, &mut |_| {}).and_then(|found| {
+            let indexed = scrub::scrub_index(&get, &mut limiter, true, &mut |_| {})?;
+            Ok((found, indexed))
+        });
+        let flushed = passes.and_then(|found| {
+            store.flush()?;
+            Ok(found)
+        });
+        match flushed {
+            Ok((found, indexed)) => {
+                let mut corrupt = found.corrupt;
+                corrupt.extend(indexed.corrupt);
+                scrub::Report {
+                    blobs: found.blobs + indexed.blobs,
+                    bytes: found.bytes.saturating_add(indexed.bytes),
+                    corrupt,
+                    adopted: found.adopted,
+                    stopped: false,
+                }
+            }
+            Err(err) => {
+                eprintln!("{}: {err}", root.display());
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        match scrub::verify_files(root, &mut limiter) {
+            Ok(report) => report,
+            Err(err) => {
+                eprintln!("{}: {err}", root.display());
+                return ExitCode::from(2);
+            }
+        }
+    };
+    for digest in &report.corrupt {
+        println!("corrupt {digest}{}", if repair { " (removed)" } else { "" });
+    }
+    println!(
+        "{} blobs, {} bytes verified: {} corrupt",
+        report.blobs,
+        report.bytes,
+        report.corrupt.len()
+    );
+    if report.corrupt.is_empty() || repair {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

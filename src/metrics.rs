@@ -39,6 +39,11 @@ pub const EVICTED_BYTES: &str = "regmirror_evicted_bytes_total";
 pub const PASSTHROUGH: &str = "regmirror_passthrough_total";
 pub const SENDFILE_BYTES: &str = "regmirror_sendfile_bytes_total";
 pub const SENDFILE_ENABLED: &str = "regmirror_sendfile_enabled";
+pub const SCRUB_CORRUPT: &str = "regmirror_scrub_corrupt_total";
+pub const SCRUB_BLOBS: &str = "regmirror_scrub_blobs_total";
+pub const SCRUB_BYTES: &str = "regmirror_scrub_bytes_total";
+pub const SCRUB_PASSES: &str = "regmirror_scrub_passes_total";
+pub const STORE_UNVERIFIED: &str = "regmirror_store_unverified_blobs";
 pub const BUILD_INFO: &str = "regmirror_build_info";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
@@ -73,6 +78,15 @@ pub struct Metrics {
     /// Not on the hit path's critical section for long: one map update per request.
     repositories: Mutex<HashMap<(String, String), RepositoryCounts>>,
     upstreams: Mutex<BTreeMap<String, UpstreamHealth>>,
+    /// Stored blobs found not to hash to their digest (by the scrub or start-up verification).
+    pub scrub_corrupt: IntCounter,
+    /// Blobs and bytes hashed by the scrub and start-up verification.
+    pub scrub_blobs: IntCounter,
+    pub scrub_bytes: IntCounter,
+    /// Finished scrub passes (start-up verification counts as one).
+    pub scrub_passes: IntCounter,
+    /// Files found without an index entry, not yet verified (and so not served).
+    pub store_unverified: IntGauge,
 }
 
 /// Requests served for one repository since start-up (status page only).
@@ -258,6 +272,20 @@ impl Metrics {
             ),
             repositories: Mutex::new(HashMap::new()),
             upstreams: Mutex::new(BTreeMap::new()),
+            scrub_corrupt: counter(
+                SCRUB_CORRUPT,
+                "Stored blobs that no longer hashed to their digest, removed to be fetched again.",
+            ),
+            scrub_blobs: counter(SCRUB_BLOBS, "Stored blobs re-hashed by the scrub."),
+            scrub_bytes: counter(SCRUB_BYTES, "Bytes of stored blobs re-hashed by the scrub."),
+            scrub_passes: counter(
+                SCRUB_PASSES,
+                "Finished passes over the store (the start-up verification is the first).",
+            ),
+            store_unverified: gauge(
+                STORE_UNVERIFIED,
+                "Files found without an index entry and not yet verified; they are not served.",
+            ),
             registry,
         };
         // Series that exist from the start, so rates and dashboards see zeros, not gaps.

@@ -12,6 +12,7 @@ mod flight;
 mod manifests;
 mod passthrough;
 pub mod pins;
+pub mod scrub;
 mod single;
 
 use std::collections::{HashMap, HashSet};

@@ -58,12 +58,24 @@ pub struct ReferrersEntry {
 
 const VERSION: u8 = 1;
 
+/// Format of the index as a whole, kept under [`FORMAT_KEY`] in sled's default tree. An index
+/// with another format (a newer release's, or garbage) is not read: it is set aside and
+/// rebuilt from the blobs by [`Store::open`](super::Store::open).
+pub const FORMAT: u32 = 1;
+const FORMAT_KEY: &[u8] = b"regmirror.format";
+
+/// sled's page cache when the caller does not say (`storage.index_cache`'s default).
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 /// Errors from the index engine.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     /// The engine failed (I/O, corruption).
     #[error("index: {0}")]
     Engine(String),
+    /// The index was written in a format this release does not read.
+    #[error("index: unknown format {found:?} (this release reads format {FORMAT})")]
+    Format { found: String },
     /// A stored value could not be decoded.
     #[error("index: undecodable value in {tree}: {source}")]
     Decode {
@@ -112,14 +124,45 @@ pub struct Index {
 }
 
 impl Index {
-    /// Opens (or creates) the index in `dir`.
+    /// Opens (or creates) the index in `dir` with the default page cache.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
+        Index::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the index in `dir`; sled keeps up to `cache_bytes` of pages in memory
+    /// (its own default, 1 GiB, is too much for a sidecar). Fails on an index sled cannot read
+    /// or one of an unknown [`FORMAT`]: the caller decides whether to rebuild.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Index, IndexError> {
+        let existed = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(cache_bytes)
             // Facts in the index can be rebuilt from the files, so losing the last half second
             // on a crash only costs a re-download; flushing on every write would cost every hit.
             .flush_every_ms(Some(500))
             .open()?;
+        match db.get(FORMAT_KEY)? {
+            Some(found) if found.as_ref() == FORMAT.to_string().as_bytes() => {}
+            Some(found) => {
+                return Err(IndexError::Format {
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                })
+            }
+            // sled takes emptied (truncated) files for a new database: an index directory
+            // that was there but holds nothing was damaged, and is set aside like one sled
+            // refuses, so the operator sees it.
+            None if existed && is_empty(&db)? => {
+                return Err(IndexError::Format {
+                    found: "none (empty database)".to_owned(),
+                })
+            }
+            None => {
+                // A new index, or one written before the format was recorded (the same
+                // format as 1): record it durably before anything else is written.
+                db.insert(FORMAT_KEY, FORMAT.to_string().as_bytes())?;
+                db.flush()?;
+            }
+        }
         Ok(Index {
             blobs: db.open_tree("blobs")?,
             tags: db.open_tree("tags")?,
@@ -609,6 +652,16 @@ impl Index {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Whether no tree of `db` holds anything.
+fn is_empty(db: &sled::Db) -> Result<bool, IndexError> {
+    for name in db.tree_names() {
+        if !db.open_tree(name)?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Keys are NUL-separated: NUL appears in no repository name, tag or digest.

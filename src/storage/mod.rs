@@ -5,18 +5,30 @@
 //! sled never shows outside `index.rs`. It keeps the index consistent with the files
 //! (reconciled at start-up). Hashing and the decision to commit belong to the cache, which is
 //! the only caller.
+//!
+//! The index is a cache of facts about the files. If sled cannot open it or it has an unknown
+//! format, it is moved aside to `index.broken-<unix seconds>` and rebuilt empty; every file is
+//! then unverified. Unverified files (all of them after a rebuild, and files found without an
+//! index entry after a crash) are not in the index, so they are not served: a request for one
+//! goes to the upstream as a miss. [`scrub::verify_unverified`] hashes them in the background
+//! at a bounded rate and adopts those that hash to their name (deleting the others), so start-up
+//! never waits for hashing a large store.
 
 mod blobs;
 mod index;
+pub mod scrub;
 
+use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use blobs::{BlobStore, Blobs};
-pub use index::{blob_entry, BlobEntry, ImageEntry, Index, IndexError, TagEntry};
+pub use index::{
+    blob_entry, BlobEntry, ImageEntry, Index, IndexError, TagEntry, DEFAULT_CACHE_BYTES, FORMAT,
+};
 
 use crate::oci::Digest;
 
@@ -38,6 +50,9 @@ pub enum Error {
     /// The index failed.
     #[error(transparent)]
     Index(#[from] IndexError),
+    /// Another process (a running server, a `verify --repair`) has the store open.
+    #[error("the store is in use by another regmirror process (lock on {0})")]
+    Locked(PathBuf),
 }
 
 impl From<io::Error> for Error {
@@ -65,6 +80,27 @@ pub struct Store {
     index: Index,
     used: AtomicU64,
     count: AtomicU64,
+    /// Files on disk without an index entry, waiting for [`scrub::verify_unverified`].
+    unverified: Mutex<Vec<Digest>>,
+    /// Held (with an exclusive `flock`) for as long as the store is open: one process per
+    /// store. It is what tells "sled cannot open its files" (rebuild) from "another process
+    /// has them open" (refuse), which sled reports alike.
+    _lock: File,
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// sled's page cache (`storage.index_cache`).
+    pub index_cache: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            index_cache: DEFAULT_CACHE_BYTES,
+        }
+    }
 }
 
 /// What start-up reconciliation found.
@@ -72,41 +108,77 @@ pub struct Store {
 pub struct Reconciled {
     /// Index entries whose file was gone.
     pub dropped: usize,
-    /// Files the index did not know (committed just before a crash), now indexed.
-    pub adopted: usize,
+    /// Index entries whose file had another size than the entry: removed with their file as
+    /// corrupt (a committed blob never changes size).
+    pub corrupt: usize,
+    /// Files the index did not know (committed just before a crash, or all of them after a
+    /// rebuild): not served until [`scrub::verify_unverified`] has hashed them.
+    pub unverified: usize,
+    /// Where an unreadable index was moved before being rebuilt.
+    pub broken_index: Option<PathBuf>,
 }
 
 impl Store {
-    /// Opens the store under `root`: empties `tmp/`, opens the index and reconciles it with the
-    /// files. Blocking: call before serving or from `spawn_blocking`.
+    /// Opens the store under `root` with default options.
     pub fn open(root: &Path) -> Result<(Arc<Store>, Reconciled), Error> {
+        Store::open_with(root, &Options::default())
+    }
+
+    /// Opens the store under `root`: takes the store's lock, empties `tmp/`, opens the index
+    /// (setting a broken one aside and starting afresh) and reconciles it with the files.
+    /// Files without an entry are left for [`scrub::verify_unverified`]. Blocking (a directory
+    /// scan, no hashing): call before serving or from `spawn_blocking`.
+    pub fn open_with(root: &Path, options: &Options) -> Result<(Arc<Store>, Reconciled), Error> {
+        std::fs::create_dir_all(root)?;
+        let lock = lock(root)?;
         let blobs = Blobs::open(root)?;
-        let index = Index::open(&root.join("index"))?;
+        let dir = root.join("index");
+        let (index, broken_index) = match Index::open_with_cache(&dir, options.index_cache) {
+            Ok(index) => (index, None),
+            Err(err) => {
+                let aside = root.join(format!("index.broken-{}", now_millis() / 1000));
+                tracing::warn!(error = %err, index = %dir.display(), moved_to = %aside.display(), "the index cannot be used: moving it aside and rebuilding it from the blobs (they are verified in the background before being served)");
+                std::fs::rename(&dir, &aside)?;
+                (
+                    Index::open_with_cache(&dir, options.index_cache)?,
+                    Some(aside),
+                )
+            }
+        };
         let store = Store {
             blobs,
             index,
             used: AtomicU64::new(0),
             count: AtomicU64::new(0),
+            unverified: Mutex::new(Vec::new()),
+            _lock: lock,
         };
-        let reconciled = store.reconcile()?;
+        let mut reconciled = store.reconcile()?;
+        if reconciled.unverified > 0 {
+            tracing::warn!(files = reconciled.unverified, "files without an index entry: they are hashed in the background and served once verified");
+        }
+        reconciled.broken_index = broken_index;
         Ok((Arc::new(store), reconciled))
     }
 
     fn reconcile(&self) -> Result<Reconciled, Error> {
-        let files: std::collections::HashMap<Digest, u64> =
+        let mut files: std::collections::HashMap<Digest, u64> =
             self.blobs.scan()?.into_iter().collect();
         let mut report = Reconciled::default();
-        let mut known = std::collections::HashSet::new();
+        let (mut used, mut count) = (0u64, 0u64);
         for (digest, entry) in self.index.all_blobs()? {
-            match files.get(&digest) {
-                Some(&size) if size == entry.size => {
-                    known.insert(digest);
+            match files.remove(&digest) {
+                Some(size) if size == entry.size => {
+                    used = used.saturating_add(size);
+                    count += 1;
                 }
-                Some(&size) => {
-                    // The file is authoritative: it was verified before its rename.
-                    self.index
-                        .put_blob(&digest, &blob_entry(size, entry.accessed, entry.media_type))?;
-                    known.insert(digest);
+                Some(size) => {
+                    // A committed blob never changes size: the file was truncated or
+                    // overwritten after it was verified. Fetched again on its next pull.
+                    tracing::warn!(%digest, indexed = entry.size, found = size, "stored blob has changed size, removing it as corrupt");
+                    self.index.remove_blob(&digest)?;
+                    self.blobs.remove(&digest)?;
+                    report.corrupt += 1;
                 }
                 None => {
                     self.index.remove_blob(&digest)?;
@@ -114,17 +186,12 @@ impl Store {
                 }
             }
         }
-        let now = now_millis();
-        for (digest, size) in &files {
-            if !known.contains(digest) {
-                // Committed files were verified before their rename; a crash between rename and
-                // index write leaves one without an entry. Media types are re-learnt on demand.
-                self.index.put_blob(digest, &blob_entry(*size, now, None))?;
-                report.adopted += 1;
-            }
-        }
-        self.used.store(files.values().sum(), Ordering::Relaxed);
-        self.count.store(files.len() as u64, Ordering::Relaxed);
+        // What is left has no entry: a crash between rename and index write, an operator's
+        // copy, or a rebuilt index. Nothing vouches for those bytes until they are hashed.
+        report.unverified = files.len();
+        *self.unverified.lock().unwrap_or_else(|e| e.into_inner()) = files.into_keys().collect();
+        self.used.store(used, Ordering::Relaxed);
+        self.count.store(count, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -136,6 +203,32 @@ impl Store {
     /// The facts about it.
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Where the file of `digest` lives (for hashing it in place). The scrub reaches the
+    /// store only through this and the methods below.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.path(digest)
+    }
+
+    /// Every indexed blob with its entry (a full scan: call off the async threads).
+    pub fn indexed_blobs(&self) -> Result<Vec<(Digest, BlobEntry)>, Error> {
+        Ok(self.index.all_blobs()?)
+    }
+
+    /// Deletes the file of `digest` whatever the index says (a file that failed verification).
+    pub fn discard_file(&self, digest: &Digest) -> Result<(), Error> {
+        Ok(self.blobs.remove(digest)?)
+    }
+
+    /// Makes index writes so far durable (`verify --repair` before it exits).
+    pub fn flush(&self) -> Result<(), Error> {
+        Ok(self.index.flush()?)
+    }
+
+    /// Takes the files found without an index entry at start-up, to verify them.
+    pub fn take_unverified(&self) -> Vec<Digest> {
+        std::mem::take(&mut *self.unverified.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Bytes of committed blobs.
@@ -204,6 +297,21 @@ impl Store {
     }
 }
 
+/// Takes the exclusive lock of the store under `root` (`<root>/lock`), without waiting.
+fn lock(root: &Path) -> Result<File, Error> {
+    let path = root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked(path)),
+        Err(err) => Err(Error::Io(err.into())),
+    }
+}
+
 /// Milliseconds since the Unix epoch: access times (LRU order must tell apart blobs used in the
 /// same second) and tag confirmations.
 pub fn now_millis() -> u64 {
@@ -237,19 +345,23 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_drops_missing_adopts_orphans_and_clears_tmp() {
+    fn reconcile_drops_missing_removes_resized_defers_orphans_and_clears_tmp() {
         let dir = tempfile::tempdir().unwrap();
         let a = Digest::sha256_of(b"a");
         let b = Digest::sha256_of(b"bb");
+        let c = Digest::sha256_of(b"ccc");
         {
             let (store, _) = Store::open(dir.path()).unwrap();
             store.put_verified(&a, b"a", "m").unwrap();
             store.put_verified(&b, b"bb", "m").unwrap();
-            assert_eq!(store.used_bytes(), 3);
-            // A partial download and a blob whose index entry was lost.
+            store.put_verified(&c, b"ccc", "m").unwrap();
+            assert_eq!(store.used_bytes(), 6);
+            // A partial download, a blob whose index entry was lost, one whose file is gone
+            // and one whose file was truncated.
             std::fs::write(dir.path().join("tmp").join("partial"), b"xx").unwrap();
             store.index.remove_blob(&b).unwrap();
             std::fs::remove_file(store.blobs.path(&a)).unwrap();
+            std::fs::write(store.blobs.path(&c), b"cc").unwrap();
             store.index.flush().unwrap();
         }
         let (store, report) = Store::open(dir.path()).unwrap();
@@ -257,15 +369,89 @@ mod tests {
             report,
             Reconciled {
                 dropped: 1,
-                adopted: 1
+                corrupt: 1,
+                unverified: 1,
+                broken_index: None,
             }
         );
         assert!(store.stat(&a).unwrap().is_none());
-        assert_eq!(store.stat(&b).unwrap().unwrap().size, 2);
-        assert_eq!(store.used_bytes(), 2);
+        assert!(store.stat(&c).unwrap().is_none());
+        assert!(!store.blobs.path(&c).exists(), "a resized file is removed");
+        // Not served before it is hashed.
+        assert!(store.stat(&b).unwrap().is_none());
+        assert_eq!(store.take_unverified(), vec![b.clone()]);
+        assert_eq!(store.used_bytes(), 0);
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn an_unreadable_or_foreign_index_is_moved_aside_and_rebuilt() {
+        let a = Digest::sha256_of(b"a");
+        type Damage = fn(&Path);
+        let damage: [(&str, Damage); 3] = [
+            ("garbage", |index| {
+                for entry in std::fs::read_dir(index).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_file() {
+                        std::fs::write(&path, vec![0xA5u8; 4096]).unwrap();
+                    }
+                }
+            }),
+            ("truncated", |index| {
+                for entry in std::fs::read_dir(index).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_file() {
+                        std::fs::File::create(&path).unwrap();
+                    }
+                }
+            }),
+            ("format", |index| {
+                let db = sled::open(index).unwrap();
+                db.insert(b"regmirror.format", b"99".as_slice()).unwrap();
+                db.flush().unwrap();
+            }),
+        ];
+        for (name, damage) in damage {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (store, _) = Store::open(dir.path()).unwrap();
+                store.put_verified(&a, b"a", "m").unwrap();
+                store.index.flush().unwrap();
+            }
+            damage(&dir.path().join("index"));
+            let (store, report) = Store::open(dir.path())
+                .unwrap_or_else(|err| panic!("{name}: the store does not open: {err}"));
+            let aside = report
+                .broken_index
+                .unwrap_or_else(|| panic!("{name}: not set aside"));
+            assert!(aside.exists(), "{name}");
+            assert_eq!(report.unverified, 1, "{name}");
+            assert_eq!(store.take_unverified(), vec![a.clone()], "{name}");
+        }
+    }
+
+    #[test]
+    fn a_second_process_is_refused_and_the_index_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, _) = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(Error::Locked(_)) => {}
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("opened twice"),
+        }
+        let moved = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("index.broken")
+            })
+            .count();
+        assert_eq!(moved, 0);
     }
 }
