@@ -636,7 +636,9 @@ async fn stalled_http2_readers_hold_bounded_memory() {
             .expect("every stream got its first bytes");
     // One read chunk of a stored blob (cache::flight::READ_CHUNK).
     let per_stream = 128 << 10;
-    let bound = (CONNS * allowed) as u64 * per_stream + (16 << 20);
+    // Slack for what the rest of the process (other tests of this binary run alongside) and the
+    // allocator hold; the stream limit itself is asserted exactly below.
+    let bound = (CONNS * allowed) as u64 * per_stream + (40 << 20);
     eprintln!(
         "stored blob: {CONNS} connections × {allowed} stalled streams: RSS +{} KiB (bound {} KiB)",
         grown >> 10,
@@ -655,7 +657,7 @@ async fn stalled_http2_readers_hold_bounded_memory() {
             .expect("every stream got its first bytes");
     // One read chunk of a download in flight (cache::flight::CHUNK).
     let per_stream = 512 << 10;
-    let bound = (CONNS * allowed) as u64 * per_stream + (16 << 20);
+    let bound = (CONNS * allowed) as u64 * per_stream + (40 << 20);
     eprintln!(
         "blob being filled: {CONNS} connections × {allowed} stalled streams: RSS +{} KiB (bound {} KiB)",
         grown >> 10,
