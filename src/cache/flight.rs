@@ -323,7 +323,7 @@ impl FlightReader {
             return Box::pin(futures_util::stream::iter([Err(err)]));
         };
         let source = self.source.clone();
-        let prefix = positioned_reads(self.file.clone(), 0, valid.min(size));
+        let prefix = file_stream(self.file.clone(), 0, valid.min(size));
         let rest = async move {
             if valid >= size {
                 return Ok::<_, io::Error>(futures_util::stream::empty().boxed());
@@ -345,24 +345,6 @@ impl FlightReader {
             size,
         ))
     }
-}
-
-/// Streams `start..end` of a file with positioned reads, in chunks of [`CHUNK`].
-fn positioned_reads(
-    file: Arc<File>,
-    start: u64,
-    end: u64,
-) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    futures_util::stream::unfold((file, start), move |(file, pos)| async move {
-        if pos >= end {
-            return None;
-        }
-        let len = (end - pos).min(CHUNK as u64) as usize;
-        match read_at(file.clone(), pos, len).await {
-            Ok(chunk) => Some((Ok(chunk), (file, pos + len as u64))),
-            Err(err) => Some((Err(err), (file, end))),
-        }
-    })
 }
 
 /// Streams `start..end` of a committed file, read in chunks of [`READ_CHUNK`] into buffers
