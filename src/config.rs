@@ -70,6 +70,10 @@ pub struct Config {
     /// How often pinned tags are revalidated with the upstream (default `1h`).
     #[serde(default = "defaults::pins_refresh")]
     pub pins_refresh: HumanDuration,
+    /// Run as one replica of a cluster sharing one bucket: who the other replicas are, and the
+    /// authenticated peer channel between them. Unset: a single mirror.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Client connections: what one client (or many) may hold of the server.
@@ -426,6 +430,152 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `cluster`: the replicas, found by a static list or DNS, and the peer channel between them.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The peer-channel addresses (`host:port`) of ALL replicas, this one included: every
+    /// replica must list the same strings, since ownership hashes them. Set this or `dns`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A name and port (`regmirror-peers.ns.svc.cluster.local:5001`, a Kubernetes headless
+    /// Service) resolved every `refresh`: each address it returns is a replica. Set this or
+    /// `peers`.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// Address the peer channel listens on: a listener of its own, never the public `listen`.
+    #[serde(default = "defaults::cluster_listen")]
+    pub listen: SocketAddr,
+    /// The secret shared by all replicas (at least 16 bytes, `${VAR}`-expanded): every peer
+    /// request is signed with it. Set this or `secret_file`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the shared secret (a Docker or Kubernetes secret), read at start-up; a
+    /// trailing newline is ignored.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// How often the member list is resolved again and each member's health probed (default
+    /// `2s`).
+    #[serde(default = "defaults::cluster_refresh")]
+    pub refresh: HumanDuration,
+}
+
+/// The secret stays out of logs and `Debug` output.
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("peers", &self.peers)
+            .field("dns", &self.dns)
+            .field("listen", &self.listen)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .field("refresh", &self.refresh)
+            .finish()
+    }
+}
+
+/// The shortest shared secret accepted: 128 bits, HMAC-SHA256's security needs no more from a
+/// random secret, and anything shorter is likely a typo or a placeholder.
+pub const MIN_CLUSTER_SECRET: usize = 16;
+
+impl ClusterConfig {
+    /// Every problem of the `cluster` section, each prefixed with its key.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match (self.peers.is_empty(), &self.dns) {
+            (true, None) => {
+                problems.push("cluster: set peers (a list of host:port) or dns".to_owned())
+            }
+            (false, Some(_)) => problems.push("cluster.dns: set peers or dns, not both".to_owned()),
+            _ => {}
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if let Err(reason) = validate_host_port(peer) {
+                problems.push(format!("cluster.peers: {reason}"));
+            } else if !seen.insert(peer.to_ascii_lowercase()) {
+                problems.push(format!("cluster.peers: {peer:?} is listed twice"));
+            }
+        }
+        if let Some(dns) = &self.dns {
+            if let Err(reason) = validate_host_port(dns) {
+                problems.push(format!("cluster.dns: {reason}"));
+            }
+        }
+        match (&self.secret, &self.secret_file) {
+            (None, None) => problems.push("cluster: set secret or secret_file".to_owned()),
+            (Some(_), Some(_)) => {
+                problems.push("cluster.secret_file: set secret or secret_file, not both".to_owned())
+            }
+            // A `${VAR}` value is checked once expanded, at start-up.
+            (Some(secret), None) if !secret.contains('$') && secret.len() < MIN_CLUSTER_SECRET => {
+                problems.push(format!(
+                    "cluster.secret: must be at least {MIN_CLUSTER_SECRET} bytes"
+                ))
+            }
+            _ => {}
+        }
+        if self.refresh.0.is_zero() {
+            problems.push("cluster.refresh: must be more than 0s".to_owned());
+        }
+        problems
+    }
+
+    /// The shared secret: `secret` expanded, or the content of `secret_file`. Reads a file:
+    /// called once at start-up.
+    pub fn load_secret(&self) -> Result<Vec<u8>, String> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(secret), None) => crate::upstream::credentials::expand_env(secret)
+                .map_err(|e| format!("cluster.secret: {e}"))?,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cluster.secret_file {}: {e}", path.display()))?;
+                // Secrets files usually end with a newline that is not part of the secret.
+                text.trim_end_matches(['\n', '\r']).to_owned()
+            }
+            _ => return Err("cluster: set secret or secret_file".to_owned()),
+        };
+        if secret.len() < MIN_CLUSTER_SECRET {
+            let what = if self.secret_file.is_some() {
+                "cluster.secret_file"
+            } else {
+                "cluster.secret"
+            };
+            return Err(format!(
+                "{what}: the secret must be at least {MIN_CLUSTER_SECRET} bytes (it has {})",
+                secret.len()
+            ));
+        }
+        Ok(secret.into_bytes())
+    }
+}
+
+/// A peer address: `host:port` (a name or an IPv4 address) or `[v6]:port`, port required.
+fn validate_host_port(text: &str) -> Result<(), String> {
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || format!("{text:?} is not host:port (like 10.0.0.1:5001 or peers.local:5001)");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => {}
+        _ => return Err(bad()),
+    }
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
@@ -552,6 +702,12 @@ mod defaults {
     }
     pub fn tls_reload_interval() -> HumanDuration {
         HumanDuration(Duration::from_secs(10))
+    }
+    pub fn cluster_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 5001))
+    }
+    pub fn cluster_refresh() -> HumanDuration {
+        HumanDuration(Duration::from_secs(2))
     }
     pub fn auth_realm() -> String {
         "regmirror".to_owned()
@@ -730,6 +886,15 @@ impl Config {
         }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!("log.level: {:?}: {err}", self.log.level));
+        }
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.problems());
+            if cluster.listen == self.listen && self.listen.port() != 0 {
+                problems.push(format!(
+                    "cluster.listen: {} is already `listen`; the peer channel needs a port of its own",
+                    self.listen
+                ));
+            }
         }
         if self.metrics.listen == Some(self.listen) && self.listen.port() != 0 {
             problems.push(format!(
@@ -1116,6 +1281,109 @@ mod tests {
         );
         let err = format!("{:?}", config.unwrap_err());
         assert!(err.contains("not one of the configured upstreams"), "{err}");
+    }
+
+    #[test]
+    fn cluster_section_parses_with_defaults() {
+        let text = format!(
+            "{MINIMAL}cluster:\n  peers: [10.0.0.1:5001, 'regmirror-1.peers:5001', '[fd00::1]:5001']\n  secret: 0123456789abcdef\n"
+        );
+        let config = Config::parse(&text, "t.yml").unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.peers.len(), 3);
+        assert_eq!(cluster.listen, "0.0.0.0:5001".parse().unwrap());
+        assert_eq!(cluster.refresh.0, Duration::from_secs(2));
+        assert!(!format!("{cluster:?}").contains("0123456789abcdef"));
+        let text = format!(
+            "{MINIMAL}cluster: {{ dns: 'peers.ns.svc.cluster.local:5001', secret_file: /run/s, refresh: 500ms, listen: '127.0.0.1:6001' }}\n"
+        );
+        let cluster = Config::parse(&text, "t.yml").unwrap().cluster.unwrap();
+        assert_eq!(
+            cluster.dns.as_deref(),
+            Some("peers.ns.svc.cluster.local:5001")
+        );
+        assert_eq!(cluster.refresh.0, Duration::from_millis(500));
+        assert!(Config::parse(MINIMAL, "t.yml").unwrap().cluster.is_none());
+        let text = format!("{MINIMAL}cluster: {{ dns: 'a:1', secret_file: /s, peer: [] }}\n");
+        let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("cluster") && err.contains("peer"), "{err}");
+    }
+
+    #[test]
+    fn cluster_problems_are_all_reported() {
+        let cases = [
+            ("{ secret: 0123456789abcdef }", vec!["set peers (a list of host:port) or dns"]),
+            (
+                "{ peers: ['a:1'], dns: 'b:1', secret: 0123456789abcdef }",
+                vec!["cluster.dns: set peers or dns, not both"],
+            ),
+            (
+                "{ peers: ['a', 'b:0', 'c:99999', 'bad host:1', 'a:1', 'A:1'], secret: short, refresh: 0s }",
+                vec![
+                    "\"a\" is not host:port",
+                    "\"b:0\" is not host:port",
+                    "\"c:99999\" is not host:port",
+                    "\"bad host:1\" is not host:port",
+                    "\"A:1\" is listed twice",
+                    "cluster.secret: must be at least 16 bytes",
+                    "cluster.refresh: must be more than 0s",
+                ],
+            ),
+            ("{ dns: 'peers' }", vec!["cluster.dns: \"peers\" is not host:port", "set secret or secret_file"]),
+            (
+                "{ dns: 'p:1', secret: 0123456789abcdef, secret_file: /s }",
+                vec!["set secret or secret_file, not both"],
+            ),
+            (
+                "{ dns: 'p:1', secret: '${X}', listen: '0.0.0.0:5000' }",
+                vec!["cluster.listen: 0.0.0.0:5000 is already `listen`"],
+            ),
+        ];
+        for (section, wanted) in cases {
+            let text = format!("{MINIMAL}cluster: {section}\n");
+            let err = Config::parse(&text, "t.yml").unwrap_err();
+            let ConfigError::Invalid { problems, .. } = &err else {
+                panic!("{section}: expected Invalid, got {err}")
+            };
+            assert_eq!(problems.len(), wanted.len(), "{section}: {problems:?}");
+            for want in wanted {
+                assert!(
+                    problems.iter().any(|p| p.contains(want)),
+                    "{section}: {want:?} not in {problems:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_secret_is_read_expanded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        let section = |secret: &str| {
+            let text = format!("{MINIMAL}cluster: {{ dns: 'p:1', {secret} }}\n");
+            Config::parse(&text, "t.yml").unwrap().cluster.unwrap()
+        };
+        let from_file = section(&format!("secret_file: {}", file.display()));
+        let err = from_file.load_secret().unwrap_err();
+        assert!(err.starts_with("cluster.secret_file"), "{err}");
+        std::fs::write(&file, "0123456789abcdef\n").unwrap();
+        assert_eq!(from_file.load_secret().unwrap(), b"0123456789abcdef");
+        std::fs::write(&file, "0123456789abcde\n").unwrap();
+        let err = from_file.load_secret().unwrap_err();
+        assert!(err.contains("at least 16 bytes"), "{err}");
+        std::fs::write(&file, "").unwrap();
+        assert!(from_file.load_secret().is_err(), "empty");
+        std::env::set_var("REGMIRROR_TEST_CLUSTER_SECRET", "from the environment!");
+        let expanded = section("secret: '${REGMIRROR_TEST_CLUSTER_SECRET}'");
+        assert_eq!(expanded.load_secret().unwrap(), b"from the environment!");
+        std::env::set_var("REGMIRROR_TEST_CLUSTER_SHORT", "tiny");
+        let short = section("secret: '${REGMIRROR_TEST_CLUSTER_SHORT}'");
+        assert!(short
+            .load_secret()
+            .unwrap_err()
+            .contains("at least 16 bytes"));
+        let unset = section("secret: '${REGMIRROR_TEST_CLUSTER_UNSET}'");
+        assert!(unset.load_secret().unwrap_err().contains("not set"));
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub const SCRUB_BYTES: &str = "regmirror_scrub_bytes_total";
 pub const SCRUB_PASSES: &str = "regmirror_scrub_passes_total";
 pub const STORE_UNVERIFIED: &str = "regmirror_store_unverified_blobs";
 pub const BUILD_INFO: &str = "regmirror_build_info";
+pub const CLUSTER_MEMBERS: &str = "regmirror_cluster_members";
+pub const CLUSTER_FORWARDS: &str = "regmirror_cluster_forwards_total";
+pub const CLUSTER_FALLBACKS: &str = "regmirror_cluster_fallbacks_total";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
 /// repositories are not counted, so memory stays bounded whatever clients ask for.
@@ -87,6 +90,13 @@ pub struct Metrics {
     pub scrub_passes: IntCounter,
     /// Files found without an index entry, not yet verified (and so not served).
     pub store_unverified: IntGauge,
+    /// Cluster members by state (`healthy`, `unhealthy`) after the last membership pass.
+    cluster_members: IntGaugeVec,
+    /// Misses forwarded to their owner, and owners found unreachable (fetched locally), by
+    /// peer. The peer label is a member address from the configuration or DNS, never from a
+    /// client, and a member's series go when it leaves.
+    cluster_forwards: IntCounterVec,
+    cluster_fallbacks: IntCounterVec,
 }
 
 /// Requests served for one repository since start-up (status page only).
@@ -285,6 +295,21 @@ impl Metrics {
             store_unverified: gauge(
                 STORE_UNVERIFIED,
                 "Files found without an index entry and not yet verified; they are not served.",
+            ),
+            cluster_members: gauge_vec(
+                CLUSTER_MEMBERS,
+                "Cluster members by state (healthy, unhealthy) after the last membership pass.",
+                &["state"],
+            ),
+            cluster_forwards: counter_vec(
+                CLUSTER_FORWARDS,
+                "Misses forwarded to the member that owns them, by peer (member address).",
+                &["peer"],
+            ),
+            cluster_fallbacks: counter_vec(
+                CLUSTER_FALLBACKS,
+                "Misses fetched locally because their owner did not answer, by peer (member address).",
+                &["peer"],
             ),
             registry,
         };
@@ -486,6 +511,46 @@ impl Metrics {
             .get(&(upstream.to_owned(), repository.to_owned()))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// The cluster's member counts after a membership pass.
+    pub fn cluster_members(&self, healthy: usize, unhealthy: usize) {
+        for (state, count) in [("healthy", healthy), ("unhealthy", unhealthy)] {
+            self.cluster_members
+                .with_label_values(&[state])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Creates a cluster member's series at zero (`peer` is its address).
+    pub fn cluster_peer_joined(&self, peer: &str) {
+        self.cluster_forwards.with_label_values(&[peer]);
+        self.cluster_fallbacks.with_label_values(&[peer]);
+    }
+
+    /// Drops a departed member's series, so addresses that churn (pods rescheduled behind a
+    /// DNS name) do not accumulate.
+    pub fn cluster_peer_left(&self, peer: &str) {
+        let _ = self.cluster_forwards.remove_label_values(&[peer]);
+        let _ = self.cluster_fallbacks.remove_label_values(&[peer]);
+    }
+
+    /// One miss forwarded to its owner `peer`.
+    pub fn cluster_forward(&self, peer: &str) {
+        self.cluster_forwards.with_label_values(&[peer]).inc();
+    }
+
+    /// One miss fetched locally because its owner `peer` did not answer.
+    pub fn cluster_fallback(&self, peer: &str) {
+        self.cluster_fallbacks.with_label_values(&[peer]).inc();
+    }
+
+    /// Forwards to and fallbacks from `peer` since it joined: (forwards, fallbacks).
+    pub fn cluster_peer_counts(&self, peer: &str) -> (u64, u64) {
+        (
+            self.cluster_forwards.with_label_values(&[peer]).get(),
+            self.cluster_fallbacks.with_label_values(&[peer]).get(),
+        )
     }
 
     /// The text exposition format.

@@ -1,0 +1,890 @@
+//! The cluster: which replicas exist and are healthy (membership), which of them owns a key
+//! (rendezvous hashing over the healthy members), and the client side of the peer channel
+//! with its authentication (every request signed with the shared secret, see [`auth`]).
+//!
+//! Only built with `cluster:` in the configuration. Members are identified by their
+//! peer-channel address exactly as the static list or DNS gives it, the same string on every
+//! replica, which is what makes their ownership decisions agree. A replica finds itself
+//! among them by its health answer: `GET /_regmirror/peer/health` returns the replica's
+//! instance id, random per process.
+//!
+//! This module must not know storage, upstreams or the cache: it answers "who owns this key"
+//! and "give me this path from that member"; the cache decides what to forward and what to do
+//! when a peer fails (and reports it with [`Cluster::forwarded`] and [`Cluster::fell_back`]).
+//! The peer channel's server side (routes) lives in `api`, and calls [`Cluster::verify`].
+
+pub mod auth;
+pub mod ring;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use futures_util::future::join_all;
+use tokio::time::Instant;
+
+use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
+
+pub use auth::HEADER as PEER_HEADER;
+
+/// The health probe's path on the peer channel.
+pub const HEALTH_PATH: &str = "/_regmirror/peer/health";
+/// Prefix of every peer-channel path.
+pub const PEER_PREFIX: &str = "/_regmirror/peer/";
+
+/// Longest wait for a member's health answer (shorter when `refresh` is).
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the DNS name's addresses; on failure the previous members are kept.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Peers are on the cluster network: a connection that takes longer is as good as refused,
+/// and the caller falls back to fetching itself.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A peer stream that delivers nothing for this long is stalled. Longer than an owner may
+/// legitimately wait on its upstream before its first byte (`request_timeout`, 30 s by
+/// default) and than its own stall detection (`blob_stall_timeout`, 30 s), so a slow upstream
+/// is reported by the owner, not mistaken for a dead owner.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// An instance id is 32 hex digits; a health answer longer than this is not one of ours.
+const MAX_HEALTH_BODY: usize = 128;
+/// At most this many members (a DNS answer may hold more records; the rest are ignored), so
+/// probes per pass and metric series stay bounded.
+pub const MAX_MEMBERS: usize = 256;
+
+/// A replica of the cluster: its peer-channel address and the URL requests to it start with.
+/// Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    address: Arc<str>,
+    base_url: Arc<str>,
+}
+
+impl Member {
+    fn new(address: &str) -> Member {
+        Member {
+            address: address.into(),
+            base_url: format!("http://{address}").into(),
+        }
+    }
+
+    /// `host:port` as listed or resolved: the member's identity, and its metrics label.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// `http://host:port`, no trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+}
+
+/// Who owns a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// This replica: fetch it upstream (single-flighted) or serve it.
+    Me,
+    /// Another replica: forward the miss to it.
+    Peer(Member),
+}
+
+/// One member as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub address: String,
+    /// Its last health probe succeeded.
+    pub healthy: bool,
+    /// It answered with our instance id.
+    pub is_self: bool,
+    /// Seconds since its last successful probe; `None` if it never answered.
+    pub last_ok_secs_ago: Option<u64>,
+    /// Misses forwarded to it, and fetched locally because it did not answer, since it joined.
+    pub forwards: u64,
+    pub fallbacks: u64,
+}
+
+/// Why a request to a peer failed. The caller falls back to fetching itself.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer answered, but not with 2xx (redirects included: they are never followed).
+    #[error("peer {peer} answered {status}")]
+    Status { peer: String, status: StatusCode },
+    /// No answer: refused, reset, timed out.
+    #[error("peer {peer}: {source}")]
+    Transport {
+        peer: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The path given to [`Cluster::get`] is not an absolute path with an optional query.
+    #[error("not a peer path: {0:?}")]
+    InvalidPath(String),
+}
+
+impl PeerError {
+    /// The peer's status, when it answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            PeerError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Where the candidate members come from.
+enum Source {
+    Static(Vec<String>),
+    Dns(String),
+}
+
+/// What the last membership pass found. Replaced whole after each pass, never edited in place,
+/// so readers take a snapshot without holding a lock.
+#[derive(Default)]
+struct View {
+    /// By address.
+    members: BTreeMap<Arc<str>, MemberState>,
+    /// The addresses that answered with our instance id, from the last pass that found any:
+    /// normally one, more if the list names this replica twice (all of them are "me", so we
+    /// never forward to ourselves). Empty until we have seen ourselves.
+    self_addresses: BTreeSet<Arc<str>>,
+    /// Whether the last pass found us healthy.
+    ready: bool,
+    /// The healthy members: the ring ownership is decided over.
+    ring: Vec<Member>,
+}
+
+struct MemberState {
+    member: Member,
+    healthy: bool,
+    last_ok: Option<Instant>,
+}
+
+/// This replica's view of the cluster.
+pub struct Cluster {
+    instance_id: String,
+    signer: auth::Signer,
+    source: Source,
+    refresh: Duration,
+    probe_timeout: Duration,
+    client: reqwest::Client,
+    metrics: Arc<Metrics>,
+    view: RwLock<Arc<View>>,
+}
+
+impl Cluster {
+    /// Reads the secret (a file, or `${VAR}`s) and builds the peer client. Membership is empty
+    /// until the first [`Cluster::refresh_once`]: meanwhile this replica owns everything.
+    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, String> {
+        let secret = config.load_secret()?;
+        let source = match (&config.dns, config.peers.is_empty()) {
+            (Some(name), true) => Source::Dns(name.clone()),
+            (None, false) => Source::Static(config.peers.clone()),
+            _ => return Err("cluster: set peers or dns, not both".to_owned()),
+        };
+        // rustls needs a process-wide provider even for a client that only speaks plain HTTP.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("regmirror-peer/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            // Peers are on the cluster network: a proxy from the environment would send the
+            // signed requests (and the bytes) somewhere else.
+            .no_proxy()
+            // A peer serves content or fails; a redirect is an error, never followed.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|err| format!("cluster: cannot build the peer client: {err}"))?;
+        let mut id = [0u8; 16];
+        ::ring::rand::SecureRandom::fill(&::ring::rand::SystemRandom::new(), &mut id)
+            .map_err(|_| "cluster: no randomness for the instance id".to_owned())?;
+        Ok(Arc::new(Cluster {
+            instance_id: hex::encode(id),
+            signer: auth::Signer::new(&secret),
+            source,
+            refresh: config.refresh.0,
+            probe_timeout: config.refresh.0.min(MAX_PROBE_TIMEOUT),
+            client,
+            metrics,
+            view: RwLock::new(Arc::new(View::default())),
+        }))
+    }
+
+    /// This process's id: 128 random bits in hex, what our health endpoint answers.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Refreshes membership every `refresh` until `shutdown` resolves.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = self.refresh_once() => {}
+                _ = &mut shutdown => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.refresh) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    /// One membership pass: resolve the candidates, probe each, publish the new view.
+    pub async fn refresh_once(&self) {
+        let old = self.view();
+        let addresses = self.candidates(&old).await;
+        let answers = join_all(addresses.iter().map(|address| self.probe(address))).await;
+        let now = Instant::now();
+        let mut members = BTreeMap::new();
+        let mut seen_self = BTreeSet::new();
+        for (address, answer) in addresses.iter().zip(answers) {
+            let previous = old.members.get(address.as_str());
+            let healthy = match &answer {
+                Ok(id) => {
+                    if *id == self.instance_id {
+                        seen_self.insert(Arc::<str>::from(address.as_str()));
+                    }
+                    true
+                }
+                Err(error) => {
+                    // Log transitions only: a dead member would otherwise log every pass.
+                    if previous.is_none_or(|p| p.healthy) {
+                        tracing::warn!(peer = %address, %error, "cluster member unhealthy");
+                    }
+                    false
+                }
+            };
+            if healthy && previous.is_none_or(|p| !p.healthy) {
+                tracing::info!(peer = %address, "cluster member healthy");
+            }
+            let member = match previous {
+                Some(p) => p.member.clone(),
+                None => {
+                    self.metrics.cluster_peer_joined(address);
+                    Member::new(address)
+                }
+            };
+            let last_ok = if healthy {
+                Some(now)
+            } else {
+                previous.and_then(|p| p.last_ok)
+            };
+            members.insert(
+                member.address.clone(),
+                MemberState {
+                    member,
+                    healthy,
+                    last_ok,
+                },
+            );
+        }
+        for address in old.members.keys() {
+            if !members.contains_key(address) {
+                tracing::info!(peer = %address, "cluster member left");
+                self.metrics.cluster_peer_left(address);
+            }
+        }
+        if seen_self.len() > 1 {
+            tracing::warn!(addresses = ?seen_self, "this replica is listed under several addresses");
+        }
+        let ready = !seen_self.is_empty();
+        if ready != old.ready {
+            tracing::info!(ready, "cluster: this replica among the healthy members");
+        }
+        let self_addresses = if ready {
+            seen_self
+        } else {
+            old.self_addresses.clone()
+        };
+        let ring: Vec<Member> = members
+            .values()
+            .filter(|m| m.healthy)
+            .map(|m| m.member.clone())
+            .collect();
+        self.metrics
+            .cluster_members(ring.len(), members.len() - ring.len());
+        let view = View {
+            members,
+            self_addresses,
+            ready,
+            ring,
+        };
+        *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+    }
+
+    /// The addresses to probe this pass: the static list, or what the DNS name resolves to
+    /// (the previous members if resolving fails, so a DNS hiccup empties nothing).
+    async fn candidates(&self, old: &View) -> Vec<String> {
+        let addresses: BTreeSet<String> = match &self.source {
+            Source::Static(peers) => peers.iter().cloned().collect(),
+            Source::Dns(name) => {
+                match tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host(name.as_str()))
+                    .await
+                {
+                    Ok(Ok(found)) => found.map(|addr| addr.to_string()).collect(),
+                    Ok(Err(error)) => {
+                        tracing::warn!(%name, %error, "cluster: cannot resolve the peers' name; keeping the last members");
+                        old.members.keys().map(|a| a.to_string()).collect()
+                    }
+                    Err(_) => {
+                        tracing::warn!(%name, "cluster: resolving the peers' name timed out; keeping the last members");
+                        old.members.keys().map(|a| a.to_string()).collect()
+                    }
+                }
+            }
+        };
+        if addresses.len() > MAX_MEMBERS {
+            tracing::warn!(
+                found = addresses.len(),
+                kept = MAX_MEMBERS,
+                "cluster: too many members"
+            );
+        }
+        addresses.into_iter().take(MAX_MEMBERS).collect()
+    }
+
+    /// Asks one member for its instance id.
+    async fn probe(&self, address: &str) -> Result<String, String> {
+        let url = format!("http://{address}{HEALTH_PATH}");
+        let (name, value) = self.sign("GET", HEALTH_PATH);
+        let mut response = self
+            .client
+            .get(&url)
+            .header(name, value)
+            .timeout(self.probe_timeout)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("health answered {}", response.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+            if body.len().saturating_add(chunk.len()) > MAX_HEALTH_BODY {
+                return Err("health answer too long".to_owned());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(String::from_utf8_lossy(&body).trim().to_owned())
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Who owns `key` (a digest `sha256:…`, or `tag\0<upstream>\0<repository>\0<tag>`):
+    /// rendezvous hashing over the healthy members. Until this replica has seen itself, or when
+    /// no member is healthy, it owns everything: a lone replica serves on its own.
+    pub fn owner(&self, key: &str) -> Owner {
+        let view = self.view();
+        if view.self_addresses.is_empty() {
+            return Owner::Me;
+        }
+        let Some(best) = ring::pick(view.ring.iter().map(Member::address), key) else {
+            return Owner::Me;
+        };
+        if view.self_addresses.contains(best) {
+            return Owner::Me;
+        }
+        match view.ring.iter().find(|m| m.address() == best) {
+            Some(member) => Owner::Peer(member.clone()),
+            None => Owner::Me,
+        }
+    }
+
+    /// Every member from the last pass, by address.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let view = self.view();
+        let now = Instant::now();
+        view.members
+            .values()
+            .map(|m| {
+                let (forwards, fallbacks) = self.metrics.cluster_peer_counts(m.member.address());
+                MemberStatus {
+                    address: m.member.address().to_owned(),
+                    healthy: m.healthy,
+                    is_self: view.self_addresses.contains(m.member.address()),
+                    last_ok_secs_ago: m
+                        .last_ok
+                        .map(|t| now.saturating_duration_since(t).as_secs()),
+                    forwards,
+                    fallbacks,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the last pass found this replica among the healthy members (for `/readyz`).
+    pub fn ready(&self) -> bool {
+        self.view().ready
+    }
+
+    /// The signature header for a request this replica sends now.
+    pub fn sign(&self, method: &str, path_and_query: &str) -> (HeaderName, HeaderValue) {
+        (
+            auth::HEADER,
+            self.signer
+                .sign_at(method, path_and_query, auth::unix_now()),
+        )
+    }
+
+    /// Whether a request to our peer channel carries a valid signature for this method and
+    /// path (with query, exactly as received), made within the last minute or so. A missing,
+    /// malformed, stale or wrong signature is `false`.
+    pub fn verify(&self, headers: &HeaderMap, method: &str, path_and_query: &str) -> bool {
+        self.signer
+            .verify_at(headers, method, path_and_query, auth::unix_now())
+    }
+
+    /// A signed `GET` of `path_and_query` (starting with `/`) on `member`, from byte
+    /// `range_from` on. Any answer but 2xx is an error carrying its status.
+    pub async fn get(
+        &self,
+        member: &Member,
+        path_and_query: &str,
+        range_from: u64,
+    ) -> Result<reqwest::Response, PeerError> {
+        if !path_and_query.starts_with('/') || path_and_query.starts_with("//") {
+            return Err(PeerError::InvalidPath(path_and_query.to_owned()));
+        }
+        let url = reqwest::Url::parse(&format!("{}{path_and_query}", member.base_url()))
+            .map_err(|_| PeerError::InvalidPath(path_and_query.to_owned()))?;
+        // Sign what goes on the wire: the URL parser may have percent-encoded characters.
+        let signed = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let (name, value) = self.sign("GET", &signed);
+        let mut request = self.client.get(url).header(name, value);
+        if range_from > 0 {
+            request = request.header(header::RANGE, format!("bytes={range_from}-"));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| PeerError::Transport {
+                peer: member.address().to_owned(),
+                source,
+            })?;
+        if !response.status().is_success() {
+            return Err(PeerError::Status {
+                peer: member.address().to_owned(),
+                status: response.status(),
+            });
+        }
+        Ok(response)
+    }
+
+    /// A miss was forwarded to its owner `member`.
+    pub fn forwarded(&self, member: &Member) {
+        self.metrics.cluster_forward(member.address());
+    }
+
+    /// A miss owned by `member` was fetched locally because it did not answer.
+    pub fn fell_back(&self, member: &Member) {
+        self.metrics.cluster_fallback(member.address());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::{Method, Uri};
+    use axum::response::{IntoResponse, Response};
+    use axum::Router;
+
+    use crate::config::HumanDuration;
+
+    const SECRET: &str = "a shared secret of the test cluster";
+
+    fn config(peers: Vec<String>, secret: &str) -> ClusterConfig {
+        ClusterConfig {
+            peers,
+            dns: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            secret: Some(secret.to_owned()),
+            secret_file: None,
+            refresh: HumanDuration(Duration::from_secs(2)),
+        }
+    }
+
+    /// A stand-in for another replica's peer channel: checks every request's signature with a
+    /// cluster of its own (same secret), answers the health probe with `id`, echoes the Range
+    /// of blob requests, redirects `/_regmirror/peer/redirect`. Every answer closes its
+    /// connection, so a killed server is gone for the client at once.
+    struct TestPeer {
+        address: String,
+        task: tokio::task::JoinHandle<()>,
+        signed: Arc<AtomicUsize>,
+        unsigned: Arc<AtomicUsize>,
+    }
+
+    impl TestPeer {
+        async fn start(
+            listener: tokio::net::TcpListener,
+            id: String,
+            verifier: Arc<Cluster>,
+        ) -> TestPeer {
+            let address = listener.local_addr().unwrap().to_string();
+            let signed = Arc::new(AtomicUsize::new(0));
+            let unsigned = Arc::new(AtomicUsize::new(0));
+            let (good, bad) = (signed.clone(), unsigned.clone());
+            let app =
+                Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap| {
+                    let (verifier, id, good, bad) =
+                        (verifier.clone(), id.clone(), good.clone(), bad.clone());
+                    async move {
+                        let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+                        let answer: Response =
+                            if !verifier.verify(&headers, method.as_str(), target) {
+                                bad.fetch_add(1, Ordering::SeqCst);
+                                StatusCode::UNAUTHORIZED.into_response()
+                            } else {
+                                good.fetch_add(1, Ordering::SeqCst);
+                                let range = headers
+                                    .get(header::RANGE)
+                                    .map(|v| v.to_str().unwrap().to_owned());
+                                match uri.path() {
+                                    HEALTH_PATH => id.into_response(),
+                                    "/_regmirror/peer/redirect" => (
+                                        StatusCode::TEMPORARY_REDIRECT,
+                                        [(header::LOCATION, "http://127.0.0.1:9/")],
+                                    )
+                                        .into_response(),
+                                    path if path.starts_with("/_regmirror/peer/blobs/") => {
+                                        format!("{target} range={range:?}").into_response()
+                                    }
+                                    _ => StatusCode::NOT_FOUND.into_response(),
+                                }
+                            };
+                        ([(header::CONNECTION, "close")], answer).into_response()
+                    }
+                });
+            let task = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            TestPeer {
+                address,
+                task,
+                signed,
+                unsigned,
+            }
+        }
+
+        async fn kill(self) {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+
+    async fn listener() -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    fn keys() -> Vec<String> {
+        (0..3_000u32)
+            .map(|i| format!("sha256:{:064x}", i))
+            .collect()
+    }
+
+    fn owner_names(cluster: &Cluster, keys: &[String], me: &str) -> Vec<String> {
+        keys.iter()
+            .map(|key| match cluster.owner(key) {
+                Owner::Me => me.to_owned(),
+                Owner::Peer(member) => member.address().to_owned(),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn membership_health_and_ownership_over_loopback() {
+        let listeners = [listener().await, listener().await, listener().await];
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut addresses: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        addresses.push(dead.clone());
+        let metrics = Arc::new(Metrics::new());
+        let cluster = Cluster::new(&config(addresses.clone(), SECRET), metrics.clone()).unwrap();
+        assert_eq!(cluster.instance_id().len(), 32);
+        assert!(cluster.instance_id().bytes().all(|b| b.is_ascii_hexdigit()));
+        // Before the first pass: alone, not ready, owner of everything.
+        assert!(!cluster.ready());
+        assert_eq!(cluster.owner("sha256:00"), Owner::Me);
+
+        let verifier = Cluster::new(
+            &config(vec!["x:1".into()], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let [l0, l1, l2] = listeners;
+        let me = TestPeer::start(l0, cluster.instance_id().to_owned(), verifier.clone()).await;
+        let b = TestPeer::start(l1, "id-of-b".to_owned(), verifier.clone()).await;
+        let c = TestPeer::start(l2, "id-of-c".to_owned(), verifier.clone()).await;
+
+        cluster.refresh_once().await;
+        let members = cluster.members();
+        assert_eq!(members.len(), 4, "{members:?}");
+        for m in &members {
+            let expect_healthy = m.address != dead;
+            assert_eq!(m.healthy, expect_healthy, "{m:?}");
+            assert_eq!(m.is_self, m.address == me.address, "{m:?}");
+            assert_eq!(m.last_ok_secs_ago.is_some(), expect_healthy, "{m:?}");
+        }
+        assert!(cluster.ready());
+        let text = metrics.render();
+        assert!(
+            text.contains("regmirror_cluster_members{state=\"healthy\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("regmirror_cluster_members{state=\"unhealthy\"} 1"),
+            "{text}"
+        );
+
+        let keys = keys();
+        let before = owner_names(&cluster, &keys, &me.address);
+        for who in [&me.address, &b.address, &c.address] {
+            let share = before.iter().filter(|o| *o == who).count();
+            assert!(share > 700, "{who} owns {share} of {}", keys.len());
+        }
+        assert!(!before.contains(&dead), "the dead member owns nothing");
+        // Other replicas agree: the same ring from any replica's point of view.
+        for (key, owner) in keys.iter().zip(&before) {
+            let ring = [me.address.as_str(), b.address.as_str(), c.address.as_str()];
+            assert_eq!(ring::pick(ring, key), Some(owner.as_str()));
+        }
+
+        let (c_address, c_signed, c_unsigned) =
+            (c.address.clone(), c.signed.clone(), c.unsigned.clone());
+        c.kill().await;
+        cluster.refresh_once().await;
+        let status = cluster
+            .members()
+            .into_iter()
+            .find(|m| m.address == c_address)
+            .unwrap();
+        assert!(
+            !status.healthy && status.last_ok_secs_ago.is_some(),
+            "{status:?}"
+        );
+        assert!(cluster.ready());
+        let after = owner_names(&cluster, &keys, &me.address);
+        let mut moved = 0;
+        for (old, new) in before.iter().zip(&after) {
+            if *old == c_address {
+                moved += 1;
+                assert!(*new == me.address || *new == b.address, "{new}");
+            } else {
+                assert_eq!(old, new, "only the departed member's keys move");
+            }
+        }
+        assert!(moved > 700, "{moved}");
+        let text = metrics.render();
+        assert!(
+            text.contains("regmirror_cluster_members{state=\"unhealthy\"} 2"),
+            "{text}"
+        );
+
+        // Every probe the replicas received was signed with the shared secret.
+        for (signed, unsigned) in [
+            (&me.signed, &me.unsigned),
+            (&b.signed, &b.unsigned),
+            (&c_signed, &c_unsigned),
+        ] {
+            assert!(signed.load(Ordering::SeqCst) >= 1);
+            assert_eq!(unsigned.load(Ordering::SeqCst), 0);
+        }
+        me.kill().await;
+        b.kill().await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_loses_itself_is_not_ready_and_never_forwards_to_itself() {
+        let l0 = listener().await;
+        let address = l0.local_addr().unwrap().to_string();
+        // Listed twice under two names: both are "me".
+        let alias = format!("localhost:{}", l0.local_addr().unwrap().port());
+        let cluster = Cluster::new(
+            &config(vec![address.clone(), alias], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        cluster.refresh_once().await;
+        assert!(cluster.ready());
+        for key in keys().iter().take(200) {
+            assert_eq!(cluster.owner(key), Owner::Me, "{key}");
+        }
+        me.kill().await;
+        cluster.refresh_once().await;
+        assert!(!cluster.ready(), "self not seen healthy in the last pass");
+        assert!(cluster.members().iter().all(|m| !m.healthy));
+        assert_eq!(
+            cluster.owner("sha256:00"),
+            Owner::Me,
+            "no healthy member: alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn dns_names_resolve_to_members() {
+        let l0 = listener().await;
+        let port = l0.local_addr().unwrap().port();
+        let mut config = config(Vec::new(), SECRET);
+        config.dns = Some(format!("localhost:{port}"));
+        let cluster = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
+        let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        cluster.refresh_once().await;
+        let members = cluster.members();
+        let own = format!("127.0.0.1:{port}");
+        let found = members.iter().find(|m| m.address == own);
+        assert!(found.is_some_and(|m| m.healthy && m.is_self), "{members:?}");
+        assert!(cluster.ready());
+        me.kill().await;
+    }
+
+    #[tokio::test]
+    async fn get_is_signed_sends_ranges_and_refuses_non_2xx() {
+        let l0 = listener().await;
+        let verifier = Cluster::new(
+            &config(vec!["x:1".into()], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let peer = TestPeer::start(l0, "id".to_owned(), verifier).await;
+        let metrics = Arc::new(Metrics::new());
+        let cluster =
+            Cluster::new(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
+        let member = Member::new(&peer.address);
+        assert_eq!(member.base_url(), format!("http://{}", peer.address));
+
+        let path = "/_regmirror/peer/blobs/sha256:ab?upstream=docker.io&repository=library/x";
+        let body = cluster
+            .get(&member, path, 0)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, format!("{path} range=None"));
+        let body = cluster
+            .get(&member, path, 100)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, format!("{path} range=Some(\"bytes=100-\")"));
+        // Characters the URL parser encodes: the signature covers what is sent.
+        let odd = "/_regmirror/peer/blobs/a b?repository=ü x";
+        let body = cluster
+            .get(&member, odd, 0)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body.starts_with("/_regmirror/peer/blobs/a%20b?"), "{body}");
+
+        let err = cluster
+            .get(&member, "/_regmirror/peer/redirect", 0)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.status(),
+            Some(StatusCode::TEMPORARY_REDIRECT),
+            "never followed: {err}"
+        );
+        let err = cluster
+            .get(&member, "/_regmirror/peer/other", 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+        for bad in ["relative", "", "//elsewhere/x"] {
+            assert!(
+                matches!(
+                    cluster.get(&member, bad, 0).await,
+                    Err(PeerError::InvalidPath(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(peer.unsigned.load(Ordering::SeqCst), 0);
+
+        let stranger = Cluster::new(
+            &config(vec![peer.address.clone()], "not the cluster's secret"),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let err = stranger.get(&member, path, 0).await.unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(peer.unsigned.load(Ordering::SeqCst), 1);
+
+        let port = peer.address.rsplit_once(':').unwrap().1.to_owned();
+        peer.kill().await;
+        let err = cluster.get(&member, path, 0).await.unwrap_err();
+        assert!(matches!(err, PeerError::Transport { .. }), "{err}");
+        assert!(err.status().is_none());
+
+        cluster.refresh_once().await;
+        cluster.forwarded(&member);
+        cluster.forwarded(&member);
+        cluster.fell_back(&member);
+        let text = metrics.render();
+        let peer_label = format!("peer=\"127.0.0.1:{port}\"");
+        assert!(
+            text.contains(&format!(
+                "regmirror_cluster_forwards_total{{{peer_label}}} 2"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "regmirror_cluster_fallbacks_total{{{peer_label}}} 1"
+            )),
+            "{text}"
+        );
+        let status = &cluster.members()[0];
+        assert_eq!((status.forwards, status.fallbacks), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn run_stops_on_shutdown() {
+        let cluster = Cluster::new(
+            &config(vec!["127.0.0.1:9".into()], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cluster.clone().run(stopped));
+        stop.send(()).unwrap();
+        // A safety net against a hang, not the assertion.
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_at_start_up() {
+        let err = Cluster::new(
+            &config(vec!["x:1".into()], "short"),
+            Arc::new(Metrics::new()),
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("at least 16 bytes"), "{err}");
+    }
+}
