@@ -234,6 +234,92 @@ pub struct StorageConfig {
     /// entry at start-up).
     #[serde(default)]
     pub scrub: ScrubConfig,
+    /// A shared S3-compatible bucket (Garage, MinIO, AWS) holding the cache's truth: blobs,
+    /// manifests, tags and repository links. `root` then holds only a bounded hot tier
+    /// (`local.max_size`) and the index, a cache of facts about the bucket; `max_size` bounds
+    /// the bucket.
+    #[serde(default)]
+    pub s3: Option<S3Config>,
+    /// The local hot tier when `s3` is set.
+    #[serde(default)]
+    pub local: LocalTierConfig,
+}
+
+/// Where the shared bucket is and how to sign for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The S3 API's URL, e.g. `http://garage:3900` (AWS: `https://s3.<region>.amazonaws.com`).
+    pub endpoint: String,
+    /// The bucket; it must exist.
+    pub bucket: String,
+    /// The region the endpoint signs for (Garage: its `s3_region`, often `garage`).
+    #[serde(default = "defaults::s3_region")]
+    pub region: String,
+    /// The access key id, `${VAR}`-expanded.
+    pub access_key_id: String,
+    /// The secret key, `${VAR}`-expanded; `secret_access_key_file` keeps it out of the file.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// A file holding the secret key (a Kubernetes or compose secret).
+    #[serde(default)]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Path-style requests (`endpoint/bucket/key`, default `true`, what Garage and MinIO
+    /// expect); `false` for virtual-hosted style (`bucket.endpoint/key`).
+    #[serde(default = "defaults::yes")]
+    pub path_style: bool,
+    /// Answer blob GETs that the hot tier does not hold with a `307` to a presigned bucket
+    /// URL valid for `redirect_ttl`, so the bytes go from the bucket to the client directly.
+    /// The URL carries a signature, never the secret.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned redirect stays valid (default `5m`).
+    #[serde(default = "defaults::redirect_ttl")]
+    pub redirect_ttl: HumanDuration,
+}
+
+impl S3Config {
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match reqwest::Url::parse(&self.endpoint) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => problems.push(format!(
+                "storage.s3.endpoint: {:?} must be an http:// or https:// URL with a host",
+                self.endpoint
+            )),
+        }
+        if self.bucket.is_empty() {
+            problems.push("storage.s3.bucket: must not be empty".to_owned());
+        }
+        if self.secret_access_key.is_some() == self.secret_access_key_file.is_some() {
+            problems.push(
+                "storage.s3: set exactly one of secret_access_key and secret_access_key_file"
+                    .to_owned(),
+            );
+        }
+        if self.redirect_ttl.0.is_zero() || self.redirect_ttl.0 > Duration::from_secs(7 * 86400) {
+            problems.push("storage.s3.redirect_ttl: must be between 1s and 7d".to_owned());
+        }
+        problems
+    }
+}
+
+/// The local disk in front of the bucket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTierConfig {
+    /// Bytes of blobs kept on the local disk (default `20GiB`), least recently pulled images
+    /// dropped first; what is dropped stays in the bucket. `0` means unbounded.
+    #[serde(default = "defaults::local_max_size")]
+    pub max_size: ByteSize,
+}
+
+impl Default for LocalTierConfig {
+    fn default() -> Self {
+        LocalTierConfig {
+            max_size: defaults::local_max_size(),
+        }
+    }
 }
 
 /// The background scrub: every `interval`, every stored blob is hashed again; a blob that no
@@ -270,6 +356,8 @@ impl Default for StorageConfig {
             min_free: defaults::min_free(),
             index_cache: defaults::index_cache(),
             scrub: ScrubConfig::default(),
+            s3: None,
+            local: LocalTierConfig::default(),
         }
     }
 }
@@ -646,6 +734,18 @@ mod defaults {
     pub fn storage_root() -> PathBuf {
         PathBuf::from("./data")
     }
+    pub fn s3_region() -> String {
+        "garage".to_owned()
+    }
+
+    pub fn redirect_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(300))
+    }
+
+    pub fn local_max_size() -> ByteSize {
+        ByteSize(20 << 30)
+    }
+
     pub fn max_size() -> ByteSize {
         ByteSize(50 << 30)
     }
@@ -783,6 +883,9 @@ impl Config {
     /// Every semantic problem, each prefixed with its key.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(s3) = &self.storage.s3 {
+            problems.extend(s3.problems());
+        }
         if self.server.max_connections == 0 {
             problems.push("server.max_connections: must be at least 1".to_owned());
         }

@@ -84,16 +84,85 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
     );
     let upstreams =
         Arc::new(upstream::Upstreams::from_config(config, &metrics).map_err(RunError::Upstream)?);
-    let policy = cache::Policy::from_config(config);
+    let mut policy = cache::Policy::from_config(config);
+    let shared = shared(config, &metrics).await?;
+    if config.storage.s3.is_some() {
+        // The local disk is a hot tier of the bucket: its own bound, and what it drops stays
+        // in the bucket.
+        policy.max_size = config.storage.local.max_size.0;
+    }
     let access = access_control(config, &upstreams)?;
     Ok(AppState {
-        cache: cache::Cache::new(store, upstreams, policy, metrics.clone()),
+        cache: cache::Cache::new_shared(store, upstreams, policy, metrics.clone(), shared),
         metrics,
         shutting_down: Arc::new(AtomicBool::new(false)),
         metrics_enabled: config.metrics.enabled,
         max_size: config.storage.max_size.0,
         access,
     })
+}
+
+/// The shared bucket and the cluster, when configured.
+async fn shared(
+    config: &Config,
+    metrics: &Arc<metrics::Metrics>,
+) -> Result<cache::Shared, RunError> {
+    let Some(s3) = &config.storage.s3 else {
+        return Ok(cache::Shared::none());
+    };
+    let secret = match (&s3.secret_access_key, &s3.secret_access_key_file) {
+        (Some(inline), _) => upstream::credentials::expand_env(inline)
+            .map_err(|e| RunError::Security(format!("storage.s3.secret_access_key: {e}")))?,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                RunError::Security(format!(
+                    "storage.s3.secret_access_key_file {}: {e}",
+                    path.display()
+                ))
+            })?
+            .trim()
+            .to_owned(),
+        (None, None) => {
+            return Err(RunError::Security(
+                "storage.s3: no secret access key".into(),
+            ))
+        }
+    };
+    let access_key_id = upstream::credentials::expand_env(&s3.access_key_id)
+        .map_err(|e| RunError::Security(format!("storage.s3.access_key_id: {e}")))?;
+    let options = storage::s3::BucketOptions {
+        endpoint: s3.endpoint.clone(),
+        bucket: s3.bucket.clone(),
+        region: s3.region.clone(),
+        access_key_id,
+        secret_access_key: secret,
+        path_style: s3.path_style,
+    };
+    let bucket =
+        storage::s3::Bucket::new(&options, metrics.registry()).map_err(RunError::Security)?;
+    match bucket.check().await {
+        Ok(()) => {
+            tracing::info!(endpoint = %s3.endpoint, bucket = %s3.bucket, "shared bucket answers")
+        }
+        // Not fatal: the bucket may come up after us; until then this replica works from its
+        // disk and the upstream.
+        Err(error) => {
+            tracing::warn!(endpoint = %s3.endpoint, bucket = %s3.bucket, %error, "shared bucket does not answer yet")
+        }
+    }
+    let cluster = match &config.cluster {
+        Some(cluster) => {
+            Some(cluster::Cluster::new(cluster, metrics.clone()).map_err(RunError::Security)?)
+        }
+        None => None,
+    };
+    let redirect = s3.redirect.then_some(s3.redirect_ttl.0);
+    Ok(cache::Shared::new(
+        Some(Arc::new(bucket)),
+        cluster,
+        redirect,
+        metrics.registry(),
+    ))
 }
 
 /// Loads `auth.htpasswd`, and warns when private credentials sit behind an open mirror.
@@ -256,6 +325,32 @@ pub async fn run(
     }
     if let Some(access) = state.access.clone() {
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
+    }
+    if let (Some(cluster), Some(cluster_config)) = (state.cache.cluster(), &config.cluster) {
+        let addr = cluster_config.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Listen { addr, source })?;
+        let addr = listener.local_addr().map_err(RunError::Serve)?;
+        tracing::info!(%addr, "peer channel listening");
+        let listener = server::Listener::new(listener, None).map_err(RunError::Serve)?;
+        let router = api::peer::router(state.clone(), cluster.clone());
+        let server_config = config.server.clone();
+        let stop = until_stopped(stopped.clone());
+        tokio::spawn(async move {
+            if let Err(error) = server::serve(
+                listener,
+                router,
+                &server_config,
+                server::Options::default(),
+                stop,
+            )
+            .await
+            {
+                tracing::error!(%error, "peer channel stopped");
+            }
+        });
+        tokio::spawn(cluster.clone().run(until_stopped(stopped.clone())));
     }
     let server = serve_with(
         listener,

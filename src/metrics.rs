@@ -328,6 +328,12 @@ impl Metrics {
     }
 
     /// Creates an upstream's series at zero (called once per configured upstream).
+    /// The registry, for metrics owned by a component that only some configurations have
+    /// (the shared bucket's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn register_upstream(&self, upstream: &str) {
         self.upstream_bytes.with_label_values(&[upstream]);
         for result in ["ok", "error"] {

@@ -8,6 +8,7 @@
 pub mod auth;
 mod endpoint;
 mod ops;
+pub mod peer;
 mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -371,7 +372,27 @@ async fn blob(
         .blob(&endpoint.upstream, &endpoint.repo, digest)
         .await
         .map_err(failed)?;
+    blob_response(state, digest, blob, headers, sendfile)
+}
+
+/// A blob's bytes (a range of them if asked for), sent with sendfile when it is a stored file
+/// on a connection that can take it.
+fn blob_response(
+    state: &AppState,
+    digest: &crate::oci::Digest,
+    blob: crate::cache::Blob,
+    headers: &HeaderMap,
+    sendfile: Option<Sendfile>,
+) -> Answer {
     let (size, outcome) = (blob.size, blob.outcome);
+    if let BlobBody::Redirect(location) = &blob.body {
+        // A presigned bucket URL: the bytes go from the bucket to the client.
+        let response = Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, location.as_str())
+            .header("docker-content-digest", digest.as_str());
+        return Ok((built(response, Body::empty())?, outcome));
+    }
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(value) => match parse_range(value, size) {

@@ -31,6 +31,9 @@ pub enum BlobBody {
     Stored(Arc<File>, ReadGuard),
     /// A download in flight.
     Flight(FlightReader),
+    /// A presigned URL of the shared bucket (`storage.s3.redirect`): the client fetches the
+    /// bytes there, verified by the client against the digest as every client does.
+    Redirect(String),
     /// Straight from the upstream, not cached (it cannot fit, or the disk is full or
     /// read-only); still verified before its last bytes go out.
     Direct {
@@ -60,6 +63,7 @@ impl BlobBody {
                 ))
             }
             BlobBody::Flight(reader) => Box::pin(reader.stream(start, end)),
+            BlobBody::Redirect(_) => Box::pin(futures_util::stream::empty()),
             BlobBody::Direct {
                 response,
                 digest,
@@ -81,6 +85,19 @@ impl Cache {
     ) -> Result<(u64, Outcome), Error> {
         if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
             return Ok((size, Outcome::Hit));
+        }
+        if let Some(bucket) = self.shared.bucket() {
+            let source = Source {
+                upstream: upstream.clone(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+                forward: false,
+            };
+            if self.vouched_in_bucket(&source).await {
+                if let Ok(Some(size)) = bucket.blob_size(digest).await {
+                    return Ok((size, Outcome::Hit));
+                }
+            }
         }
         match upstream.head_blob(repo, digest).await {
             Ok(size) => Ok((size, Outcome::Miss)),
@@ -120,7 +137,16 @@ impl Cache {
         {
             return Ok(Some(entry.size));
         }
-        upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+        let linked_in_bucket = match self.shared.bucket() {
+            Some(bucket) => bucket
+                .is_linked(&upstream.name, repo.as_str(), digest)
+                .await
+                .unwrap_or(false),
+            None => false,
+        };
+        if !linked_in_bucket {
+            upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+        }
         self.store
             .index()
             .link(&upstream.name, repo.as_str(), digest)
@@ -137,12 +163,34 @@ impl Cache {
         }
     }
 
-    /// A blob to stream: from the store, or joined to (or starting) its single download.
+    /// A blob to stream: from the store, or joined to (or starting) its single download,
+    /// which in a cluster is the owner's.
     pub async fn blob(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+    ) -> Result<Blob, Error> {
+        self.blob_for(upstream, repo, digest, true).await
+    }
+
+    /// A blob for a peer that forwarded a miss to this replica, its owner: served from this
+    /// replica's flight, disk or the bucket, or fetched here, never forwarded again.
+    pub async fn peer_blob(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Blob, Error> {
+        self.blob_for(upstream, repo, digest, false).await
+    }
+
+    async fn blob_for(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
     ) -> Result<Blob, Error> {
         // Twice at most: a download that commits between our look-up and our joining is served
         // from the store on the second round.
@@ -165,6 +213,7 @@ impl Cache {
                                 super::TOUCH_GRANULARITY_MS,
                             );
                             self.metrics.cache_outcome("blob", Outcome::Hit);
+                            self.shared.hot_tier_hit();
                             return Ok(Blob {
                                 size,
                                 outcome: Outcome::Hit,
@@ -181,11 +230,34 @@ impl Cache {
                     Err(err) => return Err(storage::Error::from(err).into()),
                 }
             }
+            if let (true, Some(ttl), Some(bucket)) =
+                (forward, self.shared.redirect(), self.shared.bucket())
+            {
+                let source = Source {
+                    upstream: upstream.clone(),
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    forward,
+                };
+                if self.vouched_in_bucket(&source).await {
+                    let size = bucket.blob_size(digest).await;
+                    let url = bucket.presigned_blob_url(digest, ttl).await;
+                    if let (Ok(Some(size)), Ok(url)) = (size, url) {
+                        self.metrics.cache_outcome("blob", Outcome::Hit);
+                        return Ok(Blob {
+                            size,
+                            outcome: Outcome::Hit,
+                            body: BlobBody::Redirect(url),
+                        });
+                    }
+                }
+            }
             let store = &self.store;
             let source = Source {
                 upstream: upstream.clone(),
                 repo: repo.clone(),
                 digest: digest.clone(),
+                forward,
             };
             let joined = self.blob_flights.join(
                 source,

@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -29,13 +31,41 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// How a download ended, short of failing.
 #[derive(Debug, PartialEq, Eq)]
 enum Fetched {
-    /// Verified, committed and recorded.
-    Committed(u64),
+    /// Verified, committed and recorded; `publish` when it came from the upstream and the
+    /// shared bucket should have it too.
+    Committed { total: u64, publish: bool },
     /// Verified, but the store refused the commit: served from the open file, not cached.
     Uncached(u64),
     /// The store refused the blob after its first `valid` bytes (0: before any): its readers
     /// go on from the upstream.
     PassThrough { valid: u64 },
+}
+
+/// Where a download's bytes come from. Only the upstream costs a fetch the upstream counts:
+/// the shared bucket holds what a replica of the cluster committed, the owner (a peer) runs
+/// the cluster's single flight of the digest.
+#[derive(Clone)]
+pub(super) enum Origin {
+    Upstream,
+    Bucket,
+    Peer(crate::cluster::Member),
+}
+
+impl Origin {
+    fn name(&self) -> &'static str {
+        match self {
+            Origin::Upstream => "upstream",
+            Origin::Bucket => "bucket",
+            Origin::Peer(_) => "peer",
+        }
+    }
+}
+
+/// A response body being read, whatever its origin.
+pub(super) struct Body {
+    /// The length of this body, if it says.
+    pub len: Option<u64>,
+    pub chunks: BoxStream<'static, Result<Bytes, String>>,
 }
 
 /// The minimum-rate rule of a blob download: at least `min_bytes` in every `window`, or the
@@ -49,7 +79,7 @@ struct RateFloor {
 
 /// Why no chunk came.
 enum ChunkError {
-    Transport(reqwest::Error),
+    Transport(String),
     Stalled,
 }
 
@@ -69,22 +99,19 @@ impl RateFloor {
         self.in_window = 0;
     }
 
-    /// The next chunk of `response`, or `Stalled` when the window closes before `min_bytes`
+    /// The next chunk of `body`, or `Stalled` when the window closes before `min_bytes`
     /// arrived in it.
-    async fn chunk(
-        &mut self,
-        response: &mut reqwest::Response,
-    ) -> Result<Option<Bytes>, ChunkError> {
-        match tokio::time::timeout_at(self.window_end, response.chunk()).await {
-            Ok(Ok(Some(chunk))) => {
+    async fn chunk(&mut self, body: &mut Body) -> Result<Option<Bytes>, ChunkError> {
+        match tokio::time::timeout_at(self.window_end, body.chunks.next()).await {
+            Ok(Some(Ok(chunk))) => {
                 self.in_window = self.in_window.saturating_add(chunk.len() as u64);
                 if self.in_window >= self.min_bytes {
                     self.restart();
                 }
                 Ok(Some(chunk))
             }
-            Ok(Ok(None)) => Ok(None),
-            Ok(Err(err)) => Err(ChunkError::Transport(err)),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(err))) => Err(ChunkError::Transport(err)),
             Err(_) => Err(ChunkError::Stalled),
         }
     }
@@ -101,9 +128,15 @@ impl Cache {
         let result = self.fetch_into(&source, &download).await;
         let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
         let progress = match result {
-            Ok(Fetched::Committed(total)) => {
+            Ok(Fetched::Committed { total, publish }) => {
                 self.evictor.committed();
-                Progress::Done { total }
+                download.finish(Progress::Done { total });
+                if publish {
+                    // After the readers are answered: they read the local file, and peers
+                    // asking meanwhile are served from it too.
+                    self.publish_blob(&source).await;
+                }
+                return;
             }
             Ok(Fetched::Uncached(total)) => {
                 self.store.blobs().abort(download.tmp_path());
@@ -133,16 +166,89 @@ impl Cache {
         (free < bytes.saturating_add(self.policy.min_free)).then_some("store disk nearly full")
     }
 
+    /// The upstream, in place of a bucket or peer that failed: counted, and logged.
+    fn fall_back(&self, origin: Origin, digest: &crate::oci::Digest, err: &Error) -> Origin {
+        match &origin {
+            Origin::Peer(member) => {
+                warn!(peer = member.address(), %digest, error = %err, "owner unreachable, fetching the blob from the upstream here");
+                self.shared.fell_back(member);
+            }
+            Origin::Bucket => {
+                warn!(%digest, error = %err, "bucket read failed, fetching the blob from the upstream");
+            }
+            Origin::Upstream => {}
+        }
+        Origin::Upstream
+    }
+
+    /// Opens `origin` for the blob's bytes from `from` on.
+    pub(super) async fn open_origin(
+        &self,
+        origin: &Origin,
+        source: &Source,
+        from: u64,
+    ) -> Result<Body, Error> {
+        let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
+        match origin {
+            Origin::Upstream => {
+                let response = upstream
+                    .get_blob(repo, digest, from)
+                    .await
+                    .map_err(blob_error)?;
+                Ok(Body {
+                    len: response.content_length(),
+                    chunks: response.bytes_stream().map_err(|e| e.to_string()).boxed(),
+                })
+            }
+            Origin::Bucket => {
+                let bucket = self
+                    .shared
+                    .bucket()
+                    .ok_or_else(|| Error::Internal("bucket origin without a bucket".into()))?;
+                let body = bucket.get_blob(digest, from).await?;
+                Ok(Body {
+                    len: Some(body.size.saturating_sub(from)),
+                    chunks: body.stream,
+                })
+            }
+            Origin::Peer(member) => self.shared.peer_blob(member, source, from).await,
+        }
+    }
+
+    /// Where the flight's bytes come from: the bucket when a replica already committed the
+    /// blob, else the digest's owner when that is another replica (and this request may be
+    /// forwarded), else the upstream.
+    async fn choose_origin(&self, source: &Source) -> Origin {
+        if self.shared.bucket().is_some() && self.vouched_in_bucket(source).await {
+            return Origin::Bucket;
+        }
+        if source.forward {
+            if let Some(member) = self.shared.owner_peer(source.digest.as_str()) {
+                return Origin::Peer(member);
+            }
+        }
+        Origin::Upstream
+    }
+
     /// Downloads into the flight's file and commits it.
     async fn fetch_into(&self, source: &Source, flight: &Flight) -> Result<Fetched, Error> {
         let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
-        let _slot = self.fetch_slot(upstream).await;
+        let mut origin = self.choose_origin(source).await;
+        let mut _slot = match origin {
+            Origin::Upstream => self.fetch_slot(upstream).await,
+            _ => None,
+        };
         let started = std::time::Instant::now();
-        let mut response = upstream
-            .get_blob(repo, digest, 0)
-            .await
-            .map_err(blob_error)?;
-        let total = response.content_length();
+        let mut body = match self.open_origin(&origin, source, 0).await {
+            Ok(body) => body,
+            Err(err) if !matches!(origin, Origin::Upstream) => {
+                origin = self.fall_back(origin, digest, &err);
+                _slot = self.fetch_slot(upstream).await;
+                self.open_origin(&origin, source, 0).await?
+            }
+            Err(err) => return Err(err),
+        };
+        let total = body.len;
         if let Some(total) = total {
             if let Some(reason) = self.refuses(total, total) {
                 info!(%digest, bytes = total, reason, "passing the blob through uncached");
@@ -159,28 +265,35 @@ impl Cache {
         let mut floor =
             RateFloor::new(self.policy.blob_stall_timeout, self.policy.blob_stall_bytes);
         loop {
-            let chunk = match floor.chunk(&mut response).await {
+            let chunk = match floor.chunk(&mut body).await {
                 Ok(chunk) => chunk,
                 Err(err) if resumes < RESUME_ATTEMPTS => {
                     resumes += 1;
                     let from = written + batch.len() as u64;
-                    match err {
+                    let from_name = origin.name();
+                    match &err {
                         ChunkError::Transport(err) => {
-                            info!(upstream = %upstream.name, %digest, from, error = %err, "blob download dropped, resuming")
+                            info!(upstream = %upstream.name, origin = from_name, %digest, from, error = %err, "blob download dropped, resuming")
                         }
                         ChunkError::Stalled => {
-                            info!(upstream = %upstream.name, %digest, from, "blob download stalled, resuming")
+                            info!(upstream = %upstream.name, origin = from_name, %digest, from, "blob download stalled, resuming")
                         }
                     }
-                    response = upstream
-                        .get_blob(repo, digest, from)
-                        .await
-                        .map_err(blob_error)?;
+                    // A peer or the bucket failing mid-way: the upstream takes over from
+                    // where they stopped, verified as one stream all the same.
+                    if !matches!(origin, Origin::Upstream) {
+                        let reason = match &err {
+                            ChunkError::Transport(err) => Error::Internal(err.clone()),
+                            ChunkError::Stalled => Error::Internal("stalled".into()),
+                        };
+                        origin = self.fall_back(origin, digest, &reason);
+                    }
+                    body = self.open_origin(&origin, source, from).await?;
                     floor.restart();
                     continue;
                 }
                 Err(ChunkError::Transport(err)) => {
-                    return Err(Error::Upstream(upstream::Error::Transport(err.to_string())))
+                    return Err(Error::Upstream(upstream::Error::Transport(err)))
                 }
                 Err(ChunkError::Stalled) => {
                     return Err(Error::Upstream(upstream::Error::Transport(
@@ -191,8 +304,10 @@ impl Cache {
             let end = chunk.is_none();
             if let Some(chunk) = chunk {
                 batch.extend_from_slice(&chunk);
-                self.metrics
-                    .upstream_bytes(&upstream.name, chunk.len() as u64);
+                if matches!(origin, Origin::Upstream) {
+                    self.metrics
+                        .upstream_bytes(&upstream.name, chunk.len() as u64);
+                }
             }
             if batch.len() >= WRITE_BATCH || (end && !batch.is_empty()) {
                 let len = batch.len() as u64;
@@ -270,7 +385,13 @@ impl Cache {
             .and_then(|()| index.own(digest, self.clock.now()))
             .map_err(storage::Error::from)?;
         self.persist().await?;
-        debug!(upstream = %upstream.name, repository = %repo, %digest, bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
-        Ok(Fetched::Committed(written))
+        debug!(upstream = %upstream.name, repository = %repo, %digest, origin = origin.name(), bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
+        if matches!(origin, Origin::Bucket) {
+            self.shared.hot_tier_fill();
+        }
+        Ok(Fetched::Committed {
+            total: written,
+            publish: matches!(origin, Origin::Upstream) && self.shared.bucket().is_some(),
+        })
     }
 }

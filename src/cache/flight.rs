@@ -61,6 +61,9 @@ pub struct Source {
     pub upstream: Arc<Upstream>,
     pub repo: RepoName,
     pub digest: Digest,
+    /// Whether a miss may go to the digest's owner in the cluster: not for a request that
+    /// came from a peer, which asks this replica because it is the owner.
+    pub forward: bool,
 }
 
 /// A download under way.

@@ -13,6 +13,7 @@ mod manifests;
 mod passthrough;
 pub mod pins;
 pub mod scrub;
+mod shared;
 mod single;
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +29,7 @@ pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
 use manifests::{ManifestCache, MANIFEST_CACHE_BYTES};
+pub use shared::Shared;
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
@@ -145,6 +147,8 @@ pub struct Cache {
     pinned: Mutex<pins::Pinned>,
     /// Pin passes completed.
     pin_passes: tokio::sync::watch::Sender<u64>,
+    /// The bucket and the cluster, when this replica shares them.
+    shared: Shared,
 }
 
 impl Cache {
@@ -153,6 +157,17 @@ impl Cache {
         upstreams: Arc<Upstreams>,
         policy: Policy,
         metrics: Arc<Metrics>,
+    ) -> Arc<Cache> {
+        Cache::new_shared(store, upstreams, policy, metrics, Shared::none())
+    }
+
+    /// A cache whose store is the hot tier of a shared bucket, in a cluster or alone.
+    pub fn new_shared(
+        store: Arc<Store>,
+        upstreams: Arc<Upstreams>,
+        policy: Policy,
+        metrics: Arc<Metrics>,
+        shared: Shared,
     ) -> Arc<Cache> {
         let readers = Arc::new(Readers::default());
         let clock = Arc::new(Clock::default());
@@ -196,6 +211,7 @@ impl Cache {
             clock,
             pinned: Mutex::default(),
             pin_passes: tokio::sync::watch::Sender::new(0),
+            shared,
         })
     }
 
@@ -219,12 +235,21 @@ impl Cache {
         self.store.blob_count()
     }
 
-    /// Whether the store takes writes and the index answers (for `/readyz`).
+    /// Whether the store takes writes and the index answers, and, in a cluster, whether this
+    /// replica has seen itself among the healthy members (for `/readyz`).
     pub async fn ready(&self) -> bool {
+        if self.shared.cluster().is_some_and(|c| !c.ready()) {
+            return false;
+        }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.ready())
             .await
             .unwrap_or(false)
+    }
+
+    /// The cluster this replica belongs to, if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.shared.cluster()
     }
 
     /// The `(upstream, repository)` pairs we hold content for, sorted (the catalog).
@@ -298,9 +323,36 @@ impl Cache {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(Manifest, Outcome), Error> {
+        self.manifest_for(upstream, repo, reference, true).await
+    }
+
+    /// A manifest for a peer that forwarded a miss or a tag to this replica, its owner:
+    /// never forwarded again.
+    pub async fn peer_manifest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Manifest, Outcome), Error> {
+        self.manifest_for(upstream, repo, reference, false).await
+    }
+
+    async fn manifest_for(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+        forward: bool,
+    ) -> Result<(Manifest, Outcome), Error> {
         let result = match reference {
-            Reference::Digest(digest) => self.manifest_by_digest(upstream, repo, digest).await,
-            Reference::Tag(tag) => self.manifest_by_tag(upstream, repo, tag.as_str()).await,
+            Reference::Digest(digest) => {
+                self.manifest_by_digest(upstream, repo, digest, forward)
+                    .await
+            }
+            Reference::Tag(tag) => {
+                self.manifest_by_tag(upstream, repo, tag.as_str(), forward)
+                    .await
+            }
         };
         if let Ok((manifest, outcome)) = &result {
             self.metrics.cache_outcome("manifest", *outcome);
@@ -319,6 +371,7 @@ impl Cache {
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+        forward: bool,
     ) -> Result<(Manifest, Outcome), Error> {
         if self
             .store
@@ -335,6 +388,17 @@ impl Cache {
             (self.clone(), upstream.clone(), repo.clone(), digest.clone());
         self.manifest_flights
             .run(key, move || async move {
+                if let Some(manifest) = this.bucket_manifest(&upstream, &repo, &digest).await {
+                    return Ok((manifest, Outcome::Hit));
+                }
+                if forward {
+                    if let Some(manifest) = this
+                        .forwarded_manifest(&upstream, &repo, digest.as_str(), Some(&digest))
+                        .await
+                    {
+                        return Ok((manifest, Outcome::Miss));
+                    }
+                }
                 let remote = upstream.get_manifest(&repo, digest.as_str()).await;
                 let remote = remote.map_err(manifest_error)?;
                 let manifest = this
@@ -352,6 +416,7 @@ impl Cache {
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         tag: &str,
+        forward: bool,
     ) -> Result<(Manifest, Outcome), Error> {
         let cached = self.cached_tag(upstream, repo, tag)?;
         if let Some(entry) = &cached {
@@ -368,6 +433,9 @@ impl Cache {
             (self.clone(), upstream.clone(), repo.clone(), tag.to_owned());
         self.manifest_flights
             .run(key, move || async move {
+                if let Some(found) = this.shared_tag(&upstream, &repo, &tag, forward).await {
+                    return Ok(found);
+                }
                 this.refresh_tag(&upstream, &repo, &tag).await
             })
             .await
@@ -427,7 +495,15 @@ impl Cache {
         let _slot = self.manifest_slot(upstream).await;
         let fetched = match upstream.head_manifest(repo, tag).await {
             Ok(head) if head.digest.as_ref() == Some(&held.digest) => {
-                self.put_tag(upstream, repo, tag, &held.digest)?;
+                self.record_tag(
+                    upstream,
+                    repo,
+                    tag,
+                    &held.digest,
+                    storage::now_millis(),
+                    true,
+                )
+                .await?;
                 let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
                 self.stale.lock().expect("stale lock").remove(&key);
                 return Ok((held, Outcome::Revalidated));
@@ -464,7 +540,15 @@ impl Cache {
         let manifest = self
             .commit_manifest(upstream, repo, remote, expected, true)
             .await?;
-        self.put_tag(upstream, repo, tag, &manifest.digest)?;
+        self.record_tag(
+            upstream,
+            repo,
+            tag,
+            &manifest.digest,
+            storage::now_millis(),
+            true,
+        )
+        .await?;
         self.persist().await?;
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
         self.stale.lock().expect("stale lock").remove(&key);
@@ -512,26 +596,46 @@ impl Cache {
             .map_err(|e| storage::Error::from(e).into())
     }
 
+    /// Points a tag at a digest, confirmed by the upstream at `confirmed` (unix ms), here and,
+    /// if `share`, in the bucket for the other replicas.
+    async fn record_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+        digest: &Digest,
+        confirmed: u64,
+        share: bool,
+    ) -> Result<(), Error> {
+        self.put_tag(upstream, repo, tag, digest, confirmed)?;
+        if let (true, Some(bucket)) = (share, self.shared.bucket()) {
+            let entry = storage::s3::SharedTag {
+                digest: digest.clone(),
+                confirmed,
+            };
+            if let Err(err) = bucket
+                .put_tag(&upstream.name, repo.as_str(), tag, &entry)
+                .await
+            {
+                warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "could not record the tag in the bucket");
+            }
+        }
+        Ok(())
+    }
+
     fn put_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &str,
         digest: &Digest,
+        confirmed: u64,
     ) -> Result<(), Error> {
         let index = self.store.index();
         // A tag always names an image: what it names is evicted as one.
         index
             .add_member(digest, digest, self.clock.now())
-            .and_then(|()| {
-                index.put_tag(
-                    &upstream.name,
-                    repo.as_str(),
-                    tag,
-                    digest,
-                    storage::now_millis(),
-                )
-            })
+            .and_then(|()| index.put_tag(&upstream.name, repo.as_str(), tag, digest, confirmed))
             .map_err(|e| storage::Error::from(e).into())
     }
 
@@ -561,6 +665,42 @@ impl Cache {
             digest,
             media_type: remote.media_type,
         };
+        self.keep_manifest(upstream, repo, manifest, tagged, true)
+            .await
+    }
+
+    /// Stores a verified manifest here (and, if `share`, in the bucket), links it and what
+    /// it references to the repository, and records the images it belongs to.
+    async fn keep_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        manifest: Manifest,
+        tagged: bool,
+        share: bool,
+    ) -> Result<Manifest, Error> {
+        if let (true, Some(bucket)) = (share, self.shared.bucket()) {
+            // In the bucket before any tag points at it, so a replica reading the tag
+            // finds the manifest.
+            let shared = bucket
+                .put_manifest(
+                    &manifest.digest,
+                    manifest.bytes.clone(),
+                    &manifest.media_type,
+                )
+                .await;
+            let linked = match shared {
+                Ok(()) => {
+                    bucket
+                        .put_link(&upstream.name, repo.as_str(), &manifest.digest)
+                        .await
+                }
+                Err(err) => Err(err),
+            };
+            if let Err(err) = linked {
+                warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only");
+            }
+        }
         // fsync and rename: blocking, off the async workers.
         let (store, copy) = (self.store.clone(), manifest.clone());
         let stored = tokio::task::spawn_blocking(move || {

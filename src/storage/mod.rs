@@ -16,6 +16,7 @@
 
 mod blobs;
 mod index;
+pub mod s3;
 pub mod scrub;
 
 use std::fs::File;

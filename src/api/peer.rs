@@ -1,0 +1,136 @@
+//! The peer channel's server side: what one replica of a cluster answers another, on its own
+//! listener (`cluster.listen`), never on the public port.
+//!
+//! Every request must carry a valid signature of the cluster's shared secret (checked by
+//! [`crate::cluster::Cluster::verify`]) before anything else is looked at. Then only three
+//! things are answered: the health probe (our instance id, which is how a replica finds
+//! itself in the member list), a blob by digest and a manifest by digest or tag, each for a
+//! configured upstream and a valid repository. Blobs and manifests are served from this
+//! replica's flights, disk or the bucket, or fetched upstream as the owner's single flight;
+//! the request is never forwarded again. The channel is not a proxy: there is no way to make
+//! it dial anything but a configured upstream, and an unsigned or malformed request dials
+//! nothing at all.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+
+use super::{blob_response, built, AppState};
+use crate::cluster::Cluster;
+use crate::error::{ApiError, ErrorCode};
+use crate::oci::{Digest, Reference, RepoName};
+
+#[derive(Clone)]
+struct PeerState {
+    app: AppState,
+    cluster: Arc<Cluster>,
+}
+
+/// The peer channel's router.
+pub fn router(app: AppState, cluster: Arc<Cluster>) -> Router {
+    Router::new()
+        .route("/_regmirror/peer/{*rest}", any(peer))
+        .fallback(|| async { refuse(ErrorCode::UnknownEndpoint, "not a peer request") })
+        .with_state(PeerState { app, cluster })
+}
+
+fn refuse(code: ErrorCode, message: &str) -> Response {
+    ApiError::new(code).with_message(message).into_response()
+}
+
+async fn peer(State(state): State<PeerState>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_default();
+    if !state
+        .cluster
+        .verify(&parts.headers, parts.method.as_str(), target)
+    {
+        return refuse(
+            ErrorCode::Unauthorized,
+            "peer request without a valid signature",
+        );
+    }
+    if parts.method != axum::http::Method::GET {
+        return refuse(ErrorCode::Unsupported, "the peer channel only reads");
+    }
+    let path = parts.uri.path();
+    let rest = path.strip_prefix("/_regmirror/peer/").unwrap_or_default();
+    if rest == "health" {
+        return state.cluster.instance_id().to_owned().into_response();
+    }
+    let (kind, reference) = match rest.split_once('/') {
+        Some((kind @ ("blobs" | "manifests"), reference)) => (kind, reference),
+        _ => return refuse(ErrorCode::UnknownEndpoint, "not a peer request"),
+    };
+    let query = parts.uri.query().unwrap_or_default();
+    let (mut upstream, mut repository) = (None, None);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "upstream" => upstream = Some(value.into_owned()),
+            "repository" => repository = Some(value.into_owned()),
+            _ => return refuse(ErrorCode::UnknownEndpoint, "unknown parameter"),
+        }
+    }
+    let Some(upstream) = upstream
+        .as_deref()
+        .and_then(|name| state.app.cache.upstreams().get(name))
+        .cloned()
+    else {
+        return refuse(ErrorCode::NameUnknown, "not a configured upstream");
+    };
+    let Some(repo) = repository.and_then(|r| r.parse::<RepoName>().ok()) else {
+        return refuse(ErrorCode::NameInvalid, "invalid repository name");
+    };
+    let app = &state.app;
+    let answer = if kind == "blobs" {
+        let Ok(digest) = reference.parse::<Digest>() else {
+            return refuse(ErrorCode::DigestInvalid, "invalid digest");
+        };
+        match app.cache.peer_blob(&upstream, &repo, &digest).await {
+            // No sendfile on this listener: peers are few and the bytes often still arriving.
+            Ok(blob) => blob_response(app, &digest, blob, &parts.headers, None),
+            Err(err) => Err(super::failed(err)),
+        }
+    } else {
+        let Ok(reference) = reference.parse::<Reference>() else {
+            return refuse(ErrorCode::ManifestUnknown, "invalid reference");
+        };
+        manifest(app, &upstream, &repo, &reference, &parts.headers).await
+    };
+    match answer {
+        Ok((response, _)) => response,
+        Err((error, _)) => error.into_response(),
+    }
+}
+
+async fn manifest(
+    app: &AppState,
+    upstream: &Arc<crate::upstream::Upstream>,
+    repo: &RepoName,
+    reference: &Reference,
+    _headers: &HeaderMap,
+) -> super::Answer {
+    let (manifest, outcome) = app
+        .cache
+        .peer_manifest(upstream, repo, reference)
+        .await
+        .map_err(super::failed)?;
+    if !crate::oci::media_type::is_valid_header_value(&manifest.media_type) {
+        return Err((ApiError::new(ErrorCode::BadGateway), Some(outcome)));
+    }
+    let builder = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, &manifest.media_type)
+        .header(header::CONTENT_LENGTH, manifest.bytes.len())
+        .header("docker-content-digest", manifest.digest.as_str());
+    Ok((built(builder, Body::from(manifest.bytes))?, outcome))
+}

@@ -1,0 +1,432 @@
+//! What the replicas of a cluster share: the bucket, which holds what any of them committed,
+//! and the cluster, which says which replica fetches a digest or revalidates a tag.
+//!
+//! Without `storage.s3` and `cluster:` both are absent and every function here is a no-op, so
+//! the single-node request path is the one it always was. With them, the cache consults the
+//! bucket after its local store and before the upstream, writes what it fetched through to
+//! the bucket, and sends misses of digests another replica owns to that replica (the
+//! owner's single flight then serves every replica). An owner that does not answer is not
+//! waited for: this replica fetches itself, and the fallback is counted per peer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use prometheus::{IntCounterVec, Opts, Registry};
+use tracing::{debug, warn};
+
+use super::download::Body;
+use super::flight::Source;
+use super::{Cache, Error};
+use crate::cluster::{Cluster, Member, Owner};
+use crate::oci::{Digest, RepoName};
+use crate::storage::s3::Bucket;
+use crate::upstream::Upstream;
+
+pub const HOT_TIER: &str = "regmirror_hot_tier_total";
+
+/// The largest manifest a peer may send.
+const MAX_PEER_MANIFEST: usize = 4 << 20;
+
+/// The bucket and the cluster, when configured.
+pub struct Shared {
+    bucket: Option<Arc<Bucket>>,
+    cluster: Option<Arc<Cluster>>,
+    /// Presigned redirects for blobs only the bucket holds (`storage.s3.redirect`).
+    redirect: Option<Duration>,
+    hot_tier: Option<IntCounterVec>,
+}
+
+impl Shared {
+    /// A single replica on its own disk.
+    pub fn none() -> Shared {
+        Shared {
+            bucket: None,
+            cluster: None,
+            redirect: None,
+            hot_tier: None,
+        }
+    }
+
+    pub fn new(
+        bucket: Option<Arc<Bucket>>,
+        cluster: Option<Arc<Cluster>>,
+        redirect: Option<Duration>,
+        registry: &Registry,
+    ) -> Shared {
+        let hot_tier = IntCounterVec::new(
+            Opts::new(
+                HOT_TIER,
+                "Blob reads with a bucket behind the local disk: hit (served from the local hot tier) or fill (copied from the bucket first).",
+            ),
+            &["result"],
+        )
+        .ok();
+        if let Some(counter) = &hot_tier {
+            let _ = registry.register(Box::new(counter.clone()));
+        }
+        Shared {
+            bucket,
+            cluster,
+            redirect,
+            hot_tier,
+        }
+    }
+
+    pub fn bucket(&self) -> Option<&Arc<Bucket>> {
+        self.bucket.as_ref()
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    pub fn redirect(&self) -> Option<Duration> {
+        self.redirect
+    }
+
+    /// The replica that owns `key`, if that is another one.
+    pub fn owner_peer(&self, key: &str) -> Option<Member> {
+        match self.cluster.as_ref()?.owner(key) {
+            Owner::Me => None,
+            Owner::Peer(member) => Some(member),
+        }
+    }
+
+    pub fn fell_back(&self, member: &Member) {
+        if let Some(cluster) = &self.cluster {
+            cluster.fell_back(member);
+        }
+    }
+
+    pub fn hot_tier_hit(&self) {
+        if let (Some(counter), Some(_)) = (&self.hot_tier, &self.bucket) {
+            counter.with_label_values(&["hit"]).inc();
+        }
+    }
+
+    pub fn hot_tier_fill(&self) {
+        if let Some(counter) = &self.hot_tier {
+            counter.with_label_values(&["fill"]).inc();
+        }
+    }
+
+    /// A blob from its owner, from byte `from` on.
+    pub(super) async fn peer_blob(
+        &self,
+        member: &Member,
+        source: &Source,
+        from: u64,
+    ) -> Result<Body, Error> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| Error::Internal("peer origin without a cluster".into()))?;
+        let path = peer_path(
+            "blobs",
+            source.digest.as_str(),
+            &source.upstream.name,
+            &source.repo,
+        );
+        let response = cluster
+            .get(member, &path, from)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        cluster.forwarded(member);
+        Ok(Body {
+            len: response.content_length(),
+            chunks: response.bytes_stream().map_err(|e| e.to_string()).boxed(),
+        })
+    }
+
+    /// A manifest (by tag or digest) from its owner: its bytes and media type, unverified
+    /// (the caller checks them against the digest the owner names or the one asked for).
+    pub(super) async fn peer_manifest(
+        &self,
+        member: &Member,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<(Bytes, String, Option<Digest>), Error> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| Error::Internal("peer origin without a cluster".into()))?;
+        let path = peer_path("manifests", reference, &upstream.name, repo);
+        let response = cluster
+            .get(member, &path, 0)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let media_type = header("content-type").unwrap_or_default();
+        let digest = header("docker-content-digest").and_then(|d| d.parse::<Digest>().ok());
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_PEER_MANIFEST as u64)
+        {
+            return Err(Error::Internal("peer manifest too large".into()));
+        }
+        let mut body = Vec::new();
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| Error::Internal(e.to_string()))?;
+            if body.len().saturating_add(chunk.len()) > MAX_PEER_MANIFEST {
+                return Err(Error::Internal("peer manifest too large".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        cluster.forwarded(member);
+        Ok((Bytes::from(body), media_type, digest))
+    }
+}
+
+/// `/_regmirror/peer/<kind>/<reference>?upstream=..&repository=..`.
+pub fn peer_path(kind: &str, reference: &str, upstream: &str, repo: &RepoName) -> String {
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("upstream", upstream)
+        .append_pair("repository", repo.as_str())
+        .finish();
+    format!("/_regmirror/peer/{kind}/{reference}?{query}")
+}
+
+impl Cache {
+    /// Whether the bucket holds the blob and this repository may be served it: the local
+    /// index or the bucket links it to the repository, or the upstream vouches for it (a HEAD,
+    /// then linked here and in the bucket).
+    pub(super) async fn vouched_in_bucket(&self, source: &Source) -> bool {
+        let Some(bucket) = self.shared.bucket() else {
+            return false;
+        };
+        let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
+        match bucket.blob_size(digest).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return false,
+            Err(err) => {
+                warn!(%digest, error = %err, "bucket unavailable, not reading the blob from it");
+                return false;
+            }
+        }
+        let index = self.store.index();
+        if index
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .unwrap_or(false)
+        {
+            return true;
+        }
+        if bucket
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .await
+            .unwrap_or(false)
+        {
+            let _ = index.link(&upstream.name, repo.as_str(), digest);
+            return true;
+        }
+        if upstream.head_blob(repo, digest).await.is_ok() {
+            let _ = index.link(&upstream.name, repo.as_str(), digest);
+            let _ = bucket.put_link(&upstream.name, repo.as_str(), digest).await;
+            return true;
+        }
+        false
+    }
+
+    /// Writes a blob fetched from the upstream through to the bucket, with the link of the
+    /// repository it was fetched for. A failure costs only a later refetch: the blob is
+    /// served from this replica's disk meanwhile.
+    pub(super) async fn publish_blob(&self, source: &Source) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        let digest = &source.digest;
+        let file = match self.store.blobs().file(digest) {
+            Some(Ok(file)) => Arc::new(file),
+            // Evicted from the hot tier already: nothing to upload from.
+            _ => return,
+        };
+        let _guard = self.readers.pin(digest);
+        match bucket.put_blob_file(digest, file).await {
+            Ok(bytes) => {
+                debug!(%digest, bytes, "blob written to the bucket");
+                if let Err(err) = bucket
+                    .put_link(&source.upstream.name, source.repo.as_str(), digest)
+                    .await
+                {
+                    warn!(%digest, error = %err, "could not link the blob in the bucket");
+                }
+            }
+            Err(err) => {
+                warn!(%digest, error = %err, "could not write the blob to the bucket; it stays on this replica only")
+            }
+        }
+    }
+}
+
+impl Cache {
+    /// A manifest another replica committed to the bucket, if this repository showed it
+    /// (linked here or in the bucket); kept in the local store too.
+    pub(super) async fn bucket_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<super::Manifest> {
+        let bucket = self.shared.bucket()?;
+        let (bytes, media_type) = match bucket.get_manifest(digest).await {
+            Ok(found) => found?,
+            Err(err) => {
+                warn!(%digest, error = %err, "bucket unavailable, not reading the manifest from it");
+                return None;
+            }
+        };
+        let linked = self
+            .store
+            .index()
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .unwrap_or(false)
+            || bucket
+                .is_linked(&upstream.name, repo.as_str(), digest)
+                .await
+                .unwrap_or(false);
+        if !linked || !valid_media_type(&media_type) {
+            return None;
+        }
+        let manifest = super::Manifest {
+            bytes,
+            digest: digest.clone(),
+            media_type,
+        };
+        self.keep_manifest(upstream, repo, manifest, false, false)
+            .await
+            .ok()
+    }
+
+    /// A manifest from the owner of `reference` (a digest, or a tag when `expected` is
+    /// `None`), verified and kept here; `None` when this replica owns it or the owner failed
+    /// (then this replica asks the upstream itself).
+    pub(super) async fn forwarded_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Option<super::Manifest> {
+        let key = match expected {
+            Some(digest) => digest.to_string(),
+            None => tag_key(&upstream.name, repo, reference),
+        };
+        let member = self.shared.owner_peer(&key)?;
+        let answer = self
+            .shared
+            .peer_manifest(&member, upstream, repo, reference)
+            .await;
+        let verified = answer.and_then(|(bytes, media_type, named)| {
+            let actual = Digest::sha256_of(&bytes);
+            // A tag has no digest of its own to check: the owner names one, and the bytes
+            // must hash to it.
+            match expected.or(named.as_ref()) {
+                Some(wanted) if *wanted == actual && valid_media_type(&media_type) => {
+                    Ok(super::Manifest {
+                        bytes,
+                        digest: actual,
+                        media_type,
+                    })
+                }
+                _ => Err(Error::Internal(format!(
+                    "peer sent a manifest that does not match its digest ({actual})"
+                ))),
+            }
+        });
+        let manifest = match verified {
+            Ok(manifest) => manifest,
+            Err(err) => {
+                warn!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner unreachable, asking the upstream here");
+                self.shared.fell_back(&member);
+                return None;
+            }
+        };
+        let manifest = self
+            .keep_manifest(upstream, repo, manifest, expected.is_none(), false)
+            .await
+            .ok()?;
+        if expected.is_none() {
+            // The owner answered for the tag just now: confirmed as of now here.
+            let now = crate::storage::now_millis();
+            self.put_tag(upstream, repo, reference, &manifest.digest, now)
+                .ok()?;
+        }
+        Some(manifest)
+    }
+
+    /// A tag from what the cluster shares: the bucket's record when the upstream confirmed it
+    /// within `tag_ttl`, else the owner's answer (if `forward` and another replica owns it).
+    /// `None` leaves the tag to this replica's own revalidation.
+    pub(super) async fn shared_tag(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+        forward: bool,
+    ) -> Option<(super::Manifest, super::Outcome)> {
+        if let Some(bucket) = self.shared.bucket() {
+            let entry = match bucket.get_tag(&upstream.name, repo.as_str(), tag).await {
+                Ok(entry) => entry,
+                Err(err) => {
+                    warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "bucket unavailable, not reading the tag from it");
+                    None
+                }
+            };
+            if let Some(entry) = entry {
+                let age = crate::storage::now_millis().saturating_sub(entry.confirmed);
+                if Duration::from_millis(age) < self.policy.tag_ttl {
+                    let manifest = match self.stored_manifest(&entry.digest).await.ok().flatten() {
+                        Some(manifest) => Some(manifest),
+                        // The tag vouches for its manifest in this repository.
+                        None => match bucket.get_manifest(&entry.digest).await {
+                            Ok(Some((bytes, media_type))) if valid_media_type(&media_type) => {
+                                Some(super::Manifest {
+                                    bytes,
+                                    digest: entry.digest.clone(),
+                                    media_type,
+                                })
+                            }
+                            _ => None,
+                        },
+                    };
+                    if let Some(manifest) = manifest {
+                        let kept = self
+                            .keep_manifest(upstream, repo, manifest, true, false)
+                            .await
+                            .ok()?;
+                        self.put_tag(upstream, repo, tag, &kept.digest, entry.confirmed)
+                            .ok()?;
+                        return Some((kept, super::Outcome::Hit));
+                    }
+                }
+            }
+        }
+        if !forward {
+            return None;
+        }
+        let manifest = self.forwarded_manifest(upstream, repo, tag, None).await?;
+        Some((manifest, super::Outcome::Miss))
+    }
+}
+
+/// The cluster key of a tag: its owner alone revalidates it.
+pub fn tag_key(upstream: &str, repo: &RepoName, tag: &str) -> String {
+    format!("tag\0{upstream}\0{}\0{tag}", repo.as_str())
+}
+
+/// A media type that may become a `Content-Type` header: what a peer or the bucket says is
+/// checked like what an upstream says.
+fn valid_media_type(media_type: &str) -> bool {
+    !media_type.is_empty()
+        && media_type.len() <= 255
+        && media_type.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
