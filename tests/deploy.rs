@@ -925,6 +925,345 @@ fn compose_file_and_monitoring_config_validate() {
     }
 }
 
+/// `docker-compose config` on deploy/compose/cluster.yaml, from a fresh clone's state (no
+/// `.env`, no variable, no generated secret), with `extra` variables.
+fn compose_cluster_config(scratch: &Path, extra: &[(&str, &str)]) -> serde_json::Value {
+    let empty_env = scratch.join("empty.env");
+    std::fs::write(&empty_env, "").unwrap();
+    let mut cmd = Command::new(require_tool("docker-compose"));
+    cmd.current_dir(repo())
+        .arg("--env-file")
+        .arg(&empty_env)
+        .args(["--file", "deploy/compose/cluster.yaml", "config"])
+        .env_remove("DOCKER_HOST")
+        .env_remove("REGMIRROR_PORT")
+        .envs(extra.iter().copied());
+    let out = run_blocking(cmd, Duration::from_secs(60));
+    out.assert_success();
+    yaml(&out.stdout, "docker-compose config (cluster.yaml)")
+}
+
+/// The `server` addresses of `upstream NAME { … }` in an nginx configuration.
+fn nginx_upstream(conf: &str, name: &str) -> Vec<String> {
+    let start = conf
+        .find(&format!("upstream {name} {{"))
+        .unwrap_or_else(|| panic!("no `upstream {name}` in nginx.conf"));
+    let block = &conf[start..];
+    let block = &block[..block.find('}').unwrap()];
+    block
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("server "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(';')
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The (listen port, proxied upstream) of each `server { … }` block.
+fn nginx_servers(conf: &str) -> Vec<(u16, String)> {
+    conf.split("server {")
+        .skip(1)
+        .map(|block| {
+            let listen = block
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("listen "))
+                .expect("a listen directive")
+                .trim_end_matches(';')
+                .parse()
+                .expect("listen PORT");
+            let upstream = block
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("proxy_pass http://"))
+                .expect("a proxy_pass")
+                .trim_end_matches(';')
+                .to_owned();
+            (listen, upstream)
+        })
+        .collect()
+}
+
+/// deploy/compose/cluster.yaml is valid for `docker-compose` (1.29) and holds together: 3
+/// Garage nodes with replication factor 3, 3 regmirror replicas built from deploy/Dockerfile,
+/// each with its own hot-tier volume and the secrets their shared configuration reads, whose
+/// `cluster.peers` are the replicas themselves; nginx publishes 5000 (REGMIRROR_PORT) and
+/// spreads clients round robin, unbuffered, over the replicas and the replicas' S3 requests
+/// over the Garage nodes; `nginx -t` accepts its configuration; garage-init.sh imports the key
+/// the configuration uses and generates the secrets compose mounts.
+#[test]
+fn compose_cluster_file_and_load_balancer_validate() {
+    let scratch = tempdir("compose-cluster-");
+    let rendered = compose_cluster_config(scratch.path(), &[]);
+    let services = rendered["services"].as_object().unwrap();
+    let mut names: Vec<&str> = services.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "garage1",
+            "garage2",
+            "garage3",
+            "lb",
+            "regmirror1",
+            "regmirror2",
+            "regmirror3"
+        ]
+    );
+    let secrets = rendered["secrets"].as_object().unwrap();
+    let secrets_dir = repo().join("deploy/compose/secrets");
+    for (name, secret) in secrets {
+        let file = Path::new(secret["file"].as_str().unwrap());
+        assert!(
+            file.starts_with(&secrets_dir),
+            "secret {name} comes from {}, outside the git-ignored {}",
+            file.display(),
+            secrets_dir.display()
+        );
+    }
+    assert_eq!(
+        read("deploy/compose/secrets/.gitignore")
+            .lines()
+            .find(|l| !l.starts_with('#')),
+        Some("*"),
+        "no generated secret can be committed"
+    );
+    let secret_names = |service: &serde_json::Value| -> Vec<String> {
+        service["secrets"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .map(|s| s["source"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let volume_at = |service: &serde_json::Value, target: &str| -> String {
+        service["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .find_map(|v| {
+                let mut parts = v.split(':');
+                let source = parts.next()?;
+                (parts.next()? == target).then(|| source.to_owned())
+            })
+            .unwrap_or_else(|| panic!("nothing mounted at {target}: {service:#}"))
+    };
+
+    // Garage: three nodes of one configuration, each with its own disks.
+    let garage_toml = toml_to_json(&repo().join("deploy/compose/garage.toml"));
+    assert_eq!(garage_toml["replication_factor"], 3);
+    let rpc_secret_file = garage_toml["rpc_secret_file"].as_str().unwrap();
+    let (_, s3_port) = host_port(garage_toml["s3_api"]["api_bind_addr"].as_str().unwrap());
+    let mut garage_volumes = Vec::new();
+    for node in ["garage1", "garage2", "garage3"] {
+        let service = &services[node];
+        assert!(
+            service["image"]
+                .as_str()
+                .unwrap()
+                .starts_with("dxflrs/garage:v2."),
+            "{service:#}"
+        );
+        assert_eq!(
+            Path::new(&volume_at(service, "/etc/garage.toml")),
+            repo().join("deploy/compose/garage.toml")
+        );
+        let secret = secret_names(service);
+        assert_eq!(
+            secret
+                .iter()
+                .map(|s| format!("/run/secrets/{s}"))
+                .collect::<Vec<_>>(),
+            [rpc_secret_file],
+            "{node} gets the RPC secret where garage.toml reads it"
+        );
+        garage_volumes.push(volume_at(service, "/var/lib/garage/meta"));
+        garage_volumes.push(volume_at(service, "/var/lib/garage/data"));
+    }
+    let distinct: std::collections::BTreeSet<_> = garage_volumes.iter().collect();
+    assert_eq!(distinct.len(), 6, "{garage_volumes:?}");
+
+    // The replicas: one image, one configuration, a volume each.
+    let config_text = read("deploy/compose/config.cluster.yml");
+    let config = yaml(&config_text, "config.cluster.yml");
+    let (_, listen_port) = host_port(config["listen"].as_str().unwrap());
+    let (_, peer_port) = host_port(config["cluster"]["listen"].as_str().unwrap());
+    let replicas = ["regmirror1", "regmirror2", "regmirror3"];
+    let peers: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{r}:{peer_port}"))
+        .collect();
+    assert_eq!(
+        config["cluster"]["peers"],
+        serde_json::json!(peers),
+        "cluster.peers lists every replica's peer channel"
+    );
+    let s3 = &config["storage"]["s3"];
+    let mut data_volumes = Vec::new();
+    for replica in replicas {
+        let service = &services[replica];
+        assert_eq!(service["build"]["context"], repo().to_str().unwrap());
+        assert_eq!(service["build"]["dockerfile"], "deploy/Dockerfile");
+        assert_eq!(service["user"], "65532:65532");
+        assert_eq!(service["read_only"], true);
+        assert_eq!(service["cap_drop"], serde_json::json!(["ALL"]));
+        assert!(service["healthcheck"]["test"]
+            .to_string()
+            .contains("healthcheck"));
+        assert_eq!(
+            Path::new(&volume_at(service, "/etc/regmirror/config.yml")),
+            repo().join("deploy/compose/config.cluster.yml")
+        );
+        data_volumes.push(volume_at(service, "/var/lib/regmirror"));
+        let mounted: Vec<String> = secret_names(service)
+            .iter()
+            .map(|s| format!("/run/secrets/{s}"))
+            .collect();
+        for file in [
+            &s3["secret_access_key_file"],
+            &config["cluster"]["secret_file"],
+        ] {
+            let file = file.as_str().unwrap().to_owned();
+            assert!(
+                mounted.contains(&file),
+                "{replica} lacks {file}: {mounted:?}"
+            );
+        }
+    }
+    let distinct: std::collections::BTreeSet<_> = data_volumes.iter().collect();
+    assert_eq!(distinct.len(), 3, "a hot tier each: {data_volumes:?}");
+
+    // nginx: published on 5000 by default, REGMIRROR_PORT elsewhere.
+    let lb = &services["lb"];
+    assert_eq!(lb["ports"][0]["published"], 5000, "{lb:#}");
+    assert_eq!(lb["ports"][0]["target"], 5000, "{lb:#}");
+    let moved = compose_cluster_config(scratch.path(), &[("REGMIRROR_PORT", "127.0.0.1:5999")]);
+    assert_eq!(
+        moved["services"]["lb"]["ports"][0],
+        serde_json::json!("127.0.0.1:5999:5000/tcp")
+    );
+    let nginx_path = volume_at(lb, "/etc/nginx/nginx.conf");
+    assert_eq!(
+        Path::new(&nginx_path),
+        repo().join("deploy/compose/nginx.conf")
+    );
+    let nginx = read("deploy/compose/nginx.conf");
+    let servers = nginx_servers(&nginx);
+    let client_upstream = &servers
+        .iter()
+        .find(|(port, _)| *port == 5000)
+        .expect("nginx listens on 5000")
+        .1;
+    assert_eq!(
+        nginx_upstream(&nginx, client_upstream),
+        replicas
+            .iter()
+            .map(|r| format!("{r}:{listen_port}"))
+            .collect::<Vec<_>>()
+    );
+    // Round robin (nginx's default), and streamed.
+    for balancing in ["ip_hash", "least_conn", "hash ", "random"] {
+        assert!(!nginx.contains(balancing), "{balancing} in nginx.conf");
+    }
+    for directive in ["proxy_buffering off;", "proxy_request_buffering off;"] {
+        assert!(nginx.contains(directive), "nginx.conf lacks `{directive}`");
+    }
+    // The replicas' S3 endpoint is nginx, in front of every Garage node.
+    let endpoint = s3["endpoint"].as_str().unwrap();
+    let (endpoint_host, endpoint_port) = host_port(endpoint.strip_prefix("http://").unwrap());
+    assert_eq!(endpoint_host, "lb");
+    let s3_upstream = &servers
+        .iter()
+        .find(|(port, _)| *port == endpoint_port)
+        .unwrap_or_else(|| panic!("nginx does not listen on {endpoint_port}"))
+        .1;
+    assert_eq!(
+        nginx_upstream(&nginx, s3_upstream),
+        ["garage1", "garage2", "garage3"].map(|g| format!("{g}:{s3_port}"))
+    );
+    assert_eq!(s3["region"], garage_toml["s3_api"]["s3_region"]);
+
+    // `nginx -t` with this machine's nginx: the compose names become loopback addresses,
+    // and `resolve` goes (Debian's nginx 1.22 predates it; the image's 1.28 has it).
+    let mut local = nginx.replace(" resolve ", " ");
+    for name in replicas.iter().chain(&["garage1", "garage2", "garage3"]) {
+        local = local.replace(&format!("{name}:"), "127.0.0.1:");
+    }
+    let prefix = scratch.path().join("nginx");
+    std::fs::create_dir_all(&prefix).unwrap();
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(&conf, local).unwrap();
+    let mut test = Command::new(require_tool("nginx"));
+    test.arg("-t")
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-e")
+        .arg(prefix.join("error.log"))
+        .arg("-c")
+        .arg(&conf);
+    let out = run_blocking(test, Duration::from_secs(30));
+    assert!(out.success, "nginx -t: {out}");
+
+    // garage-init.sh: valid shell, imports the key and creates the bucket the configuration
+    // names, and generates every secret compose mounts.
+    let mut syntax = Command::new(require_tool("bash"));
+    syntax
+        .arg("-n")
+        .arg(repo().join("deploy/compose/garage-init.sh"));
+    run_blocking(syntax, Duration::from_secs(30)).assert_success();
+    let init = read("deploy/compose/garage-init.sh");
+    for needle in [
+        format!("key_id={}", s3["access_key_id"].as_str().unwrap()),
+        format!("bucket={}", s3["bucket"].as_str().unwrap()),
+    ] {
+        assert!(init.contains(&needle), "garage-init.sh lacks `{needle}`");
+    }
+    for (name, secret) in secrets {
+        let file = Path::new(secret["file"].as_str().unwrap());
+        assert_eq!(
+            file.parent().unwrap(),
+            secrets_dir.join("cluster"),
+            "{name}"
+        );
+        assert!(
+            init.contains(&format!("secret {name} ")),
+            "garage-init.sh does not generate {name}"
+        );
+    }
+}
+
+/// The cluster configurations that ship (the Kubernetes overlay's ConfigMap and compose's
+/// config.cluster.yml) are valid regmirror configurations with `storage.s3` and `cluster`.
+#[test]
+fn cluster_configs_parse_as_regmirror_config() {
+    let rendered = kustomize(&repo().join("deploy/kubernetes/overlays/cluster"));
+    let docs = documents(&rendered);
+    let k8s = find(&docs, "ConfigMap")["data"]["config.yml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (file, text) in [
+        ("cluster overlay ConfigMap config.yml", k8s),
+        (
+            "deploy/compose/config.cluster.yml",
+            read("deploy/compose/config.cluster.yml"),
+        ),
+    ] {
+        let config = Config::parse(&text, file).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.storage.root,
+            Path::new("/var/lib/regmirror"),
+            "{file}"
+        );
+        assert_eq!(config.listen.port(), 5000, "{file}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Kubernetes
 // ---------------------------------------------------------------------------------------
@@ -1073,6 +1412,280 @@ fn kubernetes_manifests_render_and_validate() {
         docker_config,
         Path::new(mount["mountPath"].as_str().unwrap()).join(".dockerconfigjson")
     );
+}
+
+fn find_named<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+}
+
+/// Asserts that the label selector `selector` (a `matchLabels` or a Service's `selector`)
+/// is non-empty and selects pods with `labels`.
+fn assert_selects(selector: &serde_json::Value, labels: &serde_json::Value, what: &str) {
+    let selector = selector
+        .as_object()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("{what}: no selector"));
+    for (k, v) in selector {
+        assert_eq!(&labels[k], v, "{what} must select the regmirror pods ({k})");
+    }
+}
+
+/// A Kubernetes quantity (`25Gi`) or a regmirror size (`20GiB`) in bytes: the binary
+/// suffixes only, which is what the manifests and configurations here use.
+fn size_bytes(text: &str) -> u64 {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().unwrap_or_else(|_| panic!("size {text:?}"));
+    let shift = match unit.trim_end_matches('B') {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        "Ti" => 40,
+        other => panic!("unit {other:?} of {text:?}"),
+    };
+    number << shift
+}
+
+/// `host:port` split at the last colon.
+fn host_port(address: &str) -> (&str, u16) {
+    let (host, port) = address
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{address:?} is not host:port"));
+    (
+        host,
+        port.parse()
+            .unwrap_or_else(|_| panic!("port of {address:?}")),
+    )
+}
+
+/// The `cluster` overlay, rendered and validated as the base is, and checked for what the
+/// scale-out needs: 3 replicas rolled one at a time with no volume claim, a
+/// PodDisruptionBudget and anti-affinity over the same pods, the headless Service that
+/// `cluster.dns` names (not-ready pods published, the peer port), the Secret mounted where
+/// the configuration reads it, and a hot tier bounded below the emptyDir's limit.
+#[test]
+fn kubernetes_cluster_overlay_renders_and_validates() {
+    let scratch = tempdir("k8s-cluster-");
+    let rendered = kustomize(&repo().join("deploy/kubernetes/overlays/cluster"));
+    validate_against_schemas(&rendered, scratch.path(), "cluster");
+    let docs = documents(&rendered);
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for kind in [
+        "Namespace",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    // The bucket is the truth: no pod owns a volume.
+    assert!(
+        !kinds.contains(&"PersistentVolumeClaim"),
+        "the cluster overlay keeps no PersistentVolumeClaim: {kinds:?}"
+    );
+
+    let deployment = find(&docs, "Deployment");
+    let namespace = deployment["metadata"]["namespace"].as_str().unwrap();
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 1);
+    let labels = &spec["template"]["metadata"]["labels"];
+    assert_selects(&spec["selector"]["matchLabels"], labels, "the Deployment");
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "http");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(container["resources"]["requests"]["cpu"].is_string());
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+
+    // Spread over nodes, preferably (a small cluster still schedules all three).
+    let anti = &pod["affinity"]["podAntiAffinity"];
+    assert!(
+        anti.get("requiredDuringSchedulingIgnoredDuringExecution")
+            .is_none(),
+        "{anti:#}"
+    );
+    let term = &anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(term["topologyKey"], "kubernetes.io/hostname", "{anti:#}");
+    assert_selects(
+        &term["labelSelector"]["matchLabels"],
+        labels,
+        "the anti-affinity term",
+    );
+
+    let pdb = find(&docs, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    assert_selects(
+        &pdb["spec"]["selector"]["matchLabels"],
+        labels,
+        "the PodDisruptionBudget",
+    );
+
+    // The volumes: the data directory is an emptyDir with a size limit, the config the
+    // generated ConfigMap.
+    let volumes = pod["volumes"].as_array().unwrap();
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let volume_at = |path: &str| {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("nothing mounted at {path}: {mounts:#?}"));
+        volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("no volume {}", mount["name"]))
+    };
+    assert!(
+        !pod["volumes"].to_string().contains("persistentVolumeClaim"),
+        "{volumes:#?}"
+    );
+    let configmap = find(&docs, "ConfigMap");
+    let config_yml = configmap["data"]["config.yml"].as_str().unwrap();
+    let config = yaml(config_yml, "cluster ConfigMap config.yml");
+    let root = config["storage"]["root"].as_str().unwrap();
+    let data = volume_at(root);
+    let size_limit = data["emptyDir"]["sizeLimit"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{root} is an emptyDir with a sizeLimit: {data:#}"));
+    let local_max = config["storage"]["local"]["max_size"]
+        .as_str()
+        .expect("storage.local.max_size bounds the hot tier");
+    assert!(
+        size_bytes(local_max) < size_bytes(size_limit),
+        "storage.local.max_size {local_max} must stay below the emptyDir's sizeLimit \
+         {size_limit}, or the kubelet evicts the pod"
+    );
+    assert_eq!(
+        volume_at("/etc/regmirror")["configMap"]["name"],
+        configmap["metadata"]["name"]
+    );
+
+    // The headless Service that cluster.dns names: every pod, ready or not, on the port the
+    // peer channel listens on.
+    let cluster = &config["cluster"];
+    let (dns_host, dns_port) = host_port(cluster["dns"].as_str().expect("cluster.dns"));
+    let (_, listen_port) = host_port(cluster["listen"].as_str().expect("cluster.listen"));
+    let services: Vec<&serde_json::Value> =
+        docs.iter().filter(|d| d["kind"] == "Service").collect();
+    let headless = services
+        .iter()
+        .find(|s| s["spec"]["clusterIP"] == "None")
+        .expect("a headless Service");
+    let headless_name = headless["metadata"]["name"].as_str().unwrap();
+    assert_eq!(
+        dns_host,
+        format!(
+            "{headless_name}.{}.svc.cluster.local",
+            headless["metadata"]["namespace"].as_str().unwrap()
+        ),
+        "cluster.dns names the headless Service in its namespace"
+    );
+    assert_eq!(headless["metadata"]["namespace"], namespace);
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
+    assert_selects(
+        &headless["spec"]["selector"],
+        labels,
+        "the headless Service",
+    );
+    let peer = &headless["spec"]["ports"][0];
+    assert_eq!(peer["name"], "peer");
+    assert_eq!(peer["port"], 5001);
+    assert_eq!(peer["port"], dns_port);
+    let peer_port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == peer["targetPort"])
+        .unwrap_or_else(|| panic!("no container port {}", peer["targetPort"]));
+    assert_eq!(peer_port["containerPort"], listen_port);
+    // Clients: the normal Service on 5000, the same pods.
+    let client = services
+        .iter()
+        .find(|s| s["spec"]["clusterIP"] != "None")
+        .expect("a client Service");
+    assert_eq!(client["spec"]["ports"][0]["port"], 5000);
+    assert_selects(&client["spec"]["selector"], labels, "the client Service");
+
+    // The Secret: mounted where the configuration reads its files, and the access key ID
+    // reaches the variable the configuration expands.
+    let secret = find_named(&docs, "Secret", "regmirror-cluster");
+    let secret_volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "regmirror-cluster")
+        .expect("the Secret regmirror-cluster is a volume");
+    let secret_dir = mounts
+        .iter()
+        .find(|m| m["name"] == secret_volume["name"])
+        .expect("the Secret is mounted")["mountPath"]
+        .as_str()
+        .unwrap();
+    let s3 = &config["storage"]["s3"];
+    for file in [
+        s3["secret_access_key_file"]
+            .as_str()
+            .expect("storage.s3.secret_access_key_file"),
+        cluster["secret_file"]
+            .as_str()
+            .expect("cluster.secret_file"),
+    ] {
+        let key = Path::new(file)
+            .strip_prefix(secret_dir)
+            .unwrap_or_else(|_| panic!("{file} is not in the Secret's mount {secret_dir}"));
+        let key = key.to_str().unwrap();
+        assert!(
+            secret["stringData"].get(key).is_some(),
+            "the Secret has no key {key}: {secret:#}"
+        );
+    }
+    assert!(
+        s3.get("secret_access_key").is_none() && cluster.get("secret").is_none(),
+        "secrets come from files, not from the ConfigMap"
+    );
+    let access_key_id = s3["access_key_id"].as_str().unwrap();
+    let variable = access_key_id
+        .strip_prefix("${")
+        .and_then(|v| v.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("access_key_id {access_key_id:?} comes from the environment"));
+    let env = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == variable)
+        .unwrap_or_else(|| panic!("the container has no variable {variable}"));
+    let from = &env["valueFrom"]["secretKeyRef"];
+    assert_eq!(from["name"], "regmirror-cluster");
+    assert!(secret["stringData"]
+        .get(from["key"].as_str().unwrap())
+        .is_some());
+    // Placeholders only.
+    for (key, value) in secret["stringData"].as_object().unwrap() {
+        assert!(
+            value.as_str().unwrap().starts_with("REPLACE-ME"),
+            "{key} must be an obvious placeholder"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
