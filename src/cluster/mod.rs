@@ -152,6 +152,8 @@ struct View {
     ready: bool,
     /// The healthy members: the ring ownership is decided over.
     ring: Vec<Member>,
+    /// Passes run so far.
+    passes: u64,
 }
 
 struct MemberState {
@@ -289,8 +291,12 @@ impl Cluster {
             tracing::warn!(addresses = ?seen_self, "this replica is listed under several addresses");
         }
         let ready = !seen_self.is_empty();
-        if ready != old.ready {
-            tracing::info!(ready, "cluster: this replica among the healthy members");
+        if ready && !old.ready {
+            tracing::info!(addresses = ?seen_self, "cluster: this replica is among the healthy members");
+        } else if !ready && (old.ready || old.passes == 0) {
+            // Not ready until it is: usually our own address is missing from `peers` (or from
+            // the DNS answer), or our peer listener does not answer.
+            tracing::warn!("cluster: no member answered with this replica's instance id");
         }
         let self_addresses = if ready {
             seen_self
@@ -309,6 +315,7 @@ impl Cluster {
             self_addresses,
             ready,
             ring,
+            passes: old.passes.saturating_add(1),
         };
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
     }
@@ -712,29 +719,46 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_that_loses_itself_is_not_ready_and_never_forwards_to_itself() {
-        let l0 = listener().await;
+        let (l0, l1) = (listener().await, listener().await);
         let address = l0.local_addr().unwrap().to_string();
         // Listed twice under two names: both are "me".
         let alias = format!("localhost:{}", l0.local_addr().unwrap().port());
+        let other = l1.local_addr().unwrap().to_string();
         let cluster = Cluster::new(
-            &config(vec![address.clone(), alias], SECRET),
+            &config(vec![address.clone(), alias.clone(), other.clone()], SECRET),
             Arc::new(Metrics::new()),
         )
         .unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        let b = TestPeer::start(l1, "id-of-b".to_owned(), cluster.clone()).await;
         cluster.refresh_once().await;
         assert!(cluster.ready());
-        for key in keys().iter().take(200) {
-            assert_eq!(cluster.owner(key), Owner::Me, "{key}");
-        }
+        let keys = keys();
+        let owners = owner_names(&cluster, &keys, "me");
+        assert!(
+            owners.iter().all(|o| o == "me" || *o == other),
+            "never an alias of me"
+        );
+        assert!(owners.iter().filter(|o| *o == "me").count() > 700);
+
+        // Our own peer listener is gone: the others no longer count us, so neither do we, and
+        // we forward to the member they agree on rather than fetch what we no longer own.
         me.kill().await;
         cluster.refresh_once().await;
         assert!(!cluster.ready(), "self not seen healthy in the last pass");
+        let owners = owner_names(&cluster, &keys, "me");
+        assert!(
+            owners.iter().all(|o| *o == other),
+            "all to the one healthy member"
+        );
+
+        b.kill().await;
+        cluster.refresh_once().await;
         assert!(cluster.members().iter().all(|m| !m.healthy));
         assert_eq!(
             cluster.owner("sha256:00"),
             Owner::Me,
-            "no healthy member: alone"
+            "no healthy member: alone, so everything is ours"
         );
     }
 
