@@ -14,7 +14,7 @@
 //! The peer channel's server side (routes) lives in `api`, and calls [`Cluster::verify`].
 
 pub mod auth;
-pub mod ring;
+pub mod rendezvous;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -182,7 +182,7 @@ impl Cluster {
         let source = match (&config.dns, config.peers.is_empty()) {
             (Some(name), true) => Source::Dns(name.clone()),
             (None, false) => Source::Static(config.peers.clone()),
-            _ => return Err("cluster: set peers or dns, not both".to_owned()),
+            _ => return Err("cluster: set either peers or dns".to_owned()),
         };
         // rustls needs a process-wide provider even for a client that only speaks plain HTTP.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -198,7 +198,7 @@ impl Cluster {
             .build()
             .map_err(|err| format!("cluster: cannot build the peer client: {err}"))?;
         let mut id = [0u8; 16];
-        ::ring::rand::SecureRandom::fill(&::ring::rand::SystemRandom::new(), &mut id)
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| "cluster: no randomness for the instance id".to_owned())?;
         Ok(Arc::new(Cluster {
             instance_id: hex::encode(id),
@@ -391,7 +391,7 @@ impl Cluster {
         if view.self_addresses.is_empty() {
             return Owner::Me;
         }
-        let Some(best) = ring::pick(view.ring.iter().map(Member::address), key) else {
+        let Some(best) = rendezvous::pick(view.ring.iter().map(Member::address), key) else {
             return Owner::Me;
         };
         if view.self_addresses.contains(best) {
@@ -670,7 +670,7 @@ mod tests {
         // Other replicas agree: the same ring from any replica's point of view.
         for (key, owner) in keys.iter().zip(&before) {
             let ring = [me.address.as_str(), b.address.as_str(), c.address.as_str()];
-            assert_eq!(ring::pick(ring, key), Some(owner.as_str()));
+            assert_eq!(rendezvous::pick(ring, key), Some(owner.as_str()));
         }
 
         let (c_address, c_signed, c_unsigned) =
