@@ -178,6 +178,16 @@ impl Cluster {
     /// Reads the secret (a file, or `${VAR}`s) and builds the peer client. Membership is empty
     /// until the first [`Cluster::refresh_once`]: meanwhile this replica owns everything.
     pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, String> {
+        Cluster::with_probe_timeout(config, metrics, config.refresh.0.min(MAX_PROBE_TIMEOUT))
+    }
+
+    /// [`Cluster::new`] with another health-probe deadline: tests on a loaded machine use a
+    /// generous one, so that only a dead member is unhealthy, never a slow test server.
+    fn with_probe_timeout(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        probe_timeout: Duration,
+    ) -> Result<Arc<Cluster>, String> {
         let secret = config.load_secret()?;
         let source = match (&config.dns, config.peers.is_empty()) {
             (Some(name), true) => Source::Dns(name.clone()),
@@ -205,7 +215,7 @@ impl Cluster {
             signer: auth::Signer::new(&secret),
             source,
             refresh: config.refresh.0,
-            probe_timeout: config.refresh.0.min(MAX_PROBE_TIMEOUT),
+            probe_timeout,
             client,
             metrics,
             view: RwLock::new(Arc::new(View::default())),
@@ -403,6 +413,11 @@ impl Cluster {
         }
     }
 
+    /// The ownership key of a tag, so that every replica builds it alike.
+    pub fn tag_key(upstream: &str, repository: &str, tag: &str) -> String {
+        format!("tag\0{upstream}\0{repository}\0{tag}")
+    }
+
     /// Every member from the last pass, by address.
     pub fn members(&self) -> Vec<MemberStatus> {
         let view = self.view();
@@ -509,6 +524,14 @@ mod tests {
     use crate::config::HumanDuration;
 
     const SECRET: &str = "a shared secret of the test cluster";
+
+    /// A safety net against hangs only: members are unhealthy because they refuse, not
+    /// because a loaded machine was slow.
+    const TEST_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn new_cluster(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, String> {
+        Cluster::with_probe_timeout(config, metrics, TEST_PROBE_TIMEOUT)
+    }
 
     fn config(peers: Vec<String>, secret: &str) -> ClusterConfig {
         ClusterConfig {
@@ -623,14 +646,14 @@ mod tests {
             .collect();
         addresses.push(dead.clone());
         let metrics = Arc::new(Metrics::new());
-        let cluster = Cluster::new(&config(addresses.clone(), SECRET), metrics.clone()).unwrap();
+        let cluster = new_cluster(&config(addresses.clone(), SECRET), metrics.clone()).unwrap();
         assert_eq!(cluster.instance_id().len(), 32);
         assert!(cluster.instance_id().bytes().all(|b| b.is_ascii_hexdigit()));
         // Before the first pass: alone, not ready, owner of everything.
         assert!(!cluster.ready());
         assert_eq!(cluster.owner("sha256:00"), Owner::Me);
 
-        let verifier = Cluster::new(
+        let verifier = new_cluster(
             &config(vec!["x:1".into()], SECRET),
             Arc::new(Metrics::new()),
         )
@@ -724,7 +747,7 @@ mod tests {
         // Listed twice under two names: both are "me".
         let alias = format!("localhost:{}", l0.local_addr().unwrap().port());
         let other = l1.local_addr().unwrap().to_string();
-        let cluster = Cluster::new(
+        let cluster = new_cluster(
             &config(vec![address.clone(), alias.clone(), other.clone()], SECRET),
             Arc::new(Metrics::new()),
         )
@@ -768,7 +791,7 @@ mod tests {
         let port = l0.local_addr().unwrap().port();
         let mut config = config(Vec::new(), SECRET);
         config.dns = Some(format!("localhost:{port}"));
-        let cluster = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
+        let cluster = new_cluster(&config, Arc::new(Metrics::new())).unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
         cluster.refresh_once().await;
         let members = cluster.members();
@@ -782,7 +805,7 @@ mod tests {
     #[tokio::test]
     async fn get_is_signed_sends_ranges_and_refuses_non_2xx() {
         let l0 = listener().await;
-        let verifier = Cluster::new(
+        let verifier = new_cluster(
             &config(vec!["x:1".into()], SECRET),
             Arc::new(Metrics::new()),
         )
@@ -790,7 +813,7 @@ mod tests {
         let peer = TestPeer::start(l0, "id".to_owned(), verifier).await;
         let metrics = Arc::new(Metrics::new());
         let cluster =
-            Cluster::new(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
+            new_cluster(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
         let member = Member::new(&peer.address);
         assert_eq!(member.base_url(), format!("http://{}", peer.address));
 
@@ -847,7 +870,7 @@ mod tests {
         }
         assert_eq!(peer.unsigned.load(Ordering::SeqCst), 0);
 
-        let stranger = Cluster::new(
+        let stranger = new_cluster(
             &config(vec![peer.address.clone()], "not the cluster's secret"),
             Arc::new(Metrics::new()),
         )
