@@ -297,7 +297,7 @@ impl Cluster {
                 self.metrics.cluster_peer_left(address);
             }
         }
-        if seen_self.len() > 1 {
+        if seen_self.len() > 1 && seen_self != old.self_addresses {
             tracing::warn!(addresses = ?seen_self, "this replica is listed under several addresses");
         }
         let ready = !seen_self.is_empty();
