@@ -14,7 +14,7 @@
 //! The peer channel's server side (routes) lives in `api`, and calls [`Cluster::verify`].
 
 pub mod auth;
-pub mod ring;
+pub mod rendezvous;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -152,6 +152,8 @@ struct View {
     ready: bool,
     /// The healthy members: the ring ownership is decided over.
     ring: Vec<Member>,
+    /// Passes run so far.
+    passes: u64,
 }
 
 struct MemberState {
@@ -176,11 +178,21 @@ impl Cluster {
     /// Reads the secret (a file, or `${VAR}`s) and builds the peer client. Membership is empty
     /// until the first [`Cluster::refresh_once`]: meanwhile this replica owns everything.
     pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, String> {
+        Cluster::with_probe_timeout(config, metrics, config.refresh.0.min(MAX_PROBE_TIMEOUT))
+    }
+
+    /// [`Cluster::new`] with another health-probe deadline: tests on a loaded machine use a
+    /// generous one, so that only a dead member is unhealthy, never a slow test server.
+    fn with_probe_timeout(
+        config: &ClusterConfig,
+        metrics: Arc<Metrics>,
+        probe_timeout: Duration,
+    ) -> Result<Arc<Cluster>, String> {
         let secret = config.load_secret()?;
         let source = match (&config.dns, config.peers.is_empty()) {
             (Some(name), true) => Source::Dns(name.clone()),
             (None, false) => Source::Static(config.peers.clone()),
-            _ => return Err("cluster: set peers or dns, not both".to_owned()),
+            _ => return Err("cluster: set either peers or dns".to_owned()),
         };
         // rustls needs a process-wide provider even for a client that only speaks plain HTTP.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -196,14 +208,14 @@ impl Cluster {
             .build()
             .map_err(|err| format!("cluster: cannot build the peer client: {err}"))?;
         let mut id = [0u8; 16];
-        ::ring::rand::SecureRandom::fill(&::ring::rand::SystemRandom::new(), &mut id)
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| "cluster: no randomness for the instance id".to_owned())?;
         Ok(Arc::new(Cluster {
             instance_id: hex::encode(id),
             signer: auth::Signer::new(&secret),
             source,
             refresh: config.refresh.0,
-            probe_timeout: config.refresh.0.min(MAX_PROBE_TIMEOUT),
+            probe_timeout,
             client,
             metrics,
             view: RwLock::new(Arc::new(View::default())),
@@ -285,12 +297,16 @@ impl Cluster {
                 self.metrics.cluster_peer_left(address);
             }
         }
-        if seen_self.len() > 1 {
+        if seen_self.len() > 1 && seen_self != old.self_addresses {
             tracing::warn!(addresses = ?seen_self, "this replica is listed under several addresses");
         }
         let ready = !seen_self.is_empty();
-        if ready != old.ready {
-            tracing::info!(ready, "cluster: this replica among the healthy members");
+        if ready && !old.ready {
+            tracing::info!(addresses = ?seen_self, "cluster: this replica is among the healthy members");
+        } else if !ready && (old.ready || old.passes == 0) {
+            // Not ready until it is: usually our own address is missing from `peers` (or from
+            // the DNS answer), or our peer listener does not answer.
+            tracing::warn!("cluster: no member answered with this replica's instance id");
         }
         let self_addresses = if ready {
             seen_self
@@ -309,6 +325,7 @@ impl Cluster {
             self_addresses,
             ready,
             ring,
+            passes: old.passes.saturating_add(1),
         };
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
     }
@@ -384,7 +401,7 @@ impl Cluster {
         if view.self_addresses.is_empty() {
             return Owner::Me;
         }
-        let Some(best) = ring::pick(view.ring.iter().map(Member::address), key) else {
+        let Some(best) = rendezvous::pick(view.ring.iter().map(Member::address), key) else {
             return Owner::Me;
         };
         if view.self_addresses.contains(best) {
@@ -394,6 +411,11 @@ impl Cluster {
             Some(member) => Owner::Peer(member.clone()),
             None => Owner::Me,
         }
+    }
+
+    /// The ownership key of a tag, so that every replica builds it alike.
+    pub fn tag_key(upstream: &str, repository: &str, tag: &str) -> String {
+        format!("tag\0{upstream}\0{repository}\0{tag}")
     }
 
     /// Every member from the last pass, by address.
@@ -502,6 +524,14 @@ mod tests {
     use crate::config::HumanDuration;
 
     const SECRET: &str = "a shared secret of the test cluster";
+
+    /// A safety net against hangs only: members are unhealthy because they refuse, not
+    /// because a loaded machine was slow.
+    const TEST_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn new_cluster(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Arc<Cluster>, String> {
+        Cluster::with_probe_timeout(config, metrics, TEST_PROBE_TIMEOUT)
+    }
 
     fn config(peers: Vec<String>, secret: &str) -> ClusterConfig {
         ClusterConfig {
@@ -616,14 +646,14 @@ mod tests {
             .collect();
         addresses.push(dead.clone());
         let metrics = Arc::new(Metrics::new());
-        let cluster = Cluster::new(&config(addresses.clone(), SECRET), metrics.clone()).unwrap();
+        let cluster = new_cluster(&config(addresses.clone(), SECRET), metrics.clone()).unwrap();
         assert_eq!(cluster.instance_id().len(), 32);
         assert!(cluster.instance_id().bytes().all(|b| b.is_ascii_hexdigit()));
         // Before the first pass: alone, not ready, owner of everything.
         assert!(!cluster.ready());
         assert_eq!(cluster.owner("sha256:00"), Owner::Me);
 
-        let verifier = Cluster::new(
+        let verifier = new_cluster(
             &config(vec!["x:1".into()], SECRET),
             Arc::new(Metrics::new()),
         )
@@ -663,7 +693,7 @@ mod tests {
         // Other replicas agree: the same ring from any replica's point of view.
         for (key, owner) in keys.iter().zip(&before) {
             let ring = [me.address.as_str(), b.address.as_str(), c.address.as_str()];
-            assert_eq!(ring::pick(ring, key), Some(owner.as_str()));
+            assert_eq!(rendezvous::pick(ring, key), Some(owner.as_str()));
         }
 
         let (c_address, c_signed, c_unsigned) =
@@ -712,29 +742,46 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_that_loses_itself_is_not_ready_and_never_forwards_to_itself() {
-        let l0 = listener().await;
+        let (l0, l1) = (listener().await, listener().await);
         let address = l0.local_addr().unwrap().to_string();
         // Listed twice under two names: both are "me".
         let alias = format!("localhost:{}", l0.local_addr().unwrap().port());
-        let cluster = Cluster::new(
-            &config(vec![address.clone(), alias], SECRET),
+        let other = l1.local_addr().unwrap().to_string();
+        let cluster = new_cluster(
+            &config(vec![address.clone(), alias.clone(), other.clone()], SECRET),
             Arc::new(Metrics::new()),
         )
         .unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        let b = TestPeer::start(l1, "id-of-b".to_owned(), cluster.clone()).await;
         cluster.refresh_once().await;
         assert!(cluster.ready());
-        for key in keys().iter().take(200) {
-            assert_eq!(cluster.owner(key), Owner::Me, "{key}");
-        }
+        let keys = keys();
+        let owners = owner_names(&cluster, &keys, "me");
+        assert!(
+            owners.iter().all(|o| o == "me" || *o == other),
+            "never an alias of me"
+        );
+        assert!(owners.iter().filter(|o| *o == "me").count() > 700);
+
+        // Our own peer listener is gone: the others no longer count us, so neither do we, and
+        // we forward to the member they agree on rather than fetch what we no longer own.
         me.kill().await;
         cluster.refresh_once().await;
         assert!(!cluster.ready(), "self not seen healthy in the last pass");
+        let owners = owner_names(&cluster, &keys, "me");
+        assert!(
+            owners.iter().all(|o| *o == other),
+            "all to the one healthy member"
+        );
+
+        b.kill().await;
+        cluster.refresh_once().await;
         assert!(cluster.members().iter().all(|m| !m.healthy));
         assert_eq!(
             cluster.owner("sha256:00"),
             Owner::Me,
-            "no healthy member: alone"
+            "no healthy member: alone, so everything is ours"
         );
     }
 
@@ -744,7 +791,7 @@ mod tests {
         let port = l0.local_addr().unwrap().port();
         let mut config = config(Vec::new(), SECRET);
         config.dns = Some(format!("localhost:{port}"));
-        let cluster = Cluster::new(&config, Arc::new(Metrics::new())).unwrap();
+        let cluster = new_cluster(&config, Arc::new(Metrics::new())).unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
         cluster.refresh_once().await;
         let members = cluster.members();
@@ -758,7 +805,7 @@ mod tests {
     #[tokio::test]
     async fn get_is_signed_sends_ranges_and_refuses_non_2xx() {
         let l0 = listener().await;
-        let verifier = Cluster::new(
+        let verifier = new_cluster(
             &config(vec!["x:1".into()], SECRET),
             Arc::new(Metrics::new()),
         )
@@ -766,7 +813,7 @@ mod tests {
         let peer = TestPeer::start(l0, "id".to_owned(), verifier).await;
         let metrics = Arc::new(Metrics::new());
         let cluster =
-            Cluster::new(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
+            new_cluster(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
         let member = Member::new(&peer.address);
         assert_eq!(member.base_url(), format!("http://{}", peer.address));
 
@@ -823,7 +870,7 @@ mod tests {
         }
         assert_eq!(peer.unsigned.load(Ordering::SeqCst), 0);
 
-        let stranger = Cluster::new(
+        let stranger = new_cluster(
             &config(vec![peer.address.clone()], "not the cluster's secret"),
             Arc::new(Metrics::new()),
         )

@@ -111,10 +111,12 @@ mod tests {
         for count in counts {
             assert!((2_500..=4_200).contains(&count), "{counts:?}");
         }
-        // Tag keys too: "tag\0<upstream>\0<repository>\0<tag>".
+        // Tag keys too.
         let mut counts = [0usize; 3];
         for i in 0..10_000 {
-            let key = format!("tag\0docker.io\0library/app{}\0{}", i % 100, i / 100);
+            let repository = format!("library/app{}", i % 100);
+            let key =
+                super::super::Cluster::tag_key("docker.io", &repository, &(i / 100).to_string());
             let owner = pick(all, &key).unwrap();
             counts[all.iter().position(|a| *a == owner).unwrap()] += 1;
         }
