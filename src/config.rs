@@ -886,6 +886,11 @@ impl Config {
         if let Some(s3) = &self.storage.s3 {
             problems.extend(s3.problems());
         }
+        if self.cluster.is_some() && self.storage.s3.is_none() {
+            // Replicas share what they fetched through the bucket; without one, each would
+            // hold its own copy and a warm replica could not serve a cold one's misses.
+            problems.push("cluster: needs storage.s3, the bucket the replicas share".to_owned());
+        }
         if self.server.max_connections == 0 {
             problems.push("server.max_connections: must be at least 1".to_owned());
         }
@@ -1240,6 +1245,8 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "default_upstream: docker.io\nupstreams:\n  docker.io: { url: https://registry-1.docker.io }\n";
+    /// With the bucket a cluster needs.
+    const SHARED: &str = "default_upstream: docker.io\nupstreams:\n  docker.io: { url: https://registry-1.docker.io }\nstorage: { s3: { endpoint: 'http://garage:3900', bucket: b, access_key_id: k, secret_access_key: s } }\n";
 
     #[test]
     fn embedded_config_is_valid() {
@@ -1389,7 +1396,7 @@ mod tests {
     #[test]
     fn cluster_section_parses_with_defaults() {
         let text = format!(
-            "{MINIMAL}cluster:\n  peers: [10.0.0.1:5001, 'regmirror-1.peers:5001', '[fd00::1]:5001']\n  secret: 0123456789abcdef\n"
+            "{SHARED}cluster:\n  peers: [10.0.0.1:5001, 'regmirror-1.peers:5001', '[fd00::1]:5001']\n  secret: 0123456789abcdef\n"
         );
         let config = Config::parse(&text, "t.yml").unwrap();
         let cluster = config.cluster.unwrap();
@@ -1398,7 +1405,7 @@ mod tests {
         assert_eq!(cluster.refresh.0, Duration::from_secs(2));
         assert!(!format!("{cluster:?}").contains("0123456789abcdef"));
         let text = format!(
-            "{MINIMAL}cluster: {{ dns: 'peers.ns.svc.cluster.local:5001', secret_file: /run/s, refresh: 500ms, listen: '127.0.0.1:6001' }}\n"
+            "{SHARED}cluster: {{ dns: 'peers.ns.svc.cluster.local:5001', secret_file: /run/s, refresh: 500ms, listen: '127.0.0.1:6001' }}\n"
         );
         let cluster = Config::parse(&text, "t.yml").unwrap().cluster.unwrap();
         assert_eq!(
@@ -1407,7 +1414,10 @@ mod tests {
         );
         assert_eq!(cluster.refresh.0, Duration::from_millis(500));
         assert!(Config::parse(MINIMAL, "t.yml").unwrap().cluster.is_none());
-        let text = format!("{MINIMAL}cluster: {{ dns: 'a:1', secret_file: /s, peer: [] }}\n");
+        let text = format!("{MINIMAL}cluster: {{ dns: 'a:1', secret_file: /s }}\n");
+        let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+        assert!(err.contains("cluster: needs storage.s3"), "{err}");
+        let text = format!("{SHARED}cluster: {{ dns: 'a:1', secret_file: /s, peer: [] }}\n");
         let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
         assert!(err.contains("cluster") && err.contains("peer"), "{err}");
     }
@@ -1443,7 +1453,7 @@ mod tests {
             ),
         ];
         for (section, wanted) in cases {
-            let text = format!("{MINIMAL}cluster: {section}\n");
+            let text = format!("{SHARED}cluster: {section}\n");
             let err = Config::parse(&text, "t.yml").unwrap_err();
             let ConfigError::Invalid { problems, .. } = &err else {
                 panic!("{section}: expected Invalid, got {err}")
@@ -1463,7 +1473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
         let section = |secret: &str| {
-            let text = format!("{MINIMAL}cluster: {{ dns: 'p:1', {secret} }}\n");
+            let text = format!("{SHARED}cluster: {{ dns: 'p:1', {secret} }}\n");
             Config::parse(&text, "t.yml").unwrap().cluster.unwrap()
         };
         let from_file = section(&format!("secret_file: {}", file.display()));

@@ -318,7 +318,7 @@ impl Cache {
     ) -> Option<super::Manifest> {
         let key = match expected {
             Some(digest) => digest.to_string(),
-            None => tag_key(&upstream.name, repo, reference),
+            None => Cluster::tag_key(&upstream.name, repo.as_str(), reference),
         };
         let member = self.shared.owner_peer(&key)?;
         let answer = self
@@ -416,11 +416,6 @@ impl Cache {
         let manifest = self.forwarded_manifest(upstream, repo, tag, None).await?;
         Some((manifest, super::Outcome::Miss))
     }
-}
-
-/// The cluster key of a tag: its owner alone revalidates it.
-pub fn tag_key(upstream: &str, repo: &RepoName, tag: &str) -> String {
-    format!("tag\0{upstream}\0{}\0{tag}", repo.as_str())
 }
 
 /// A media type that may become a `Content-Type` header: what a peer or the bucket says is
