@@ -62,6 +62,10 @@ struct Facts {
     metrics_here: bool,
     /// Pinned tags (`upstream/repository:tag`) with the image digest each names, sorted.
     pinned: Vec<(String, String)>,
+    /// Cluster members, when this replica is in a cluster.
+    members: Vec<crate::cluster::MemberStatus>,
+    /// With a bucket: blob reads served from the local hot tier, and copied from the bucket.
+    hot_tier: Option<(u64, u64)>,
 }
 
 impl Facts {
@@ -111,6 +115,8 @@ impl Facts {
                 pinned.sort();
                 pinned
             },
+            members: cache.cluster().map(|c| c.members()).unwrap_or_default(),
+            hot_tier: cache.hot_tier_counts(),
         }
     }
 }
@@ -239,6 +245,47 @@ fn render(facts: &Facts, now: SystemTime) -> String {
         );
     }
     html.push_str("</tbody></table>\n");
+
+    // Cluster.
+    if !facts.members.is_empty() {
+        let healthy = facts.members.iter().filter(|m| m.healthy).count();
+        let _ = write!(
+            html,
+            r#"<h2>Cluster <small><span id="members-healthy" data-value="{healthy}">{healthy}</span> of {n} members healthy</small></h2>
+<table id="members"><thead><tr><th>Member</th><th>State</th><th>Last answer</th><th>Misses forwarded to it</th><th>Fetched here instead</th></tr></thead><tbody>
+"#,
+            n = facts.members.len(),
+        );
+        for member in &facts.members {
+            let (state, class) = if member.healthy {
+                ("healthy", "ok")
+            } else {
+                ("unhealthy", "bad")
+            };
+            let last = member
+                .last_ok_secs_ago
+                .map_or_else(|| "never".to_owned(), |s| format!("{s} s ago"));
+            let _ = writeln!(
+                html,
+                r#"<tr data-member="{address}"><td class="name">{address}{this}</td><td class="state {class}" data-value="{state}">{state}</td><td>{last}</td><td class="forwards" data-value="{forwards}">{forwards}</td><td class="fallbacks" data-value="{fallbacks}">{fallbacks}</td></tr>"#,
+                address = escape(&member.address),
+                this = if member.is_self {
+                    " <small>this replica</small>"
+                } else {
+                    ""
+                },
+                forwards = member.forwards,
+                fallbacks = member.fallbacks,
+            );
+        }
+        html.push_str("</tbody></table>\n");
+    }
+    if let Some((hits, fills)) = facts.hot_tier {
+        let _ = writeln!(
+            html,
+            r#"<p id="hot-tier">Local hot tier: <span id="hot-tier-hits" data-value="{hits}">{hits}</span> blob reads served from this disk, <span id="hot-tier-fills" data-value="{fills}">{fills}</span> copied from the bucket first.</p>"#
+        );
+    }
 
     // Repositories.
     let _ = write!(
@@ -380,6 +427,15 @@ mod tests {
             bytes_from_upstream: 4096,
             repositories_cached: 2,
             pinned: vec![("docker.io/library/alpine:3.20".into(), "sha256:0123".into())],
+            members: vec![crate::cluster::MemberStatus {
+                address: "10.0.0.2:5001".into(),
+                healthy: true,
+                is_self: true,
+                last_ok_secs_ago: Some(1),
+                forwards: 3,
+                fallbacks: 1,
+            }],
+            hot_tier: Some((7, 2)),
             top: vec![
                 (
                     "docker.io/library/alpine".into(),
@@ -420,6 +476,11 @@ mod tests {
             "answered 503 &lt;Service Unavailable&gt;",
             "ghcr.io/&lt;evil&gt;",
             r#"data-pinned="docker.io/library/alpine:3.20""#,
+            r#"id="members-healthy" data-value="1">1<"#,
+            r#"data-member="10.0.0.2:5001"><td class="name">10.0.0.2:5001 <small>this replica</small>"#,
+            r#"class="forwards" data-value="3""#,
+            r#"class="fallbacks" data-value="1""#,
+            r#"id="hot-tier-hits" data-value="7""#,
         ] {
             assert!(html.contains(want), "missing {want:?} in\n{html}");
         }

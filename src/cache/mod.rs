@@ -247,6 +247,11 @@ impl Cache {
             .unwrap_or(false)
     }
 
+    /// With a bucket: blob reads served from the hot tier, and filled from the bucket.
+    pub fn hot_tier_counts(&self) -> Option<(u64, u64)> {
+        self.shared.hot_tier_counts()
+    }
+
     /// The cluster this replica belongs to, if any.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.shared.cluster()

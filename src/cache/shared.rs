@@ -106,6 +106,15 @@ impl Shared {
         }
     }
 
+    pub fn hot_tier_counts(&self) -> Option<(u64, u64)> {
+        self.bucket.as_ref()?;
+        let counter = self.hot_tier.as_ref()?;
+        Some((
+            counter.with_label_values(&["hit"]).get(),
+            counter.with_label_values(&["fill"]).get(),
+        ))
+    }
+
     pub fn hot_tier_fill(&self) {
         if let Some(counter) = &self.hot_tier {
             counter.with_label_values(&["fill"]).inc();
