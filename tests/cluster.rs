@@ -1,0 +1,393 @@
+//! Scale-out (issue 12): regmirror replicas on a shared Garage bucket, with real programs:
+//! Garage (one node or three), distribution as the upstream, skopeo as the client and nginx
+//! as the round-robin front. The fault-injecting fake upstream is used only where a download
+//! must be held mid-way (killing the owner of an in-flight blob).
+//!
+//! Synchronisation is on events (a request arriving at the upstream, a metric moving, an
+//! object appearing in the bucket); the deadlines below are hang guards, never assertions.
+
+mod common;
+mod fake;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::front::Front;
+use common::garage::Garage;
+use common::*;
+
+/// The shared secret of the test clusters.
+const SECRET: &str = "cluster-test-secret-0123456789ab";
+/// Hang guard for waits on events.
+const GUARD: Duration = Duration::from_secs(120);
+
+/// One replica: the real binary, with its peer-channel port.
+struct Replica {
+    mirror: Regmirror,
+    peer_port: u16,
+}
+
+impl Replica {
+    /// Starts a replica of the cluster `peers` (peer-channel ports, its own included) on the
+    /// bucket `s3` (a YAML flow mapping), in front of `upstream`.
+    async fn start(
+        upstream: &str,
+        s3: &str,
+        peers: &[u16],
+        peer_port: u16,
+        extra: &str,
+    ) -> Replica {
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let yaml = format!(
+            "listen: @LISTEN@\n\
+             storage: {{ root: @ROOT@, s3: {s3} }}\n\
+             cache: {{ tag_ttl: 5m }}\n\
+             default_upstream: docker.io\n\
+             upstreams:\n  docker.io: {{ url: \"{upstream}\" }}\n\
+             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: 500ms }}\n\
+             log: {{ level: debug, format: text }}\n{extra}",
+            peers.join(", ")
+        );
+        let mirror = Regmirror::start(&yaml).await;
+        Replica { mirror, peer_port }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.mirror.host().parse().unwrap()
+    }
+
+    fn peer_address(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
+    }
+
+    async fn metrics(&self) -> String {
+        match http()
+            .get(format!("{}/metrics", self.mirror.url()))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// The value of the first series of `metrics` whose line starts with `prefix`.
+fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Starts `n` replicas of one cluster and waits until each sees all of them healthy.
+async fn cluster(n: usize, upstream: &str, garage: &Garage, extra: &str) -> Vec<Replica> {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut replicas = Vec::new();
+    for port in &ports {
+        replicas.push(Replica::start(upstream, &garage.s3_yaml(), &ports, *port, extra).await);
+    }
+    for replica in &replicas {
+        until_healthy(replica, n).await;
+    }
+    replicas
+}
+
+/// Waits until `replica` is ready and sees `n` healthy members.
+async fn until_healthy(replica: &Replica, n: usize) {
+    let wanted = format!("regmirror_cluster_members{{state=\"healthy\"}} {n}");
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let ready = http()
+                .get(format!("{}/readyz", replica.mirror.url()))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready && replica.metrics().await.contains(&wanted) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "replica never saw {n} healthy members:\n{}",
+            replica.mirror.log()
+        )
+    });
+}
+
+/// Waits until the bucket holds `n` objects under `prefix` (uploads finish after the clients
+/// are answered).
+async fn until_in_bucket(garage: &Garage, prefix: &str, n: usize) {
+    tokio::time::timeout(GUARD, async {
+        while garage.count_objects(prefix).await < n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the bucket never held {n} objects under {prefix}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_fetch_each_blob_once_and_survive_a_garage_node() {
+    let garage = Garage::cluster(3).await;
+    let upstream = Distribution::start().await;
+    let image = push_image(&upstream.url(), "team/app", "v1", &[64 << 20, 1 << 20]).await;
+    let replicas = cluster(3, &upstream.url(), &garage, "").await;
+    let front = Front::start(&replicas.iter().map(Replica::addr).collect::<Vec<_>>()).await;
+
+    // 16 concurrent cold pulls through the front, which spreads them over the replicas.
+    let dirs: Vec<_> = (0..16).map(|_| tempdir("pull-")).collect();
+    let pulls = dirs.iter().map(|dir| {
+        let src = format!("docker://{}/team/app:v1", front.host());
+        let dest = dir.path().join("img");
+        async move { skopeo_copy_to_dir(&src, &dest, false).await }
+    });
+    for out in futures_util::future::join_all(pulls).await {
+        out.assert_success();
+    }
+    for dir in &dirs {
+        assert_skopeo_dir_holds(&dir.path().join("img"), &image, "manifest.json");
+    }
+    for digest in image.blob_digests() {
+        assert_eq!(
+            upstream.blob_gets_for(&digest).await,
+            1,
+            "one upstream GET of {digest} for the whole cluster: {:#?}",
+            upstream.request_lines().await
+        );
+    }
+    assert_eq!(
+        upstream.manifest_gets().await,
+        1,
+        "{:#?}",
+        upstream.request_lines().await
+    );
+    let mut forwards = 0.0;
+    for replica in &replicas {
+        let metrics = replica.metrics().await;
+        for other in &replicas {
+            let series = format!(
+                "regmirror_cluster_forwards_total{{peer=\"{}\"}}",
+                other.peer_address()
+            );
+            forwards += metric(&metrics, &series).unwrap_or(0.0);
+        }
+    }
+    assert!(forwards > 0.0, "misses were forwarded to their owners");
+    until_in_bucket(&garage, "blobs/", image.blob_digests().len()).await;
+    until_in_bucket(&garage, "manifests/", 1).await;
+
+    // One Garage node down: what the cluster holds still pulls through every replica, and a
+    // cold image still comes through.
+    let mut garage = garage;
+    garage.stop_node(2);
+    for replica in &replicas {
+        let dir = tempdir("warm-");
+        let src = format!("docker://{}/team/app:v1", replica.mirror.host());
+        skopeo_copy_to_dir(&src, &dir.path().join("img"), false)
+            .await
+            .assert_success();
+        assert_skopeo_dir_holds(&dir.path().join("img"), &image, "manifest.json");
+    }
+    let cold = push_image(&upstream.url(), "team/other", "v1", &[2 << 20]).await;
+    let dir = tempdir("cold-");
+    let src = format!("docker://{}/team/other:v1", front.host());
+    skopeo_copy_to_dir(&src, &dir.path().join("img"), false)
+        .await
+        .assert_success();
+    assert_skopeo_dir_holds(&dir.path().join("img"), &cold, "manifest.json");
+    for digest in cold.blob_digests() {
+        assert_eq!(upstream.blob_gets_for(&digest).await, 1, "{digest}");
+    }
+
+    // A fourth replica on an empty disk serves the warm image from the bucket alone.
+    let before = upstream.requests().await.len();
+    let mut ports: Vec<u16> = replicas.iter().map(|r| r.peer_port).collect();
+    let fourth_port = free_port();
+    ports.push(fourth_port);
+    let fourth = Replica::start(&upstream.url(), &garage.s3_yaml(), &ports, fourth_port, "").await;
+    let dir = tempdir("fourth-");
+    let src = format!("docker://{}/team/app:v1", fourth.mirror.host());
+    skopeo_copy_to_dir(&src, &dir.path().join("img"), false)
+        .await
+        .assert_success();
+    assert_skopeo_dir_holds(&dir.path().join("img"), &image, "manifest.json");
+    let after = upstream.requests().await;
+    assert_eq!(
+        after.len(),
+        before,
+        "the fourth replica asked the upstream: {:#?}",
+        &after[before..]
+    );
+    drop(front);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_owner_of_an_in_flight_blob_leaves_the_others_complete() {
+    let garage = Garage::single().await;
+    let upstream = fake::Fake::start().await;
+    let image = upstream.put_image("team/app", "v1", &[24 << 20], 7);
+    let (layer, bytes) = image.layers[0].clone();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    *upstream.faults.hold.lock().unwrap() = Some((4 << 20, gate));
+    let mut replicas = cluster(3, &upstream.url(), &garage, "").await;
+
+    // Every replica asked for the layer at once: its owner fetches it, the others forward.
+    let pulls: Vec<_> = replicas
+        .iter()
+        .map(|r| {
+            let url = format!("{}/v2/team/app/blobs/{layer}", r.mirror.url());
+            tokio::spawn(async move {
+                let response = http().get(url).send().await.ok()?;
+                let body = response.bytes().await.ok()?;
+                Some(body)
+            })
+        })
+        .collect();
+    upstream.counters.arrival("GET", "/blobs/").await;
+    let owner = tokio::time::timeout(GUARD, async {
+        loop {
+            for replica in &replicas {
+                let metrics = replica.metrics().await;
+                for (i, other) in replicas.iter().enumerate() {
+                    let series = format!(
+                        "regmirror_cluster_forwards_total{{peer=\"{}\"}}",
+                        other.peer_address()
+                    );
+                    if metric(&metrics, &series).unwrap_or(0.0) >= 1.0 {
+                        return i;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a forward to the owner");
+    assert_eq!(
+        upstream.counters.count("GET", "/blobs/"),
+        1,
+        "only the owner fetches"
+    );
+
+    replicas[owner].mirror.kill9();
+    open.send(true).unwrap();
+    for (i, pull) in pulls.into_iter().enumerate() {
+        let got = pull.await.unwrap();
+        if i == owner {
+            continue;
+        }
+        let got =
+            got.unwrap_or_else(|| panic!("replica {i} failed:\n{}", replicas[i].mirror.log()));
+        assert!(got == bytes, "replica {i} served other bytes");
+    }
+    let owner_address = replicas[owner].peer_address();
+    let mut fallbacks = 0.0;
+    for (i, replica) in replicas.iter().enumerate() {
+        if i != owner {
+            let series = format!("regmirror_cluster_fallbacks_total{{peer=\"{owner_address}\"}}");
+            fallbacks += metric(&replica.metrics().await, &series).unwrap_or(0.0);
+        }
+    }
+    assert!(
+        fallbacks >= 1.0,
+        "the fallback is counted against the dead owner"
+    );
+
+    // Restarted, the owner rejoins and serves the blob.
+    replicas[owner].mirror.restart().await;
+    for replica in &replicas {
+        until_healthy(replica, 3).await;
+    }
+    let url = format!("{}/v2/team/app/blobs/{layer}", replicas[owner].mirror.url());
+    let got = http().get(url).send().await.unwrap().bytes().await.unwrap();
+    assert!(got == bytes);
+    drop(garage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
+    let garage = Garage::single().await;
+    let upstream = Distribution::start().await;
+    let image = push_image(&upstream.url(), "team/app", "v1", &[1 << 20]).await;
+    let replicas = cluster(1, &upstream.url(), &garage, "").await;
+    let replica = &replicas[0];
+    let base = format!("http://{}", replica.peer_address());
+    let layer = image.layer_digests[0].clone();
+    let before = upstream.requests().await.len();
+
+    let signer = |secret: &str| {
+        let text = format!(
+            "default_upstream: docker.io\nupstreams: {{ docker.io: {{ url: 'http://127.0.0.1:1' }} }}\n\
+             storage: {{ s3: {{ endpoint: 'http://127.0.0.1:1', bucket: b, access_key_id: k, secret_access_key: s }} }}\n\
+             cluster: {{ peers: ['127.0.0.1:1'], secret: '{secret}' }}\n"
+        );
+        let config = ::regmirror::Config::parse(&text, "test").unwrap();
+        ::regmirror::cluster::Cluster::new(
+            config.cluster.as_ref().unwrap(),
+            Arc::new(::regmirror::metrics::Metrics::new()),
+        )
+        .unwrap()
+    };
+    let right = signer(SECRET);
+    let wrong = signer("another-secret-0123456789abcdef");
+    let get = |path: String,
+               signer: Option<Arc<::regmirror::cluster::Cluster>>,
+               signed_for: Option<String>| {
+        let base = base.clone();
+        async move {
+            let mut request = http().get(format!("{base}{path}"));
+            if let Some(signer) = signer {
+                let (name, value) = signer.sign("GET", signed_for.as_deref().unwrap_or(&path));
+                request = request.header(name, value);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    let blob = format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app");
+    let cases: Vec<(String, Option<Arc<_>>, Option<String>, u16, &str)> = vec![
+        (blob.clone(), None, None, 401, "UNAUTHORIZED"),
+        (blob.clone(), Some(wrong.clone()), None, 401, "UNAUTHORIZED"),
+        // A signature is for one request only.
+        (blob.clone(), Some(right.clone()), Some("/_regmirror/peer/health".into()), 401, "UNAUTHORIZED"),
+        (
+            format!("/_regmirror/peer/blobs/{layer}?upstream=evil.example&repository=team/app"),
+            Some(right.clone()), None, 404, "NAME_UNKNOWN",
+        ),
+        (
+            "/_regmirror/peer/blobs/sha256:nope?upstream=docker.io&repository=team/app".into(),
+            Some(right.clone()), None, 400, "DIGEST_INVALID",
+        ),
+        (
+            format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=../../etc"),
+            Some(right.clone()), None, 400, "NAME_INVALID",
+        ),
+        (
+            format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app&url=http://evil.example/"),
+            Some(right.clone()), None, 404, "UNSUPPORTED",
+        ),
+        ("/_regmirror/peer/tags/list?upstream=docker.io&repository=team/app".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
+        ("/v2/team/app/manifests/v1".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
+        ("/v2/_catalog".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
+    ];
+    for (path, signer, signed_for, status, code) in cases {
+        let (got, body) = get(path.clone(), signer, signed_for).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body.contains(code), "{path}: {body}");
+    }
+    assert_eq!(
+        upstream.requests().await.len(),
+        before,
+        "a refused peer request dialled the upstream"
+    );
+    // The positive control: signed, by digest, for a configured upstream.
+    let (status, _) = get(blob, Some(right.clone()), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(upstream.blob_gets_for(&layer).await, 1);
+}
