@@ -89,9 +89,9 @@ export PATH="$PWD/target/tools/bin:$PATH"
 # runs on the same machine; a failed build stops here instead of letting those tests fail
 # one by one.
 garage_version=2.5.0
-if [[ ! -x target/tools/bin/garage ]]; then
+if [[ "$(target/tools/bin/garage --version 2>/dev/null || true)" != *"cargo:$garage_version "* ]]; then
     echo "tests/run.sh: building garage $garage_version into target/tools (once per machine)" >&2
-    if ! cargo install garage --version "$garage_version" --locked --root target/tools; then
+    if ! cargo install garage --version "$garage_version" --locked --force --root target/tools; then
         echo "" >&2
         echo "==== tests/run.sh: COULD NOT BUILD GARAGE $garage_version ====" >&2
         echo "The S3 and cluster tests need it. Retry with:" >&2
