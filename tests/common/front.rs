@@ -4,7 +4,8 @@
 //! Requests are spread strictly round-robin (the upstream state lives in a shared zone, so
 //! every worker process follows the same rotation) and streamed both ways without buffering,
 //! so a client sees bytes as the backend sends them. A backend that refuses connections is
-//! skipped for the next one (nginx's `proxy_next_upstream error timeout`). Each request is
+//! skipped for the next one (nginx's `proxy_next_upstream error timeout`; POST and PATCH are
+//! not retried once sent), and left out for 10 s. Each request is
 //! logged with the backend that served it.
 
 use std::net::SocketAddr;

@@ -157,7 +157,7 @@ impl Garage {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
             g.wait_listening(i).await;
-            // The node key is written at start-up, before the RPC listener opens.
+            // The node key is written at start-up, before the S3 listener opens.
             let out = g.cli(i, &["node", "id", "-q"]).await;
             let id = out.stdout.trim().to_owned();
             assert!(
@@ -292,6 +292,7 @@ impl Garage {
     }
 
     /// Kills node `i` (SIGKILL, by PID) and reaps it; its data stays for [`start_node`].
+    /// The other nodes notice within seconds; meanwhile they still reach a quorum without it.
     ///
     /// [`start_node`]: Self::start_node
     pub fn stop_node(&mut self, i: usize) {
