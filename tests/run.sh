@@ -3,7 +3,7 @@
 #
 # The end-to-end tests drive real programs: distribution (docker-registry), skopeo,
 # containerd + ctr, dockerd + docker, umoci, htpasswd, prometheus, jq, chromium (the status
-# page test renders it headless). Missing ones are
+# page test renders it headless), Garage (built from crates.io, see below). Missing ones are
 # installed from Debian when running as root; if any is still missing this fails loudly
 # instead of letting the tests skip. Then every test target runs in release mode.
 set -euo pipefail
@@ -21,6 +21,10 @@ packages+=(tinyproxy openssl)
 # a pseudo-terminal with `script` (bsdutils).
 required_tools+=(podman docker-proxy script)
 packages+=(podman bsdutils)
+# tests/garage.rs and the S3/cluster tests: curl --aws-sigv4 reads and writes the bucket,
+# nginx is the round-robin front of the replicas.
+required_tools+=(curl nginx)
+packages+=(curl nginx)
 
 missing_tools() {
     local t out=()
@@ -79,6 +83,23 @@ if ! command -v kustomize >/dev/null 2>&1 && ! command -v kubectl >/dev/null 2>&
     rm -rf "$tmp"
 fi
 export PATH="$PWD/target/tools/bin:$PATH"
+
+# The S3 backend and cluster tests run a real Garage (crates.io `garage`, not packaged by
+# Debian). It is built once into target/tools (10-25 minutes on 2 cores) and reused by later
+# runs on the same machine; a failed build stops here instead of letting those tests fail
+# one by one.
+garage_version=2.5.0
+if [[ "$(target/tools/bin/garage --version 2>/dev/null || true)" != *"cargo:$garage_version "* ]]; then
+    echo "tests/run.sh: building garage $garage_version into target/tools (once per machine)" >&2
+    if ! cargo install garage --version "$garage_version" --locked --force --root target/tools; then
+        echo "" >&2
+        echo "==== tests/run.sh: COULD NOT BUILD GARAGE $garage_version ====" >&2
+        echo "The S3 and cluster tests need it. Retry with:" >&2
+        echo "  cargo install garage --version $garage_version --locked --root target/tools" >&2
+        exit 1
+    fi
+fi
+export REGMIRROR_GARAGE="$PWD/target/tools/bin/garage"
 
 # tests/deploy.rs packages a static binary (glibc with crt-static; ring and rustls, no
 # OpenSSL) into the container image; it is built here so that test does not spend its time

@@ -9,6 +9,8 @@
 pub mod containerd;
 pub mod distribution;
 pub mod dockerd;
+pub mod front;
+pub mod garage;
 pub mod image;
 pub mod pki;
 pub mod regmirror;
@@ -19,6 +21,10 @@ pub use containerd::{write_hosts_toml, Containerd};
 pub use distribution::{Distribution, DistributionOptions, Request};
 #[allow(unused_imports)]
 pub use dockerd::{docker_cli, Dockerd};
+#[allow(unused_imports)]
+pub use front::Front;
+#[allow(unused_imports)]
+pub use garage::Garage;
 #[allow(unused_imports)]
 pub use image::{
     generate_image, push_image, push_image_with, push_index, GeneratedImage, ImageSpec, MediaTypes,
