@@ -127,10 +127,16 @@ async fn manifest(
     if !crate::oci::media_type::is_valid_header_value(&manifest.media_type) {
         return Err((ApiError::new(ErrorCode::BadGateway), Some(outcome)));
     }
-    let builder = Response::builder()
+    let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, &manifest.media_type)
         .header(header::CONTENT_LENGTH, manifest.bytes.len())
         .header("docker-content-digest", manifest.digest.as_str());
+    if let Reference::Tag(tag) = reference {
+        // When the upstream last confirmed the tag: a stale answer stays stale on the peer.
+        if let Some(confirmed) = app.cache.tag_confirmed(upstream, repo, tag.as_str()) {
+            builder = builder.header(crate::cache::CONFIRMED_HEADER, confirmed);
+        }
+    }
     Ok((built(builder, Body::from(manifest.bytes))?, outcome))
 }

@@ -29,7 +29,7 @@ pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
 use manifests::{ManifestCache, MANIFEST_CACHE_BYTES};
-pub use shared::Shared;
+pub use shared::{Shared, CONFIRMED_HEADER};
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
@@ -252,6 +252,12 @@ impl Cache {
         self.shared.hot_tier_counts()
     }
 
+    /// When the upstream last confirmed a tag we hold (unix ms), for a peer asking its owner.
+    pub fn tag_confirmed(&self, upstream: &Upstream, repo: &RepoName, tag: &str) -> Option<u64> {
+        let entry = self.cached_tag(upstream, repo, tag).ok()??;
+        Some(entry.confirmed)
+    }
+
     /// The cluster this replica belongs to, if any.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.shared.cluster()
@@ -397,7 +403,7 @@ impl Cache {
                     return Ok((manifest, Outcome::Hit));
                 }
                 if forward {
-                    if let Some(manifest) = this
+                    if let Some((manifest, _)) = this
                         .forwarded_manifest(&upstream, &repo, digest.as_str(), Some(&digest))
                         .await
                     {

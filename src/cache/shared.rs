@@ -25,6 +25,8 @@ use crate::storage::s3::Bucket;
 use crate::upstream::Upstream;
 
 pub const HOT_TIER: &str = "regmirror_hot_tier_total";
+/// On a peer's answer for a tag: when the owner's upstream last confirmed it (unix ms).
+pub const CONFIRMED_HEADER: &str = "x-regmirror-confirmed";
 
 /// The largest manifest a peer may send.
 const MAX_PEER_MANIFEST: usize = 4 << 20;
@@ -157,7 +159,7 @@ impl Shared {
         upstream: &Upstream,
         repo: &RepoName,
         reference: &str,
-    ) -> Result<(Bytes, String, Option<Digest>), Error> {
+    ) -> Result<(Bytes, String, Option<Digest>, Option<u64>), Error> {
         let cluster = self
             .cluster
             .as_ref()
@@ -176,6 +178,7 @@ impl Shared {
         };
         let media_type = header("content-type").unwrap_or_default();
         let digest = header("docker-content-digest").and_then(|d| d.parse::<Digest>().ok());
+        let confirmed = header(CONFIRMED_HEADER).and_then(|c| c.parse::<u64>().ok());
         if response
             .content_length()
             .is_some_and(|len| len > MAX_PEER_MANIFEST as u64)
@@ -192,7 +195,7 @@ impl Shared {
             body.extend_from_slice(&chunk);
         }
         cluster.forwarded(member);
-        Ok((Bytes::from(body), media_type, digest))
+        Ok((Bytes::from(body), media_type, digest, confirmed))
     }
 }
 
@@ -324,7 +327,7 @@ impl Cache {
         repo: &RepoName,
         reference: &str,
         expected: Option<&Digest>,
-    ) -> Option<super::Manifest> {
+    ) -> Option<(super::Manifest, u64)> {
         let key = match expected {
             Some(digest) => digest.to_string(),
             None => Cluster::tag_key(&upstream.name, repo.as_str(), reference),
@@ -334,7 +337,9 @@ impl Cache {
             .shared
             .peer_manifest(&member, upstream, repo, reference)
             .await;
-        let verified = answer.and_then(|(bytes, media_type, named)| {
+        let mut confirmed = None;
+        let verified = answer.and_then(|(bytes, media_type, named, owner_confirmed)| {
+            confirmed = owner_confirmed;
             let actual = Digest::sha256_of(&bytes);
             // A tag has no digest of its own to check: the owner names one, and the bytes
             // must hash to it.
@@ -363,13 +368,15 @@ impl Cache {
             .keep_manifest(upstream, repo, manifest, expected.is_none(), false)
             .await
             .ok()?;
+        // As fresh as the owner's record, never fresher than now (a peer's clock or number is
+        // not trusted further); without one, expired: asked again next time.
+        let now = crate::storage::now_millis();
+        let confirmed = confirmed.unwrap_or(0).min(now);
         if expected.is_none() {
-            // The owner answered for the tag just now: confirmed as of now here.
-            let now = crate::storage::now_millis();
-            self.put_tag(upstream, repo, reference, &manifest.digest, now)
+            self.put_tag(upstream, repo, reference, &manifest.digest, confirmed)
                 .ok()?;
         }
-        Some(manifest)
+        Some((manifest, confirmed))
     }
 
     /// A tag from what the cluster shares: the bucket's record when the upstream confirmed it
@@ -422,8 +429,15 @@ impl Cache {
         if !forward {
             return None;
         }
-        let manifest = self.forwarded_manifest(upstream, repo, tag, None).await?;
-        Some((manifest, super::Outcome::Miss))
+        let (manifest, confirmed) = self.forwarded_manifest(upstream, repo, tag, None).await?;
+        let age = crate::storage::now_millis().saturating_sub(confirmed);
+        // The owner could not confirm it either (its upstream is down): stale here too.
+        let outcome = if Duration::from_millis(age) < self.policy.tag_ttl {
+            super::Outcome::Miss
+        } else {
+            super::Outcome::Stale
+        };
+        Some((manifest, outcome))
     }
 }
 
