@@ -279,6 +279,35 @@ pub struct S3Config {
 }
 
 impl S3Config {
+    /// The access key id and the secret key, `${VAR}`-expanded or read from the secret file
+    /// (without its trailing newline): at start-up and by `check-config`.
+    pub fn load_credentials(&self) -> Result<(String, String), String> {
+        let expand = crate::upstream::credentials::expand_env;
+        let id =
+            expand(&self.access_key_id).map_err(|e| format!("storage.s3.access_key_id: {e}"))?;
+        let secret = match (&self.secret_access_key, &self.secret_access_key_file) {
+            (Some(inline), None) => {
+                expand(inline).map_err(|e| format!("storage.s3.secret_access_key: {e}"))?
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("storage.s3.secret_access_key_file {}: {e}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            _ => {
+                return Err(
+                    "storage.s3: set exactly one of secret_access_key and secret_access_key_file"
+                        .to_owned(),
+                )
+            }
+        };
+        if id.is_empty() || secret.is_empty() {
+            return Err(
+                "storage.s3: the access key id and the secret key must not be empty".to_owned(),
+            );
+        }
+        Ok((id, secret))
+    }
+
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         match reqwest::Url::parse(&self.endpoint) {
@@ -1391,6 +1420,38 @@ mod tests {
         );
         let err = format!("{:?}", config.unwrap_err());
         assert!(err.contains("not one of the configured upstreams"), "{err}");
+    }
+
+    #[test]
+    fn s3_credentials_come_from_the_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s3");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "{MINIMAL}storage: {{ s3: {{ endpoint: 'http://g:3900', bucket: b, access_key_id: GK1, secret_access_key_file: {} }} }}\n",
+            file.display()
+        );
+        let s3 = Config::parse(&text, "t.yml").unwrap().storage.s3.unwrap();
+        assert_eq!(s3.region, "garage");
+        assert!(s3.path_style && !s3.redirect);
+        assert_eq!(
+            s3.load_credentials().unwrap(),
+            ("GK1".into(), "from-file".into())
+        );
+        std::fs::write(&file, "\n").unwrap();
+        assert!(s3.load_credentials().is_err(), "an empty secret is refused");
+        let text = format!(
+            "{MINIMAL}storage: {{ s3: {{ endpoint: 'ftp://g', bucket: '', access_key_id: k, secret_access_key: s, secret_access_key_file: /f, redirect_ttl: 0s }} }}\n"
+        );
+        let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+        for want in [
+            "storage.s3.endpoint",
+            "storage.s3.bucket",
+            "exactly one of",
+            "redirect_ttl",
+        ] {
+            assert!(err.contains(want), "{want} in {err}");
+        }
     }
 
     #[test]

@@ -110,26 +110,7 @@ async fn shared(
     let Some(s3) = &config.storage.s3 else {
         return Ok(cache::Shared::none());
     };
-    let secret = match (&s3.secret_access_key, &s3.secret_access_key_file) {
-        (Some(inline), _) => upstream::credentials::expand_env(inline)
-            .map_err(|e| RunError::Security(format!("storage.s3.secret_access_key: {e}")))?,
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| {
-                RunError::Security(format!(
-                    "storage.s3.secret_access_key_file {}: {e}",
-                    path.display()
-                ))
-            })?
-            .trim()
-            .to_owned(),
-        (None, None) => {
-            return Err(RunError::Security(
-                "storage.s3: no secret access key".into(),
-            ))
-        }
-    };
-    let access_key_id = upstream::credentials::expand_env(&s3.access_key_id)
-        .map_err(|e| RunError::Security(format!("storage.s3.access_key_id: {e}")))?;
+    let (access_key_id, secret) = s3.load_credentials().map_err(RunError::Security)?;
     let options = storage::s3::BucketOptions {
         endpoint: s3.endpoint.clone(),
         bucket: s3.bucket.clone(),
@@ -200,6 +181,16 @@ pub fn check(config: &Config) -> Result<(), RunError> {
     }
     if let Some(auth) = &config.auth {
         if let Err(problem) = api::auth::AccessControl::load(auth) {
+            problems.push(problem);
+        }
+    }
+    if let Some(s3) = &config.storage.s3 {
+        if let Err(problem) = s3.load_credentials() {
+            problems.push(problem);
+        }
+    }
+    if let Some(cluster) = &config.cluster {
+        if let Err(problem) = cluster.load_secret() {
             problems.push(problem);
         }
     }
