@@ -21,6 +21,8 @@ const SECRET: &str = "cluster-test-secret-0123456789ab";
 /// Hang guard for waits on events.
 const GUARD: Duration = Duration::from_secs(120);
 
+type Signer = Arc<::regmirror::cluster::Cluster>;
+
 /// One replica: the real binary, with its peer-channel port.
 struct Replica {
     mirror: Regmirror,
@@ -351,7 +353,9 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
         }
     };
     let blob = format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app");
-    let cases: Vec<(String, Option<Arc<_>>, Option<String>, u16, &str)> = vec![
+    /// Path, signer, what was signed if not the path, status, OCI code.
+    type Case<'a> = (String, Option<Signer>, Option<String>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (blob.clone(), None, None, 401, "UNAUTHORIZED"),
         (blob.clone(), Some(wrong.clone()), None, 401, "UNAUTHORIZED"),
         // A signature is for one request only.
