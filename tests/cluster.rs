@@ -237,8 +237,6 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
         }
     };
     let blob = format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app");
-    // (path, signer, path signed instead of `path`, status, error code)
-    #[allow(clippy::type_complexity)]
     let cases: Vec<(String, Option<Arc<_>>, Option<String>, u16, &str)> = vec![
         (blob.clone(), None, None, 401, "UNAUTHORIZED"),
         (blob.clone(), Some(wrong.clone()), None, 401, "UNAUTHORIZED"),
