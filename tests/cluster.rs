@@ -17,6 +17,8 @@ use common::front::Front;
 use common::garage::Garage;
 use common::*;
 
+type Signer = Arc<::regmirror::cluster::Cluster>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_fetch_each_blob_once_and_survive_a_garage_node() {
     let garage = Garage::cluster(3).await;
@@ -237,7 +239,9 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
         }
     };
     let blob = format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app");
-    let cases: Vec<(String, Option<Arc<_>>, Option<String>, u16, &str)> = vec![
+    /// Path, signer, what was signed if not the path, status, OCI code.
+    type Case<'a> = (String, Option<Signer>, Option<String>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (blob.clone(), None, None, 401, "UNAUTHORIZED"),
         (blob.clone(), Some(wrong.clone()), None, 401, "UNAUTHORIZED"),
         // A signature is for one request only.
