@@ -12,126 +12,12 @@ mod fake;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::cluster::*;
 use common::front::Front;
 use common::garage::Garage;
 use common::*;
 
-/// The shared secret of the test clusters.
-const SECRET: &str = "cluster-test-secret-0123456789ab";
-/// Hang guard for waits on events.
-const GUARD: Duration = Duration::from_secs(120);
-
 type Signer = Arc<::regmirror::cluster::Cluster>;
-
-/// One replica: the real binary, with its peer-channel port.
-struct Replica {
-    mirror: Regmirror,
-    peer_port: u16,
-}
-
-impl Replica {
-    /// Starts a replica of the cluster `peers` (peer-channel ports, its own included) on the
-    /// bucket `s3` (a YAML flow mapping), in front of `upstream`.
-    async fn start(
-        upstream: &str,
-        s3: &str,
-        peers: &[u16],
-        peer_port: u16,
-        extra: &str,
-    ) -> Replica {
-        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let yaml = format!(
-            "listen: @LISTEN@\n\
-             storage: {{ root: @ROOT@, s3: {s3} }}\n\
-             cache: {{ tag_ttl: 5m }}\n\
-             default_upstream: docker.io\n\
-             upstreams:\n  docker.io: {{ url: \"{upstream}\" }}\n\
-             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: 500ms }}\n\
-             log: {{ level: debug, format: text }}\n{extra}",
-            peers.join(", ")
-        );
-        let mirror = Regmirror::start(&yaml).await;
-        Replica { mirror, peer_port }
-    }
-
-    fn addr(&self) -> std::net::SocketAddr {
-        self.mirror.host().parse().unwrap()
-    }
-
-    fn peer_address(&self) -> String {
-        format!("127.0.0.1:{}", self.peer_port)
-    }
-
-    async fn metrics(&self) -> String {
-        match http()
-            .get(format!("{}/metrics", self.mirror.url()))
-            .send()
-            .await
-        {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    }
-}
-
-/// The value of the first series of `metrics` whose line starts with `prefix`.
-fn metric(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Starts `n` replicas of one cluster and waits until each sees all of them healthy.
-async fn cluster(n: usize, upstream: &str, garage: &Garage, extra: &str) -> Vec<Replica> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let mut replicas = Vec::new();
-    for port in &ports {
-        replicas.push(Replica::start(upstream, &garage.s3_yaml(), &ports, *port, extra).await);
-    }
-    for replica in &replicas {
-        until_healthy(replica, n).await;
-    }
-    replicas
-}
-
-/// Waits until `replica` is ready and sees `n` healthy members.
-async fn until_healthy(replica: &Replica, n: usize) {
-    let wanted = format!("regmirror_cluster_members{{state=\"healthy\"}} {n}");
-    tokio::time::timeout(GUARD, async {
-        loop {
-            let ready = http()
-                .get(format!("{}/readyz", replica.mirror.url()))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200);
-            if ready && replica.metrics().await.contains(&wanted) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "replica never saw {n} healthy members:\n{}",
-            replica.mirror.log()
-        )
-    });
-}
-
-/// Waits until the bucket holds `n` objects under `prefix` (uploads finish after the clients
-/// are answered).
-async fn until_in_bucket(garage: &Garage, prefix: &str, n: usize) {
-    tokio::time::timeout(GUARD, async {
-        while garage.count_objects(prefix).await < n {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the bucket never held {n} objects under {prefix}"));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_fetch_each_blob_once_and_survive_a_garage_node() {

@@ -6,6 +6,7 @@
 //! Nothing here talks to the internet. A missing tool is a loud panic, never a skip.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod containerd;
 pub mod distribution;
 pub mod dockerd;
