@@ -281,3 +281,54 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
     assert_eq!(status, 200);
     assert_eq!(upstream.blob_gets_for(&layer).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_uploads_a_blob_its_bucket_write_missed_when_a_peer_asks_for_it() {
+    let mut garage = Garage::single().await;
+    let upstream = Distribution::start().await;
+    let image = push_image(&upstream.url(), "team/app", "v1", &[2 << 20]).await;
+    let replicas = cluster(2, &upstream.url(), &garage, "").await;
+    let layer = image.layer_digests[0].clone();
+    let addresses: Vec<String> = replicas.iter().map(Replica::peer_address).collect();
+    let owner_address =
+        ::regmirror::cluster::rendezvous::pick(addresses.iter().map(String::as_str), &layer)
+            .unwrap()
+            .to_owned();
+    let owner = addresses.iter().position(|a| *a == owner_address).unwrap();
+    let other = 1 - owner;
+    let get = |i: usize| {
+        let url = format!("{}/v2/team/app/blobs/{layer}", replicas[i].mirror.url());
+        async move { http().get(url).send().await.unwrap().bytes().await.unwrap() }
+    };
+
+    // The bucket is down while the owner fetches: it serves the blob from its disk, and its
+    // upload fails.
+    garage.stop_node(0);
+    let first = get(owner).await;
+    assert_eq!(sha256_digest(&first), layer);
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let metrics = replicas[owner].metrics().await;
+            if metric(
+                &metrics,
+                "regmirror_s3_requests_total{op=\"put_blob\",result=\"error\"}",
+            )
+            .unwrap_or(0.0)
+                >= 1.0
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the owner's upload failed");
+    garage.start_node(0).await;
+    assert_eq!(garage.count_objects("blobs/").await, 0);
+
+    // The other replica misses it in the bucket and asks the owner, which then uploads it.
+    let second = get(other).await;
+    assert_eq!(sha256_digest(&second), layer);
+    until_in_bucket(&garage, "blobs/", 1).await;
+    assert_eq!(upstream.blob_gets_for(&layer).await, 1);
+}

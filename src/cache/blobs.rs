@@ -182,7 +182,21 @@ impl Cache {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Blob, Error> {
-        self.blob_for(upstream, repo, digest, false).await
+        let blob = self.blob_for(upstream, repo, digest, false).await?;
+        if matches!(blob.body, BlobBody::Stored(..)) && self.shared.bucket().is_some() {
+            // A peer asks its owner only for what the bucket does not hold: this replica
+            // committed the blob but its upload never finished (a crash, a bucket outage).
+            // Upload it now, so the cluster stops depending on this one disk.
+            let source = Source {
+                upstream: upstream.clone(),
+                repo: repo.clone(),
+                digest: digest.clone(),
+                forward: false,
+            };
+            let this = self.clone();
+            tokio::spawn(async move { this.publish_blob_once(source).await });
+        }
+        Ok(blob)
     }
 
     async fn blob_for(

@@ -38,6 +38,8 @@ pub struct Shared {
     /// Presigned redirects for blobs only the bucket holds (`storage.s3.redirect`).
     redirect: Option<Duration>,
     hot_tier: Option<IntCounterVec>,
+    /// Late uploads under way (see [`Cache::publish_blob_once`]).
+    uploads: std::sync::Mutex<std::collections::HashSet<Digest>>,
 }
 
 impl Shared {
@@ -48,6 +50,7 @@ impl Shared {
             cluster: None,
             redirect: None,
             hot_tier: None,
+            uploads: Default::default(),
         }
     }
 
@@ -73,6 +76,7 @@ impl Shared {
             cluster,
             redirect,
             hot_tier,
+            uploads: Default::default(),
         }
     }
 
@@ -106,6 +110,16 @@ impl Shared {
         if let (Some(counter), Some(_)) = (&self.hot_tier, &self.bucket) {
             counter.with_label_values(&["hit"]).inc();
         }
+    }
+
+    fn start_upload(&self, digest: &Digest) -> bool {
+        let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        uploads.insert(digest.clone())
+    }
+
+    fn end_upload(&self, digest: &Digest) {
+        let mut uploads = self.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        uploads.remove(digest);
     }
 
     pub fn hot_tier_counts(&self) -> Option<(u64, u64)> {
@@ -246,6 +260,21 @@ impl Cache {
             return true;
         }
         false
+    }
+
+    /// [`Cache::publish_blob`] unless an upload of the digest is already under way here or
+    /// the bucket already has it.
+    pub(super) async fn publish_blob_once(&self, source: Source) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        if !self.shared.start_upload(&source.digest) {
+            return;
+        }
+        if let Ok(None) = bucket.blob_size(&source.digest).await {
+            self.publish_blob(&source).await;
+        }
+        self.shared.end_upload(&source.digest);
     }
 
     /// Writes a blob fetched from the upstream through to the bucket, with the link of the
