@@ -6,6 +6,7 @@
 //! requests: the API asks it for manifests and blobs and turns its answers into responses.
 
 mod blobs;
+pub mod bucket_evict;
 mod download;
 mod evict;
 mod flight;
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 pub use blobs::{Blob, BlobBody};
+pub use bucket_evict::{Bound as BucketBound, BucketEvicted};
 pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
@@ -362,6 +364,7 @@ impl Cache {
                 self.clock.now(),
                 TOUCH_GRANULARITY_MS,
             );
+            self.touch_shared(&manifest.digest);
         }
         result
     }
@@ -619,6 +622,7 @@ impl Cache {
             {
                 warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "could not record the tag in the bucket");
             }
+            self.share_tag_ref(&upstream.name, repo.as_str(), tag, digest);
         }
         Ok(())
     }
@@ -697,8 +701,11 @@ impl Cache {
                 }
                 Err(err) => Err(err),
             };
-            if let Err(err) = linked {
-                warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only");
+            match linked {
+                Ok(()) => self.bucket_written(manifest.bytes.len() as u64),
+                Err(err) => {
+                    warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only")
+                }
             }
         }
         // fsync and rename: blocking, off the async workers.

@@ -36,6 +36,8 @@ pub struct Shared {
     /// Presigned redirects for blobs only the bucket holds (`storage.s3.redirect`).
     redirect: Option<Duration>,
     hot_tier: Option<IntCounterVec>,
+    /// Bounds of the bucket and this replica's memory for its eviction passes.
+    pub(super) evict: super::bucket_evict::State,
 }
 
 impl Shared {
@@ -46,6 +48,7 @@ impl Shared {
             cluster: None,
             redirect: None,
             hot_tier: None,
+            evict: super::bucket_evict::State::idle(),
         }
     }
 
@@ -71,7 +74,15 @@ impl Shared {
             cluster,
             redirect,
             hot_tier,
+            evict: super::bucket_evict::State::idle(),
         }
+    }
+
+    /// Bounds the bucket (`storage.max_size`, `cache.max_age`), enforced by
+    /// [`super::bucket_evict::run`].
+    pub fn with_bound(mut self, bound: super::bucket_evict::Bound, registry: &Registry) -> Shared {
+        self.evict = super::bucket_evict::State::new(bound, registry);
+        self
     }
 
     pub fn bucket(&self) -> Option<&Arc<Bucket>> {
@@ -253,6 +264,7 @@ impl Cache {
         match bucket.put_blob_file(digest, file).await {
             Ok(bytes) => {
                 debug!(%digest, bytes, "blob written to the bucket");
+                self.bucket_written(bytes);
                 if let Err(err) = bucket
                     .put_link(&source.upstream.name, source.repo.as_str(), digest)
                     .await
