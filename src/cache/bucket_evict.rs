@@ -358,13 +358,12 @@ impl Cache {
 
         let images = self.read_records(&bucket, &image_list, true).await;
         let pin_hold = millis(bound.pin_hold);
-        let mut pinned: HashSet<Digest> = self
+        let (marks, expired): (Vec<_>, Vec<_>) = self
             .read_records(&bucket, &pin_list, false)
             .await
             .into_iter()
-            .filter(|(_, at)| at.saturating_add(pin_hold) > now)
-            .map(|(root, _)| root)
-            .collect();
+            .partition(|(_, at)| at.saturating_add(pin_hold) > now);
+        let mut pinned: HashSet<Digest> = marks.into_iter().map(|(root, _)| root).collect();
         pinned.extend(self.pinned().into_values());
         let mut refs: HashMap<Digest, Vec<String>> = HashMap::new();
         for item in &ref_list {
@@ -483,6 +482,14 @@ impl Cache {
                 }
             }
         }
+        // Pin marks no pin pass renewed (the pin left the configuration) go, by their owner.
+        for (root, _) in &expired {
+            if mine(root) {
+                let _ = bucket.delete_key(&s3::pin_key(root)).await;
+            }
+        }
+        // Manifests are remembered only while the bucket holds them.
+        lock(&self.shared.evict.children).retain(|digest, _| sizes.contains_key(digest));
         if cut.is_empty() && dangling.is_empty() {
             return Ok(done);
         }
