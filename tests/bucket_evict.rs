@@ -487,7 +487,25 @@ async fn in_a_cluster_each_replica_removes_only_the_images_it_owns_and_together_
     let max_size = size * 70 / 100;
     let low = max_size * 75 / 100;
     let storage = format!("max_size: {max_size}, low_watermark_percent: 75");
-    let ports = [free_port(), free_port()];
+    // Ownership hashes the peer addresses, which take free ports: pick a pair under which each
+    // replica owns one of the three oldest images (each cut below), so the test always shows
+    // both shares.
+    let ports = loop {
+        let ports = [free_port(), free_port()];
+        let addresses = ports.map(|p| format!("127.0.0.1:{p}"));
+        let owners: std::collections::HashSet<&str> = images[..3]
+            .iter()
+            .filter_map(|i| {
+                ::regmirror::cluster::ring::pick(
+                    addresses.iter().map(String::as_str),
+                    &i.manifest_digest,
+                )
+            })
+            .collect();
+        if owners.len() == 2 {
+            break ports;
+        }
+    };
     let peers = format!("[127.0.0.1:{}, 127.0.0.1:{}]", ports[0], ports[1]);
     let cluster = |port: u16| {
         format!("cluster: {{ peers: {peers}, listen: '127.0.0.1:{port}', secret: 0123456789abcdef0123456789abcdef, refresh: 200ms }}")
