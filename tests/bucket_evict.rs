@@ -341,6 +341,23 @@ async fn over_max_size_the_least_recently_pulled_image_leaves_the_bucket_and_the
     assert!(tag_in_bucket(&bucket, "library/c", "v1").await.is_some());
     // A second pass finds nothing more to do.
     assert_eq!(r.pass().await.cut, 0);
+    // Counted: b's manifest, config and own layer.
+    let metrics = http()
+        .get(format!("{}/metrics", r.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("regmirror_bucket_evictions_total 3\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(
+        "regmirror_bucket_evicted_bytes_total {}\n",
+        size_b - b.layer_sizes[0]
+    )));
 
     // With the upstream gone, a replica on an empty disk pulls a and c completely from the
     // bucket alone, and has nothing for b.
