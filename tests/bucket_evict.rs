@@ -300,11 +300,12 @@ async fn over_max_size_the_least_recently_pulled_image_leaves_the_bucket_and_the
     // watermark: one pass removes b and only b.
     let max_size = (size_a + size_b + size_c) * 95 / 100;
     assert!(size_a + size_c < max_size * 80 / 100);
+    // Every pull revalidates its tag with the upstream.
     let r = replica(
         &dist.url(),
         &garage,
         &format!("max_size: {max_size}, low_watermark_percent: 80"),
-        "",
+        "cache: { tag_ttl: 0s }",
     )
     .await;
     for name in ["a", "b", "c", "a"] {
@@ -358,6 +359,11 @@ async fn over_max_size_the_least_recently_pulled_image_leaves_the_bucket_and_the
         "regmirror_bucket_evicted_bytes_total {}\n",
         size_b - b.layer_sizes[0]
     )));
+
+    // b pulled again where it is still in the hot tier: the upstream confirms the tag, but
+    // the bucket does not list it again without its content.
+    r.pull("library/b").await.assert_success();
+    assert_eq!(tag_in_bucket(&bucket, "library/b", "v1").await, None);
 
     // With the upstream gone, a replica on an empty disk pulls a and c completely from the
     // bucket alone, and has nothing for b.

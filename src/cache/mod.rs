@@ -498,13 +498,20 @@ impl Cache {
         let _slot = self.manifest_slot(upstream).await;
         let fetched = match upstream.head_manifest(repo, tag).await {
             Ok(head) if head.digest.as_ref() == Some(&held.digest) => {
+                // The bucket may have evicted the image while this replica kept it in its hot
+                // tier: the tag is then confirmed here only, never listed in the bucket again
+                // with its content gone.
+                let share = match self.shared.bucket() {
+                    Some(bucket) => bucket.has_manifest(&held.digest).await.unwrap_or(true),
+                    None => true,
+                };
                 self.record_tag(
                     upstream,
                     repo,
                     tag,
                     &held.digest,
                     storage::now_millis(),
-                    true,
+                    share,
                 )
                 .await?;
                 let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());

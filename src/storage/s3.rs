@@ -360,6 +360,23 @@ impl Bucket {
         result
     }
 
+    /// Whether the bucket holds the manifest `digest`.
+    pub async fn has_manifest(&self, digest: &Digest) -> Result<bool, Error> {
+        let started = Instant::now();
+        let result = self
+            .store
+            .head(&manifest_key(digest))
+            .await
+            .map(|_| ())
+            .map_err(classify);
+        self.observe("head", started, &result);
+        match result {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// A manifest and its media type, `None` if the bucket does not have it (or has bytes that
     /// do not hash to its name, which are not served).
     pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(Bytes, String)>, Error> {
