@@ -41,6 +41,8 @@ pub const BUCKET_EVICTED_BYTES: &str = "regmirror_bucket_evicted_bytes_total";
 pub const IMAGE_TOUCH: Duration = Duration::from_secs(600);
 /// How often a replica runs a pass.
 const PASS_EVERY: Duration = Duration::from_secs(60);
+/// The shortest time between two passes of one replica.
+const MIN_GAP: Duration = Duration::from_secs(10);
 /// An index names manifests which name blobs: three levels; more is a loop or abuse.
 const MAX_DEPTH: u8 = 3;
 /// Pulls remembered per replica before the oldest are forgotten (then written again).
@@ -377,7 +379,7 @@ impl Cache {
         let mut children: HashMap<Digest, Arc<Vec<Digest>>> = HashMap::new();
         for (digest, (_, _, manifest)) in &sizes {
             if *manifest {
-                let kids = self.children_of(&bucket, digest).await;
+                let kids = self.children_of(&bucket, digest).await?;
                 named.extend(kids.iter().cloned());
                 children.insert(digest.clone(), kids);
             }
@@ -504,7 +506,7 @@ impl Cache {
                 }
             }
         }
-        let protected = self.new_since(&bucket, &manifest_list).await;
+        let protected = self.new_since(&bucket, &manifest_list).await?;
         for &i in &cut {
             let unit = &units[i];
             if !mine(&unit.root) {
@@ -651,39 +653,46 @@ impl Cache {
         out
     }
 
-    /// What a manifest in the bucket names: from memory, else read once.
-    async fn children_of(&self, bucket: &Bucket, digest: &Digest) -> Arc<Vec<Digest>> {
+    /// What a manifest in the bucket names: from memory, else read once. A manifest that is
+    /// gone or does not hash to its name names nothing; one the bucket fails to give fails
+    /// the pass, since its layers would otherwise look like nobody's.
+    async fn children_of(
+        &self,
+        bucket: &Bucket,
+        digest: &Digest,
+    ) -> Result<Arc<Vec<Digest>>, crate::storage::Error> {
         if let Some(kids) = lock(&self.shared.evict.children).get(digest) {
-            return kids.clone();
+            return Ok(kids.clone());
         }
-        let kids = match bucket.get_manifest(digest).await {
-            Ok(Some((bytes, _))) => Arc::new(
-                media_type::referenced_digests(&bytes)
-                    .into_iter()
-                    .map(|(d, _)| d)
-                    .collect::<Vec<_>>(),
-            ),
-            // Not readable now: names nothing this pass, asked again the next.
-            _ => return Arc::new(Vec::new()),
+        let Some((bytes, _)) = bucket.get_manifest(digest).await? else {
+            return Ok(Arc::new(Vec::new()));
         };
+        let kids = Arc::new(
+            media_type::referenced_digests(&bytes)
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect::<Vec<_>>(),
+        );
         lock(&self.shared.evict.children).insert(digest.clone(), kids.clone());
-        kids
+        Ok(kids)
     }
 
     /// What manifests written since the pass listed them name: a new image may have come to
     /// share content with a cut one meanwhile, and that content stays.
-    async fn new_since(&self, bucket: &Bucket, listed: &[Listed]) -> HashSet<Digest> {
+    async fn new_since(
+        &self,
+        bucket: &Bucket,
+        listed: &[Listed],
+    ) -> Result<HashSet<Digest>, crate::storage::Error> {
         let before: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
         let mut protected = HashSet::new();
-        let Ok(now) = bucket.list("manifests").await else {
-            return protected;
-        };
+        let now = bucket.list("manifests").await?;
         for item in now.iter().filter(|l| !before.contains(l.name.as_str())) {
             if let Some((digest, "")) = split_name(&item.name) {
                 let mut pending = vec![(digest, 0u8)];
                 while let Some((digest, depth)) = pending.pop() {
                     if depth < MAX_DEPTH {
-                        for kid in self.children_of(bucket, &digest).await.iter() {
+                        for kid in self.children_of(bucket, &digest).await?.iter() {
                             pending.push((kid.clone(), depth + 1));
                         }
                     }
@@ -691,7 +700,7 @@ impl Cache {
                 }
             }
         }
-        protected
+        Ok(protected)
     }
 }
 
@@ -722,7 +731,8 @@ fn owns(cluster: Option<&Cluster>, root: &Digest) -> bool {
     cluster.is_none_or(|c| matches!(c.owner(root.as_str()), Owner::Me))
 }
 
-/// Runs a pass every minute, or when this replica wrote to the bucket, until `shutdown`.
+/// Runs a pass every minute, or sooner (at most every [`MIN_GAP`]) when this replica's uploads
+/// take the bucket over its bound, until `shutdown`.
 pub async fn run(cache: Arc<Cache>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
@@ -733,6 +743,12 @@ pub async fn run(cache: Arc<Cache>, shutdown: impl std::future::Future<Output = 
         }
         if let Err(error) = cache.evict_bucket_once().await {
             warn!(%error, "bucket eviction pass failed; trying again later");
+        }
+        // A bucket that stays over (others' shares pending, pins) must not turn every upload
+        // into a listing of the whole bucket.
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(MIN_GAP) => {}
         }
     }
 }
