@@ -215,7 +215,8 @@ pub struct StorageConfig {
     #[serde(default = "defaults::storage_root")]
     pub root: PathBuf,
     /// Upper bound on the bytes of cached blobs (default `50GiB`); above it the least recently
-    /// pulled images are evicted, whole. `0` means unbounded.
+    /// pulled images are evicted, whole. `0` means unbounded. With `s3`, the bound of the
+    /// bucket (each replica removes the images it owns), and `local.max_size` that of the disk.
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,
     /// Eviction stops once the cache is back under this percentage of `max_size`, so it runs in
@@ -421,7 +422,7 @@ pub struct CacheConfig {
     #[serde(default = "defaults::blob_stall_bytes")]
     pub blob_stall_bytes: ByteSize,
     /// Images nobody pulled for this long are evicted even below `storage.max_size` (default
-    /// `30d`; `0` keeps them until space is needed).
+    /// `30d`; `0` keeps them until space is needed). With `storage.s3`, from the bucket too.
     #[serde(default = "defaults::max_age")]
     pub max_age: HumanDuration,
 }

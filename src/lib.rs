@@ -138,12 +138,19 @@ async fn shared(
         None => None,
     };
     let redirect = s3.redirect.then_some(s3.redirect_ttl.0);
+    let bound = cache::BucketBound {
+        max_size: config.storage.max_size.0,
+        low_watermark_percent: config.storage.low_watermark_percent,
+        max_age: config.cache.max_age.0,
+        pin_hold: config.pins_refresh.0.saturating_mul(2),
+    };
     Ok(cache::Shared::new(
         Some(Arc::new(bucket)),
         cluster,
         redirect,
         metrics.registry(),
-    ))
+    )
+    .with_bound(bound, metrics.registry()))
 }
 
 /// Loads `auth.htpasswd`, and warns when private credentials sit behind an open mirror.
@@ -304,6 +311,13 @@ pub async fn run(
             .clone()
             .run(until_stopped(stopped.clone())),
     );
+    if config.storage.s3.is_some() {
+        // The bucket's own bound, apart from the hot tier's evictor above.
+        tokio::spawn(cache::bucket_evict::run(
+            state.cache.clone(),
+            until_stopped(stopped.clone()),
+        ));
+    }
     let (too_big, pins_too_big) = tokio::sync::oneshot::channel();
     if !config.pins.is_empty() {
         tokio::spawn(cache::pins::run(

@@ -130,6 +130,9 @@ impl Cache {
         let progress = match result {
             Ok(Fetched::Committed { total, publish }) => {
                 self.evictor.committed();
+                // Counted from before the readers are answered, so a test that saw its
+                // pull end also sees the upload under way.
+                let _pending = publish.then(|| self.shared.evict.pending());
                 download.finish(Progress::Done { total });
                 if publish {
                     // After the readers are answered: they read the local file, and peers

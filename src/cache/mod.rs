@@ -6,6 +6,7 @@
 //! requests: the API asks it for manifests and blobs and turns its answers into responses.
 
 mod blobs;
+pub mod bucket_evict;
 mod download;
 mod evict;
 mod flight;
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 pub use blobs::{Blob, BlobBody};
+pub use bucket_evict::{Bound as BucketBound, BucketEvicted};
 pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
@@ -373,6 +375,7 @@ impl Cache {
                 self.clock.now(),
                 TOUCH_GRANULARITY_MS,
             );
+            self.touch_shared(&manifest.digest);
         }
         result
     }
@@ -506,13 +509,20 @@ impl Cache {
         let _slot = self.manifest_slot(upstream).await;
         let fetched = match upstream.head_manifest(repo, tag).await {
             Ok(head) if head.digest.as_ref() == Some(&held.digest) => {
+                // The bucket may have evicted the image while this replica kept it in its hot
+                // tier: the tag is then confirmed here only, never listed in the bucket again
+                // with its content gone.
+                let share = match self.shared.bucket() {
+                    Some(bucket) => bucket.has_manifest(&held.digest).await.unwrap_or(true),
+                    None => true,
+                };
                 self.record_tag(
                     upstream,
                     repo,
                     tag,
                     &held.digest,
                     storage::now_millis(),
-                    true,
+                    share,
                 )
                 .await?;
                 let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
@@ -630,6 +640,7 @@ impl Cache {
             {
                 warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "could not record the tag in the bucket");
             }
+            self.share_tag_ref(&upstream.name, repo.as_str(), tag, digest);
         }
         Ok(())
     }
@@ -708,8 +719,11 @@ impl Cache {
                 }
                 Err(err) => Err(err),
             };
-            if let Err(err) = linked {
-                warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only");
+            match linked {
+                Ok(()) => self.bucket_written(manifest.bytes.len() as u64),
+                Err(err) => {
+                    warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only")
+                }
             }
         }
         // fsync and rename: blocking, off the async workers.

@@ -82,6 +82,7 @@ impl Cache {
             .fold(0u64, |sum, size| sum.saturating_add(*size));
         self.evictor
             .set_pinned(pass.pinned.values().cloned().collect());
+        self.share_pins(pass.pinned.values()).await;
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = pass.pinned.clone();
         pass
     }

@@ -40,6 +40,8 @@ pub struct Shared {
     hot_tier: Option<IntCounterVec>,
     /// Late uploads under way (see [`Cache::publish_blob_once`]).
     uploads: std::sync::Mutex<std::collections::HashSet<Digest>>,
+    /// Bounds of the bucket and this replica's memory for its eviction passes.
+    pub(super) evict: super::bucket_evict::State,
 }
 
 impl Shared {
@@ -51,6 +53,7 @@ impl Shared {
             redirect: None,
             hot_tier: None,
             uploads: Default::default(),
+            evict: super::bucket_evict::State::idle(),
         }
     }
 
@@ -77,7 +80,15 @@ impl Shared {
             redirect,
             hot_tier,
             uploads: Default::default(),
+            evict: super::bucket_evict::State::idle(),
         }
+    }
+
+    /// Bounds the bucket (`storage.max_size`, `cache.max_age`), enforced by
+    /// [`super::bucket_evict::run`].
+    pub fn with_bound(mut self, bound: super::bucket_evict::Bound, registry: &Registry) -> Shared {
+        self.evict = super::bucket_evict::State::new(bound, registry);
+        self
     }
 
     pub fn bucket(&self) -> Option<&Arc<Bucket>> {
@@ -294,6 +305,7 @@ impl Cache {
         match bucket.put_blob_file(digest, file).await {
             Ok(bytes) => {
                 debug!(%digest, bytes, "blob written to the bucket");
+                self.bucket_written(bytes);
                 if let Err(err) = bucket
                     .put_link(&source.upstream.name, source.repo.as_str(), digest)
                     .await

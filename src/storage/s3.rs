@@ -8,6 +8,12 @@
 //! manifests/sha256/<64 hex>             verified manifest (Content-Type: its media type)
 //! tags/<upstream>/<repository>/_t/<tag> {"digest": ..., "confirmed": <unix ms>}
 //! links/<upstream>/<repository>/_l/<64 hex>   empty: the repository showed this digest
+//! images/sha256/<64 hex>                {"last_pull": <unix ms>}: an image root, for eviction
+//! refs/sha256/<64 hex>/<upstream>/<repository>/_t/<tag>   empty: this tag was recorded
+//!                                       naming that root (the tag to remove with the image)
+//! pins/sha256/<64 hex>                  {"at": <unix ms>}: a pin pass pinned this root then
+//! evicting                              {"at": <unix ms>}: the bucket went over its bound and
+//!                                       the replicas are evicting down to the low watermark
 //! ```
 //! (`_t` and `_l` cannot be repository path components: those start with `[a-z0-9]`.)
 //!
@@ -77,6 +83,29 @@ pub struct SharedTag {
     pub digest: Digest,
     /// When the upstream last confirmed it (unix milliseconds).
     pub confirmed: u64,
+}
+
+/// An image root as the bucket records it: when some replica last served a pull of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedImage {
+    pub last_pull: u64,
+}
+
+/// A pin pass's mark on an image root: when it last pinned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedPin {
+    pub at: u64,
+}
+
+/// An object as a listing shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The key after the listed prefix.
+    pub name: String,
+    pub size: u64,
+    /// Last modification, unix milliseconds.
+    pub modified: u64,
+    pub e_tag: Option<String>,
 }
 
 /// A blob body read from the bucket.
@@ -331,6 +360,23 @@ impl Bucket {
         result
     }
 
+    /// Whether the bucket holds the manifest `digest`.
+    pub async fn has_manifest(&self, digest: &Digest) -> Result<bool, Error> {
+        let started = Instant::now();
+        let result = self
+            .store
+            .head(&manifest_key(digest))
+            .await
+            .map(|_| ())
+            .map_err(classify);
+        self.observe("head", started, &result);
+        match result {
+            Ok(()) => Ok(true),
+            Err(Error::NotFound) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// A manifest and its media type, `None` if the bucket does not have it (or has bytes that
     /// do not hash to its name, which are not served).
     pub async fn get_manifest(&self, digest: &Digest) -> Result<Option<(Bytes, String)>, Error> {
@@ -436,6 +482,149 @@ impl Bucket {
         }
     }
 
+    /// Every object under `prefix` (`blobs`, `manifests`, `images`, `refs`, `pins`), with
+    /// names relative to it. One request per thousand keys.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, Error> {
+        let started = Instant::now();
+        let base = Path::from(prefix);
+        let skip = base.as_ref().len() + 1;
+        let result: Result<Vec<Listed>, Error> = self
+            .store
+            .list(Some(&base))
+            .map_err(classify)
+            .map_ok(|meta| Listed {
+                name: meta.location.as_ref().get(skip..).unwrap_or("").to_owned(),
+                size: meta.size,
+                modified: u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0),
+                e_tag: meta.e_tag,
+            })
+            .try_collect()
+            .await;
+        self.observe("list", started, &result);
+        result
+    }
+
+    /// Records a pull of the image rooted at `root`.
+    pub async fn put_image(&self, root: &Digest, image: &SharedImage) -> Result<(), Error> {
+        self.put_json("put_image", &image_key(root), image).await
+    }
+
+    /// The image record of `root`, `None` if absent or unreadable.
+    pub async fn get_image(&self, root: &Digest) -> Result<Option<SharedImage>, Error> {
+        self.get_json("get_image", &image_key(root)).await
+    }
+
+    /// Marks the image rooted at `root` pinned as of `pin.at`.
+    pub async fn put_pin(&self, root: &Digest, pin: &SharedPin) -> Result<(), Error> {
+        self.put_json("put_pin", &pin_key(root), pin).await
+    }
+
+    /// A pin mark, `None` if absent or unreadable.
+    pub async fn get_pin(&self, root: &Digest) -> Result<Option<SharedPin>, Error> {
+        self.get_json("get_pin", &pin_key(root)).await
+    }
+
+    /// Marks the bucket as being evicted down to its low watermark (or clears the mark), so
+    /// replicas whose passes come after another's first deletions keep going.
+    pub async fn set_evicting(&self, at: Option<u64>) -> Result<(), Error> {
+        match at {
+            Some(at) => {
+                self.put_json("put_evicting", &evicting_key(), &SharedPin { at })
+                    .await
+            }
+            None => self.delete_key(&evicting_key()).await,
+        }
+    }
+
+    /// Whether the bucket is marked as being evicted.
+    pub async fn evicting(&self) -> Result<bool, Error> {
+        Ok(self
+            .get_json::<SharedPin>("get_evicting", &evicting_key())
+            .await?
+            .is_some())
+    }
+
+    /// Records that a tag was pointed at the image rooted at `root`, so whoever removes the
+    /// image finds the tag to remove first.
+    pub async fn put_tag_ref(
+        &self,
+        root: &Digest,
+        upstream: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<(), Error> {
+        let started = Instant::now();
+        let key = Path::from(format!(
+            "refs/sha256/{}/{upstream}/{repository}/_t/{tag}",
+            root.hex()
+        ));
+        let result = self
+            .store
+            .put(&key, PutPayload::new())
+            .await
+            .map(|_| ())
+            .map_err(classify);
+        self.observe("put_ref", started, &result);
+        result
+    }
+
+    /// Removes the tag `tags/<name>` (`name` as a `refs/` listing gives it after the root:
+    /// `<upstream>/<repository>/_t/<tag>`) if it still names `root`; a tag that moved on to
+    /// another image stays. Returns whether it was removed.
+    pub async fn delete_tag_naming(&self, name: &str, root: &Digest) -> Result<bool, Error> {
+        let key = Path::from(format!("tags/{name}"));
+        let started = Instant::now();
+        let found = self.get_small(&key).await;
+        self.observe(
+            "get_tag",
+            started,
+            &found.as_ref().map(|_| ()).map_err(clone_err),
+        );
+        let Some((bytes, _)) = found? else {
+            return Ok(false);
+        };
+        match serde_json::from_slice::<SharedTag>(&bytes) {
+            Ok(tag) if tag.digest != *root => Ok(false),
+            // Naming this root, or unreadable (as good as none to every reader).
+            _ => self.delete_key(&key).await.map(|()| true),
+        }
+    }
+
+    /// Removes an object by its whole key; removing one that is not there succeeds.
+    pub async fn delete_key(&self, key: &Path) -> Result<(), Error> {
+        let started = Instant::now();
+        let result = match self.store.delete(key).await.map_err(classify) {
+            Err(Error::NotFound) => Ok(()),
+            other => other,
+        };
+        self.observe("delete", started, &result);
+        result
+    }
+
+    async fn put_json<T: Serialize>(&self, op: &str, key: &Path, value: &T) -> Result<(), Error> {
+        let started = Instant::now();
+        let body = serde_json::to_vec(value).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        let result = self
+            .store
+            .put(key, PutPayload::from(body))
+            .await
+            .map(|_| ())
+            .map_err(classify);
+        self.observe(op, started, &result);
+        result
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &str,
+        key: &Path,
+    ) -> Result<Option<T>, Error> {
+        let started = Instant::now();
+        let result = self.get_small(key).await;
+        self.observe(op, started, &result.as_ref().map(|_| ()).map_err(clone_err));
+        Ok(result?.and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok()))
+    }
+
     /// A small object (manifest, tag), refused if larger than [`MAX_SMALL_OBJECT`].
     async fn get_small(&self, key: &Path) -> Result<Option<(Bytes, Attributes)>, Error> {
         let got = match self.store.get(key).await.map_err(classify) {
@@ -514,6 +703,32 @@ fn manifest_key(digest: &Digest) -> Path {
 // none holds characters that need escaping in a key, and `Path::from` splits on `/` only.
 fn tag_key(upstream: &str, repository: &str, tag: &str) -> Path {
     Path::from(format!("tags/{upstream}/{repository}/_t/{tag}"))
+}
+
+/// The key of a blob (`manifest` false) or manifest in the bucket.
+pub fn content_key(digest: &Digest, manifest: bool) -> Path {
+    if manifest {
+        manifest_key(digest)
+    } else {
+        blob_key(digest)
+    }
+}
+
+fn evicting_key() -> Path {
+    Path::from("evicting")
+}
+
+pub fn image_key(root: &Digest) -> Path {
+    Path::from(format!("images/sha256/{}", root.hex()))
+}
+
+pub fn pin_key(root: &Digest) -> Path {
+    Path::from(format!("pins/sha256/{}", root.hex()))
+}
+
+/// The key of a tag reference (`name` as a `refs/` listing gives it after the root).
+pub fn tag_ref_key(root: &Digest, name: &str) -> Path {
+    Path::from(format!("refs/sha256/{}/{name}", root.hex()))
 }
 
 fn link_key(upstream: &str, repository: &str, digest: &Digest) -> Path {

@@ -1,0 +1,796 @@
+//! Keeping the shared bucket under `storage.max_size` and `cache.max_age`, by image, in a
+//! cluster without a global lock.
+//!
+//! Every replica runs the same pass over the same listing and reaches the same decision: the
+//! images in the bucket by last pull, oldest first, pinned ones left out, cut until the bucket
+//! is under the low watermark (and every image nobody pulled within `max_age`); what to delete
+//! is the content of cut images that no retained image holds. Each replica then deletes only
+//! the cut images it owns (rendezvous hashing of the root digest; alone, it owns all): first
+//! the tags naming them, so no tag is ever listed with content gone, then the content, then
+//! the image's own records. Replicas that disagree for a moment (a listing a few seconds
+//! apart, a member joining) at worst delete one image twice or leave it for the next pass.
+//!
+//! What an image holds is read from its manifests (immutable, so each replica reads each
+//! manifest once and remembers what it names), not from records a replica wrote: the bucket's
+//! content is the truth, and two replicas that each know half an image (the index here, a
+//! platform manifest there) cannot make it lose members. Records hold only what content does
+//! not say: when an image was last pulled (`images/`, written at most every
+//! [`IMAGE_TOUCH`] per image per replica), which tags named it (`refs/`), and which roots a
+//! pin pass pinned (`pins/`), so a replica whose own pin pass has not run yet spares them too.
+//!
+//! The local disk is only a hot tier with its own evictor ([`super::Evictor`]), which never
+//! touches the bucket; nothing here touches the local disk.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounter, Registry};
+use tracing::{info, warn};
+
+use super::Cache;
+use crate::cluster::{Cluster, Owner};
+use crate::oci::{media_type, Digest};
+use crate::storage::s3::{self, Bucket, Listed, SharedImage, SharedPin};
+
+pub const BUCKET_EVICTIONS: &str = "regmirror_bucket_evictions_total";
+pub const BUCKET_EVICTED_BYTES: &str = "regmirror_bucket_evicted_bytes_total";
+
+/// A replica records a pull of an image in the bucket at most this often.
+pub const IMAGE_TOUCH: Duration = Duration::from_secs(600);
+/// How often a replica runs a pass.
+const PASS_EVERY: Duration = Duration::from_secs(60);
+/// The shortest time between two passes of one replica.
+const MIN_GAP: Duration = Duration::from_secs(10);
+/// An index names manifests which name blobs: three levels; more is a loop or abuse.
+const MAX_DEPTH: u8 = 3;
+/// Pulls remembered per replica before the oldest are forgotten (then written again).
+const MAX_TOUCHED: usize = 100_000;
+
+/// The bucket's bounds, from the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bound {
+    /// `storage.max_size` in bytes; 0 is unbounded.
+    pub max_size: u64,
+    pub low_watermark_percent: u8,
+    /// `cache.max_age`; zero never.
+    pub max_age: Duration,
+    /// A pin mark older than this is no longer honoured (a pin removed from the
+    /// configuration lets its image go): twice `pins_refresh`.
+    pub pin_hold: Duration,
+}
+
+/// What one pass saw and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BucketEvicted {
+    /// Bytes of blobs and manifests in the bucket when the pass listed it.
+    pub total: u64,
+    /// Bytes the global decision frees (by every owner together).
+    pub planned: u64,
+    /// Images the global decision cuts.
+    pub cut: usize,
+    /// Of those, images this replica owns and removed.
+    pub images: usize,
+    /// Blobs and manifests this replica deleted, and their bytes.
+    pub objects: usize,
+    pub bytes: u64,
+    /// Tags this replica removed.
+    pub tags: usize,
+    /// Repository links to content no longer in the bucket this replica removed.
+    pub links: usize,
+    /// The roots the global decision cuts, oldest first, and those this replica removed.
+    pub cut_roots: Vec<Digest>,
+    pub removed_roots: Vec<Digest>,
+}
+
+/// Per-replica memory of the pass and the pull records.
+pub(super) struct State {
+    bound: Bound,
+    /// Roots whose pull this replica last recorded, and when.
+    touched: Mutex<HashMap<Digest, u64>>,
+    /// What each manifest names (manifests are immutable).
+    children: Mutex<HashMap<Digest, Arc<Vec<Digest>>>>,
+    /// Image and pin records by root, with the entity tag they were read at.
+    images: Mutex<HashMap<Digest, (Option<String>, u64)>>,
+    pins: Mutex<HashMap<Digest, (Option<String>, u64)>>,
+    evictions: Option<(IntCounter, IntCounter)>,
+    /// The bucket's size as the last pass listed it plus what this replica wrote since: a
+    /// pass is started early when it goes over `max_size`.
+    estimate: AtomicU64,
+    wake: tokio::sync::Notify,
+    /// Bucket writes started off a request's path and not finished yet.
+    pending: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+/// A bucket write under way (see [`Cache::bucket_writes_settled`]).
+pub(super) struct Pending(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl State {
+    pub(super) fn new(bound: Bound, registry: &Registry) -> State {
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::new(name, help).ok()?;
+            // A second cache in one process (tests) shares the first one's series.
+            let _ = registry.register(Box::new(counter.clone()));
+            Some(counter)
+        };
+        let evictions = counter(
+            BUCKET_EVICTIONS,
+            "Blobs and manifests this replica deleted from the shared bucket to keep it under storage.max_size and cache.max_age.",
+        )
+        .zip(counter(
+            BUCKET_EVICTED_BYTES,
+            "Bytes this replica deleted from the shared bucket.",
+        ));
+        State {
+            bound,
+            touched: Mutex::default(),
+            children: Mutex::default(),
+            images: Mutex::default(),
+            pins: Mutex::default(),
+            evictions,
+            estimate: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            pending: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// No bucket, no bounds, no counters.
+    pub(super) fn idle() -> State {
+        State {
+            bound: Bound::default(),
+            touched: Mutex::default(),
+            children: Mutex::default(),
+            images: Mutex::default(),
+            pins: Mutex::default(),
+            evictions: None,
+            estimate: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            pending: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Counts a bucket write under way until the guard is dropped.
+    pub(super) fn pending(&self) -> Pending {
+        self.pending.send_modify(|n| *n += 1);
+        Pending(self.pending.clone())
+    }
+
+    /// Whether a pull of `root` at `now` should be written to the bucket, and notes it if so.
+    fn should_touch(&self, root: &Digest, now: u64) -> bool {
+        let every = u64::try_from(IMAGE_TOUCH.as_millis()).unwrap_or(u64::MAX);
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if touched
+            .get(root)
+            .is_some_and(|at| at.saturating_add(every) > now)
+        {
+            return false;
+        }
+        if touched.len() >= MAX_TOUCHED {
+            touched.retain(|_, at| at.saturating_add(every) > now);
+        }
+        touched.insert(root.clone(), now);
+        true
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `sha256/<64 hex>[/rest]` as listed under `images/`, `pins/`, `refs/`, `blobs/` or
+/// `manifests/`: the digest and the rest.
+fn split_name(name: &str) -> Option<(Digest, &str)> {
+    let hex = name.strip_prefix("sha256/")?;
+    let (hex, rest) = match hex.split_once('/') {
+        Some((hex, rest)) => (hex, rest),
+        None => (hex, ""),
+    };
+    let digest = format!("sha256:{hex}").parse().ok()?;
+    Some((digest, rest))
+}
+
+/// One unit of eviction: an image (a root manifest and what it names), or content no image
+/// names, on its own.
+struct Unit {
+    root: Digest,
+    last_pull: u64,
+    members: Vec<Digest>,
+    pinned: bool,
+}
+
+impl Cache {
+    /// Records a pull of every image holding `digest` in the bucket, at most every
+    /// [`IMAGE_TOUCH`] per image on this replica, off the request's path.
+    pub(super) fn touch_shared(&self, digest: &Digest) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        let now = self.clock.now();
+        let state = &self.shared.evict;
+        let roots: Vec<Digest> = self
+            .store
+            .index()
+            .owners(digest)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|root| state.should_touch(root, now))
+            .collect();
+        if roots.is_empty() {
+            return;
+        }
+        let bucket = bucket.clone();
+        let pending = state.pending();
+        tokio::spawn(async move {
+            let _pending = pending;
+            let image = SharedImage { last_pull: now };
+            for root in roots {
+                if let Err(error) = bucket.put_image(&root, &image).await {
+                    warn!(%root, %error, "could not record the pull in the bucket");
+                }
+            }
+        });
+    }
+
+    /// Records that a tag named the image rooted at `root` (for whoever removes the image),
+    /// off the request's path.
+    pub(super) fn share_tag_ref(&self, upstream: &str, repository: &str, tag: &str, root: &Digest) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        let (bucket, upstream, repository, tag, root) = (
+            bucket.clone(),
+            upstream.to_owned(),
+            repository.to_owned(),
+            tag.to_owned(),
+            root.clone(),
+        );
+        let pending = self.shared.evict.pending();
+        tokio::spawn(async move {
+            let _pending = pending;
+            if let Err(error) = bucket
+                .put_tag_ref(&root, &upstream, &repository, &tag)
+                .await
+            {
+                warn!(%root, %error, "could not record the tag's image in the bucket");
+            }
+        });
+    }
+
+    /// Marks pinned roots in the bucket, so every replica spares them.
+    pub(super) async fn share_pins(&self, roots: impl Iterator<Item = &Digest>) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        let pin = SharedPin {
+            at: self.clock.now(),
+        };
+        for root in roots {
+            if let Err(error) = bucket.put_pin(root, &pin).await {
+                warn!(%root, %error, "could not mark the pinned image in the bucket");
+            }
+        }
+    }
+
+    /// Waits until the bucket writes this replica started off requests' paths (pull records,
+    /// tag records, blob uploads) are done: for shutdown and tests.
+    pub async fn bucket_writes_settled(&self) {
+        let mut pending = self.shared.evict.pending.subscribe();
+        let _ = pending.wait_for(|n| *n == 0).await;
+    }
+
+    /// Notes `bytes` this replica wrote to the bucket, and starts a pass early when that takes
+    /// the bucket over `max_size` as far as this replica knows.
+    pub(super) fn bucket_written(&self, bytes: u64) {
+        let state = &self.shared.evict;
+        if self.shared.bucket().is_none() || state.bound.max_size == 0 {
+            return;
+        }
+        let before = state.estimate.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > state.bound.max_size {
+            state.wake.notify_one();
+        }
+    }
+
+    /// One eviction pass over the bucket (see the module documentation). Without a bucket or
+    /// bounds, does nothing.
+    pub async fn evict_bucket_once(&self) -> Result<BucketEvicted, super::Error> {
+        let mut done = BucketEvicted::default();
+        let Some(bucket) = self.shared.bucket().cloned() else {
+            return Ok(done);
+        };
+        let bound = self.shared.evict.bound;
+        if bound.max_size == 0 && bound.max_age.is_zero() {
+            return Ok(done);
+        }
+        let now = self.clock.now();
+        // Records first, content after: a record's manifest was written before it, so the
+        // content listing shows it, and a record is never mistaken for one whose image is gone.
+        let image_list = bucket.list("images").await?;
+        let ref_list = bucket.list("refs").await?;
+        let pin_list = bucket.list("pins").await?;
+        let link_list = bucket.list("links").await?;
+        let manifest_list = bucket.list("manifests").await?;
+        let blob_list = bucket.list("blobs").await?;
+
+        let mut sizes: HashMap<Digest, (u64, u64, bool)> = HashMap::new();
+        for (list, manifest) in [(&manifest_list, true), (&blob_list, false)] {
+            for item in list {
+                if let Some((digest, "")) = split_name(&item.name) {
+                    sizes.insert(digest, (item.size, item.modified, manifest));
+                }
+            }
+        }
+        done.total = sizes
+            .values()
+            .fold(0u64, |sum, (size, _, _)| sum.saturating_add(*size));
+        self.shared
+            .evict
+            .estimate
+            .store(done.total, Ordering::Relaxed);
+        let low = bound.max_size / 100 * u64::from(bound.low_watermark_percent);
+        // Over the bound, every replica evicts down to the low watermark. The first pass to see
+        // the bucket over says so in the bucket: a replica whose pass comes after the others
+        // removed their share (the bucket under `max_size` by then, not yet under the low
+        // watermark) still removes its own.
+        let mut over = false;
+        if bound.max_size > 0 {
+            let marked = bucket.evicting().await.unwrap_or(false);
+            if done.total > bound.max_size {
+                over = true;
+                if !marked {
+                    bucket.set_evicting(Some(now)).await?;
+                }
+            } else if done.total > low {
+                over = marked;
+            } else if marked {
+                bucket.set_evicting(None).await?;
+            }
+        }
+
+        let images = self.read_records(&bucket, &image_list, true).await;
+        let pin_hold = millis(bound.pin_hold);
+        let (marks, expired): (Vec<_>, Vec<_>) = self
+            .read_records(&bucket, &pin_list, false)
+            .await
+            .into_iter()
+            .partition(|(_, at)| at.saturating_add(pin_hold) > now);
+        let mut pinned: HashSet<Digest> = marks.into_iter().map(|(root, _)| root).collect();
+        pinned.extend(self.pinned().into_values());
+        let mut refs: HashMap<Digest, Vec<String>> = HashMap::new();
+        for item in &ref_list {
+            if let Some((root, name)) = split_name(&item.name) {
+                refs.entry(root).or_default().push(name.to_owned());
+            }
+        }
+
+        // What every manifest names, and so which manifests no other one names.
+        let mut named: HashSet<Digest> = HashSet::new();
+        let mut children: HashMap<Digest, Arc<Vec<Digest>>> = HashMap::new();
+        for (digest, (_, _, manifest)) in &sizes {
+            if *manifest {
+                let kids = self.children_of(&bucket, digest).await?;
+                named.extend(kids.iter().cloned());
+                children.insert(digest.clone(), kids);
+            }
+        }
+        let mut roots: BTreeSet<Digest> = BTreeSet::new();
+        for digest in children.keys() {
+            if images.contains_key(digest) || pinned.contains(digest) || !named.contains(digest) {
+                roots.insert(digest.clone());
+            }
+        }
+        let mut units: Vec<Unit> = Vec::new();
+        let mut held: HashSet<Digest> = HashSet::new();
+        for root in roots {
+            let members = closure(&root, &children, &sizes);
+            held.extend(members.iter().cloned());
+            let last_pull = images
+                .get(&root)
+                .copied()
+                .unwrap_or_else(|| sizes.get(&root).map_or(0, |(_, modified, _)| *modified));
+            units.push(Unit {
+                pinned: pinned.contains(&root),
+                root,
+                last_pull,
+                members,
+            });
+        }
+        // Content no image names (fetched by digest alone, or left by a crash) is a unit of
+        // its own, dated by its upload.
+        for (digest, (_, modified, _)) in &sizes {
+            if !held.contains(digest) {
+                units.push(Unit {
+                    root: digest.clone(),
+                    last_pull: *modified,
+                    members: vec![digest.clone()],
+                    pinned: false,
+                });
+            }
+        }
+        units.sort_by(|a, b| (a.last_pull, &a.root).cmp(&(b.last_pull, &b.root)));
+
+        // The global decision: the same on every replica that listed the same bucket.
+        let mut holders: HashMap<&Digest, usize> = HashMap::new();
+        for unit in &units {
+            for member in &unit.members {
+                *holders.entry(member).or_default() += 1;
+            }
+        }
+        let max_age = millis(bound.max_age);
+        let mut cut: Vec<usize> = Vec::new();
+        let mut dead: HashSet<Digest> = HashSet::new();
+        for (i, unit) in units.iter().enumerate() {
+            let aged = max_age > 0 && now.saturating_sub(unit.last_pull) > max_age;
+            let needed = over && done.total.saturating_sub(done.planned) > low;
+            if !aged && !needed {
+                // Oldest first: nothing after this one is older.
+                break;
+            }
+            if unit.pinned {
+                continue;
+            }
+            cut.push(i);
+            for member in &unit.members {
+                if let Some(count) = holders.get_mut(member) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        dead.insert(member.clone());
+                        done.planned = done
+                            .planned
+                            .saturating_add(sizes.get(member).map_or(0, |(size, _, _)| *size));
+                    }
+                }
+            }
+        }
+        done.cut = cut.len();
+        done.cut_roots = cut.iter().map(|&i| units[i].root.clone()).collect();
+
+        // Records of images whose root manifest is gone (removed by an owner's earlier pass
+        // while a replica was re-recording its tag, or never written): their tags go too.
+        let dangling: BTreeSet<Digest> = images
+            .keys()
+            .chain(refs.keys())
+            .filter(|root| !sizes.contains_key(*root))
+            .cloned()
+            .collect();
+        let cluster = self.shared.cluster().cloned();
+        let mine = |root: &Digest| owns(cluster.as_deref(), root);
+        // Links to content the bucket no longer holds go too (invariant 4: no record outlives
+        // its content), by the owner of the digest. A link is written after its content, and
+        // links were listed before content: a listed link whose content is not listed is one
+        // whose content is gone.
+        for item in &link_list {
+            let Some((_, hex)) = item.name.rsplit_once("/_l/") else {
+                continue;
+            };
+            let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+                continue;
+            };
+            if !sizes.contains_key(&digest) && mine(&digest) {
+                let key = object_store::path::Path::from(format!("links/{}", item.name));
+                if bucket.delete_key(&key).await.is_ok() {
+                    done.links += 1;
+                }
+            }
+        }
+        // Pin marks no pin pass renewed (the pin left the configuration) go, by their owner.
+        for (root, _) in &expired {
+            if mine(root) {
+                let _ = bucket.delete_key(&s3::pin_key(root)).await;
+            }
+        }
+        // Manifests are remembered only while the bucket holds them.
+        lock(&self.shared.evict.children).retain(|digest, _| sizes.contains_key(digest));
+        if cut.is_empty() && dangling.is_empty() {
+            return Ok(done);
+        }
+
+        // Content of a cut image other cut images share: whoever deletes it first removes
+        // the tags of all of them, so none is left listed with content gone.
+        let mut sharers: HashMap<&Digest, Vec<&Digest>> = HashMap::new();
+        for &i in &cut {
+            for member in &units[i].members {
+                if dead.contains(member) {
+                    sharers.entry(member).or_default().push(&units[i].root);
+                }
+            }
+        }
+        let protected = self.new_since(&bucket, &manifest_list).await?;
+        for &i in &cut {
+            let unit = &units[i];
+            if !mine(&unit.root) {
+                continue;
+            }
+            let gone: Vec<&Digest> = unit
+                .members
+                .iter()
+                .filter(|m| dead.contains(*m) && !protected.contains(*m))
+                .collect();
+            let mut tag_roots: BTreeSet<&Digest> = BTreeSet::from([&unit.root]);
+            for member in &gone {
+                tag_roots.extend(sharers.get(*member).into_iter().flatten().copied());
+            }
+            if let Err(error) = self
+                .remove_tags(&bucket, &tag_roots, &refs, &mut done)
+                .await
+            {
+                warn!(root = %unit.root, %error, "bucket eviction could not remove the image's tags; keeping its content");
+                continue;
+            }
+            for member in gone {
+                let Some((size, _, manifest)) = sizes.get(member) else {
+                    continue;
+                };
+                match bucket.delete_key(&s3::content_key(member, *manifest)).await {
+                    Ok(()) => {
+                        done.objects += 1;
+                        done.bytes = done.bytes.saturating_add(*size);
+                    }
+                    Err(error) => {
+                        warn!(digest = %member, %error, "bucket eviction could not delete")
+                    }
+                }
+            }
+            self.remove_records(&bucket, &unit.root, &refs).await;
+            done.images += 1;
+            done.removed_roots.push(unit.root.clone());
+        }
+        for root in dangling.iter().filter(|root| mine(root)) {
+            if self
+                .remove_tags(&bucket, &BTreeSet::from([root]), &refs, &mut done)
+                .await
+                .is_ok()
+            {
+                self.remove_records(&bucket, root, &refs).await;
+            }
+        }
+        self.shared
+            .evict
+            .estimate
+            .fetch_sub(done.bytes.min(done.total), Ordering::Relaxed);
+        if let Some((objects, bytes)) = &self.shared.evict.evictions {
+            objects.inc_by(done.objects as u64);
+            bytes.inc_by(done.bytes);
+        }
+        if done.images > 0 || done.tags > 0 {
+            info!(
+                total = done.total,
+                cut = done.cut,
+                images = done.images,
+                objects = done.objects,
+                bytes = done.bytes,
+                tags = done.tags,
+                "evicted least recently pulled images from the bucket"
+            );
+        }
+        Ok(done)
+    }
+
+    /// Removes the tags recorded as naming any of `roots` (those that still do).
+    async fn remove_tags(
+        &self,
+        bucket: &Bucket,
+        roots: &BTreeSet<&Digest>,
+        refs: &HashMap<Digest, Vec<String>>,
+        done: &mut BucketEvicted,
+    ) -> Result<(), crate::storage::Error> {
+        for root in roots {
+            for name in refs.get(*root).into_iter().flatten() {
+                if bucket.delete_tag_naming(name, root).await? {
+                    done.tags += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the records of an image whose tags and content are gone.
+    async fn remove_records(
+        &self,
+        bucket: &Bucket,
+        root: &Digest,
+        refs: &HashMap<Digest, Vec<String>>,
+    ) {
+        for name in refs.get(root).into_iter().flatten() {
+            let _ = bucket.delete_key(&s3::tag_ref_key(root, name)).await;
+        }
+        let _ = bucket.delete_key(&s3::image_key(root)).await;
+        lock(&self.shared.evict.images).remove(root);
+    }
+
+    /// The image (`images` true) or pin records listed, by root: each read once per change
+    /// of its entity tag.
+    async fn read_records(
+        &self,
+        bucket: &Bucket,
+        list: &[Listed],
+        images: bool,
+    ) -> HashMap<Digest, u64> {
+        let state = &self.shared.evict;
+        let cache = if images { &state.images } else { &state.pins };
+        let mut out = HashMap::new();
+        let mut seen = HashSet::new();
+        for item in list {
+            let Some((root, "")) = split_name(&item.name) else {
+                continue;
+            };
+            seen.insert(root.clone());
+            let known = lock(cache)
+                .get(&root)
+                .filter(|(tag, _)| item.e_tag.is_some() && *tag == item.e_tag)
+                .map(|(_, at)| *at);
+            let at = match known {
+                Some(at) => at,
+                None => {
+                    let read = if images {
+                        bucket
+                            .get_image(&root)
+                            .await
+                            .map(|r| r.map(|r| r.last_pull))
+                    } else {
+                        bucket.get_pin(&root).await.map(|r| r.map(|r| r.at))
+                    };
+                    // Unreadable: dated by its upload, which is when it was last written.
+                    let at = read.ok().flatten().unwrap_or(item.modified);
+                    lock(cache).insert(root.clone(), (item.e_tag.clone(), at));
+                    at
+                }
+            };
+            out.insert(root, at);
+        }
+        lock(cache).retain(|root, _| seen.contains(root));
+        out
+    }
+
+    /// What a manifest in the bucket names: from memory, else read once. A manifest that is
+    /// gone or does not hash to its name names nothing; one the bucket fails to give fails
+    /// the pass, since its layers would otherwise look like nobody's.
+    async fn children_of(
+        &self,
+        bucket: &Bucket,
+        digest: &Digest,
+    ) -> Result<Arc<Vec<Digest>>, crate::storage::Error> {
+        if let Some(kids) = lock(&self.shared.evict.children).get(digest) {
+            return Ok(kids.clone());
+        }
+        let Some((bytes, _)) = bucket.get_manifest(digest).await? else {
+            return Ok(Arc::new(Vec::new()));
+        };
+        let kids = Arc::new(
+            media_type::referenced_digests(&bytes)
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect::<Vec<_>>(),
+        );
+        lock(&self.shared.evict.children).insert(digest.clone(), kids.clone());
+        Ok(kids)
+    }
+
+    /// What manifests written since the pass listed them name: a new image may have come to
+    /// share content with a cut one meanwhile, and that content stays.
+    async fn new_since(
+        &self,
+        bucket: &Bucket,
+        listed: &[Listed],
+    ) -> Result<HashSet<Digest>, crate::storage::Error> {
+        let before: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+        let mut protected = HashSet::new();
+        let now = bucket.list("manifests").await?;
+        for item in now.iter().filter(|l| !before.contains(l.name.as_str())) {
+            if let Some((digest, "")) = split_name(&item.name) {
+                let mut pending = vec![(digest, 0u8)];
+                while let Some((digest, depth)) = pending.pop() {
+                    if depth < MAX_DEPTH {
+                        for kid in self.children_of(bucket, &digest).await?.iter() {
+                            pending.push((kid.clone(), depth + 1));
+                        }
+                    }
+                    protected.insert(digest);
+                }
+            }
+        }
+        Ok(protected)
+    }
+}
+
+/// The root and what it names, down to [`MAX_DEPTH`], that the bucket holds.
+fn closure(
+    root: &Digest,
+    children: &HashMap<Digest, Arc<Vec<Digest>>>,
+    sizes: &HashMap<Digest, (u64, u64, bool)>,
+) -> Vec<Digest> {
+    let mut out: BTreeSet<Digest> = BTreeSet::new();
+    let mut pending = vec![(root.clone(), 0u8)];
+    while let Some((digest, depth)) = pending.pop() {
+        if depth < MAX_DEPTH {
+            for kid in children.get(&digest).into_iter().flat_map(|k| k.iter()) {
+                pending.push((kid.clone(), depth + 1));
+            }
+        }
+        if sizes.contains_key(&digest) {
+            out.insert(digest);
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Whether this replica removes the image rooted at `root`: its owner in the cluster, or
+/// alone, every one.
+fn owns(cluster: Option<&Cluster>, root: &Digest) -> bool {
+    cluster.is_none_or(|c| matches!(c.owner(root.as_str()), Owner::Me))
+}
+
+/// Runs a pass every minute, or sooner (at most every [`MIN_GAP`]) when this replica's uploads
+/// take the bucket over its bound, until `shutdown`.
+pub async fn run(cache: Arc<Cache>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(PASS_EVERY) => {}
+            _ = cache.shared.evict.wake.notified() => {}
+        }
+        if let Err(error) = cache.evict_bucket_once().await {
+            warn!(%error, "bucket eviction pass failed; trying again later");
+        }
+        // A bucket that stays over (others' shares pending, pins) must not turn every upload
+        // into a listing of the whole bucket.
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(MIN_GAP) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_names_split_into_digest_and_rest() {
+        let d = Digest::sha256_of(b"x");
+        assert_eq!(
+            split_name(&format!("sha256/{}", d.hex())),
+            Some((d.clone(), ""))
+        );
+        assert_eq!(
+            split_name(&format!("sha256/{}/docker.io/library/a/_t/v1", d.hex())),
+            Some((d, "docker.io/library/a/_t/v1"))
+        );
+        assert_eq!(split_name("sha256/zz"), None);
+        assert_eq!(split_name("md5/aa"), None);
+    }
+
+    #[test]
+    fn closure_keeps_what_the_bucket_holds() {
+        let (root, child, layer, missing) = (
+            Digest::sha256_of(b"r"),
+            Digest::sha256_of(b"c"),
+            Digest::sha256_of(b"l"),
+            Digest::sha256_of(b"m"),
+        );
+        let children = HashMap::from([
+            (root.clone(), Arc::new(vec![child.clone()])),
+            (child.clone(), Arc::new(vec![layer.clone(), missing])),
+        ]);
+        let sizes = HashMap::from([
+            (root.clone(), (1, 0, true)),
+            (child.clone(), (1, 0, true)),
+            (layer.clone(), (1, 0, false)),
+        ]);
+        let mut want = vec![root.clone(), child, layer];
+        want.sort();
+        assert_eq!(closure(&root, &children, &sizes), want);
+    }
+}
