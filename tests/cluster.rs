@@ -332,3 +332,66 @@ async fn an_owner_uploads_a_blob_its_bucket_write_missed_when_a_peer_asks_for_it
     until_in_bucket(&garage, "blobs/", 1).await;
     assert_eq!(upstream.blob_gets_for(&layer).await, 1);
 }
+
+/// The sum of every series of `name` in `metrics`.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_a_tags_owner_revalidates_it_and_a_stale_answer_stays_stale() {
+    let garage = Garage::single().await;
+    let mut upstream = Distribution::start().await;
+    let image = push_image(&upstream.url(), "team/app", "v1", &[1 << 20]).await;
+    // Every lookup of the tag revalidates it: the test sees each one.
+    let replicas = cluster(2, &upstream.url(), &garage, "cache: { tag_ttl: 0s }\n").await;
+    let addresses: Vec<String> = replicas.iter().map(Replica::peer_address).collect();
+    let key = ::regmirror::cluster::Cluster::tag_key("docker.io", "team/app", "v1");
+    let owner_address =
+        ::regmirror::cluster::rendezvous::pick(addresses.iter().map(String::as_str), &key)
+            .unwrap()
+            .to_owned();
+    let owner = addresses.iter().position(|a| *a == owner_address).unwrap();
+    let other = 1 - owner;
+    let manifest = |i: usize| {
+        let url = format!("{}/v2/team/app/manifests/v1", replicas[i].mirror.url());
+        async move {
+            let response = http().get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let outcome = response
+                .headers()
+                .get("x-regmirror-cache")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, outcome, response.bytes().await.unwrap())
+        }
+    };
+    for _ in 0..3 {
+        let (status, outcome, body) = manifest(other).await;
+        assert_eq!(status, 200);
+        assert_ne!(outcome.as_deref(), Some("stale"));
+        assert!(body == image.manifest_bytes);
+    }
+    let requests = "regmirror_upstream_requests_total{";
+    let asked_by_other = metric_sum(&replicas[other].metrics().await, requests);
+    let asked_by_owner = metric_sum(&replicas[owner].metrics().await, requests);
+    assert_eq!(
+        asked_by_other, 0.0,
+        "the tag's owner alone asks the upstream"
+    );
+    assert!(
+        asked_by_owner >= 3.0,
+        "the owner revalidated each lookup: {asked_by_owner}"
+    );
+
+    // The upstream gone: the owner answers from what it holds, and says so; the replica that
+    // asked it passes that on rather than calling the answer fresh.
+    upstream.kill9();
+    let (status, outcome, body) = manifest(other).await;
+    assert_eq!(status, 200);
+    assert_eq!(outcome.as_deref(), Some("stale"));
+    assert!(body == image.manifest_bytes);
+}

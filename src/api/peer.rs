@@ -131,7 +131,8 @@ async fn manifest(
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, &manifest.media_type)
         .header(header::CONTENT_LENGTH, manifest.bytes.len())
-        .header("docker-content-digest", manifest.digest.as_str());
+        .header("docker-content-digest", manifest.digest.as_str())
+        .header("x-regmirror-cache", outcome.as_str());
     if let Reference::Tag(tag) = reference {
         // When the upstream last confirmed the tag: a stale answer stays stale on the peer.
         if let Some(confirmed) = app.cache.tag_confirmed(upstream, repo, tag.as_str()) {

@@ -406,7 +406,7 @@ impl Cache {
                     return Ok((manifest, Outcome::Hit));
                 }
                 if forward {
-                    if let Some((manifest, _)) = this
+                    if let Some((manifest, _, _)) = this
                         .forwarded_manifest(&upstream, &repo, digest.as_str(), Some(&digest))
                         .await
                     {

@@ -184,7 +184,7 @@ impl Shared {
         upstream: &Upstream,
         repo: &RepoName,
         reference: &str,
-    ) -> Result<(Bytes, String, Option<Digest>, Option<u64>), Error> {
+    ) -> Result<PeerManifest, Error> {
         let cluster = self
             .cluster
             .as_ref()
@@ -204,6 +204,7 @@ impl Shared {
         let media_type = header("content-type").unwrap_or_default();
         let digest = header("docker-content-digest").and_then(|d| d.parse::<Digest>().ok());
         let confirmed = header(CONFIRMED_HEADER).and_then(|c| c.parse::<u64>().ok());
+        let stale = header("x-regmirror-cache").as_deref() == Some("stale");
         if response
             .content_length()
             .is_some_and(|len| len > MAX_PEER_MANIFEST as u64)
@@ -220,8 +221,26 @@ impl Shared {
             body.extend_from_slice(&chunk);
         }
         cluster.forwarded(member);
-        Ok((Bytes::from(body), media_type, digest, confirmed))
+        Ok(PeerManifest {
+            bytes: Bytes::from(body),
+            media_type,
+            digest,
+            confirmed,
+            stale,
+        })
     }
+}
+
+/// A manifest as a peer sent it: unverified until the caller checks it.
+pub(super) struct PeerManifest {
+    bytes: Bytes,
+    media_type: String,
+    /// The digest the owner names (what a tag points to).
+    digest: Option<Digest>,
+    /// When the owner's upstream last confirmed the tag (unix ms).
+    confirmed: Option<u64>,
+    /// The owner answered from what it holds because its upstream failed.
+    stale: bool,
 }
 
 /// `/_regmirror/peer/<kind>/<reference>?upstream=..&repository=..`.
@@ -368,7 +387,7 @@ impl Cache {
         repo: &RepoName,
         reference: &str,
         expected: Option<&Digest>,
-    ) -> Option<(super::Manifest, u64)> {
+    ) -> Option<(super::Manifest, u64, bool)> {
         let key = match expected {
             Some(digest) => digest.to_string(),
             None => Cluster::tag_key(&upstream.name, repo.as_str(), reference),
@@ -378,9 +397,16 @@ impl Cache {
             .shared
             .peer_manifest(&member, upstream, repo, reference)
             .await;
-        let mut confirmed = None;
-        let verified = answer.and_then(|(bytes, media_type, named, owner_confirmed)| {
-            confirmed = owner_confirmed;
+        let (mut confirmed, mut stale) = (None, false);
+        let verified = answer.and_then(|answer| {
+            let PeerManifest {
+                bytes,
+                media_type,
+                digest: named,
+                confirmed: owner_confirmed,
+                stale: owner_stale,
+            } = answer;
+            (confirmed, stale) = (owner_confirmed, owner_stale);
             let actual = Digest::sha256_of(&bytes);
             // A tag has no digest of its own to check: the owner names one, and the bytes
             // must hash to it.
@@ -417,7 +443,7 @@ impl Cache {
             self.put_tag(upstream, repo, reference, &manifest.digest, confirmed)
                 .ok()?;
         }
-        Some((manifest, confirmed))
+        Some((manifest, confirmed, stale))
     }
 
     /// A tag from what the cluster shares: the bucket's record when the upstream confirmed it
@@ -470,13 +496,12 @@ impl Cache {
         if !forward {
             return None;
         }
-        let (manifest, confirmed) = self.forwarded_manifest(upstream, repo, tag, None).await?;
-        let age = crate::storage::now_millis().saturating_sub(confirmed);
+        let (manifest, _, stale) = self.forwarded_manifest(upstream, repo, tag, None).await?;
         // The owner could not confirm it either (its upstream is down): stale here too.
-        let outcome = if Duration::from_millis(age) < self.policy.tag_ttl {
-            super::Outcome::Miss
-        } else {
+        let outcome = if stale {
             super::Outcome::Stale
+        } else {
+            super::Outcome::Miss
         };
         Some((manifest, outcome))
     }

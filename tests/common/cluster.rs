@@ -30,11 +30,16 @@ impl Replica {
         extra: &str,
     ) -> Replica {
         let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        // `extra` may set its own `cache:` section.
+        let cache = if extra.contains("cache:") {
+            ""
+        } else {
+            "cache: { tag_ttl: 5m }\n"
+        };
         let yaml = format!(
             "listen: @LISTEN@\n\
              storage: {{ root: @ROOT@, s3: {s3} }}\n\
-             cache: {{ tag_ttl: 5m }}\n\
-             default_upstream: docker.io\n\
+             {cache}default_upstream: docker.io\n\
              upstreams:\n  docker.io: {{ url: \"{upstream}\" }}\n\
              cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: 500ms }}\n\
              log: {{ level: debug, format: text }}\n{extra}",
