@@ -255,6 +255,10 @@ fn blob_target(addr: SocketAddr, path: String) -> load::Target {
     }
 }
 
+/// A setup under test: its name, the address clients use, the image it serves, the pids of
+/// its replicas and those of the nginx front (empty without one).
+type Setup<'a> = (&'a str, SocketAddr, &'a PushedImage, &'a [u32], &'a [u32]);
+
 /// Runs the phase `opts.reps` times; each repetition starts its own Garages and replicas.
 pub async fn run(opts: &Options, upstream: &Distribution) -> Samples {
     let mut s = Samples::default();
@@ -298,41 +302,49 @@ async fn repetition(
     let three_pids: Vec<u32> = three.iter().map(Replica::pid).collect();
     let one_pid = vec![one[0].pid()];
 
-    // 3. 16 concurrent cold pulls, 3 replicas behind the front against 1 replica.
-    let setups: [(&str, String, &PushedImage, Vec<u32>); 2] = [
-        ("one", one[0].mirror.host(), &herd_one, one_pid.clone()),
-        ("three", front3.host(), &herd_three, {
-            let mut p = three_pids.clone();
-            p.extend(front_pids(&front3));
-            p
-        }),
+    // 3. 16 concurrent cold pulls, 3 replicas behind the front against 1 replica. The CPU of
+    // the replicas and of the front are kept apart.
+    let front3_pids = front_pids(&front3);
+    let setups: [Setup; 2] = [
+        ("one", one[0].addr(), &herd_one, &one_pid, &[]),
+        (
+            "three",
+            front3.addr(),
+            &herd_three,
+            &three_pids,
+            &front3_pids,
+        ),
     ];
     let mut order: Vec<usize> = vec![0, 1];
     if rep % 2 == 1 {
         order.reverse();
     }
-    let image_bytes: u64 = HERD_LAYERS.iter().map(|&l| l as u64).sum();
     for i in order {
-        let (name, host, img, pids) = &setups[i];
+        let (name, addr, img, pids, front) = &setups[i];
+        let host = addr.to_string();
         upstream.settle().await;
         let offset = servers::file_len(&upstream.log_path().to_owned());
-        let before = cpu(pids);
+        let (before, front_before) = (cpu(pids), cpu(front));
         let started = Instant::now();
-        let pulls: Vec<_> = (0..16).map(|_| crate::pull(host, img)).collect();
+        let pulls: Vec<_> = (0..16).map(|_| crate::pull(&host, img)).collect();
         futures_util::future::join_all(pulls).await;
         let wall = started.elapsed().as_secs_f64();
         let used = cpu(pids) - before;
+        let front_used = cpu(front) - front_before;
         upstream.settle().await;
         let served = servers::served_since(upstream.log_path(), offset);
         let blobs = img.blob_digests().len();
+        let image_bytes: u64 = img.layer_sizes.iter().sum::<u64>() + img.config_bytes.len() as u64;
         let delivered_gb = 16.0 * image_bytes as f64 / 1e9;
         println!(
             "[rep {rep}] cluster {name:<5} 16 cold pulls of {} MiB: {wall:.2}s, upstream served {} blob \
-             GETs for {blobs} blobs, {:.1} MiB; server CPU {used:.2}s ({:.2} s/GB delivered)",
+             GETs for {blobs} blobs, {:.1} MiB; regmirror CPU {used:.2}s ({:.3} s/GB delivered), \
+             nginx front CPU {front_used:.2}s ({:.3} s/GB)",
             image_bytes / MIB as u64,
             served.blob_gets,
             served.bytes as f64 / MIB as f64,
-            used / delivered_gb
+            used / delivered_gb,
+            front_used / delivered_gb
         );
         s.add(&format!("herd wall {name}"), wall);
         s.add(
@@ -344,6 +356,12 @@ async fn repetition(
             served.blob_gets as f64 / blobs as f64,
         );
         s.add(&format!("herd cpu per GB {name}"), used / delivered_gb);
+        if !front.is_empty() {
+            s.add(
+                &format!("herd front cpu per GB {name}"),
+                front_used / delivered_gb,
+            );
+        }
     }
     // The uploads of the pulls finish in the background: let them land before measuring.
     until_in_bucket(&g1, &herd_one.blob_digests()).await;
@@ -351,23 +369,28 @@ async fn repetition(
 
     // 4. Manifest GET by tag at c=64.
     let accept = format!("Accept: {}", common::ACCEPT_ALL_MANIFESTS);
-    let mut manifest_setups: Vec<(&str, SocketAddr, &PushedImage, Vec<u32>)> = vec![
-        ("three", front3.addr(), &herd_three, {
-            let mut p = three_pids.clone();
-            p.extend(front_pids(&front3));
-            p
-        }),
-        ("one", one[0].addr(), &herd_one, one_pid.clone()),
-        ("one front", front1.addr(), &herd_one, {
-            let mut p = one_pid.clone();
-            p.extend(front_pids(&front1));
-            p
-        }),
+    let front1_pids = front_pids(&front1);
+    let mut manifest_setups: Vec<Setup> = vec![
+        (
+            "three",
+            front3.addr(),
+            &herd_three,
+            &three_pids,
+            &front3_pids,
+        ),
+        ("one", one[0].addr(), &herd_one, &one_pid, &[]),
+        (
+            "one front",
+            front1.addr(),
+            &herd_one,
+            &one_pid,
+            &front1_pids,
+        ),
     ];
     if rep % 2 == 1 {
         manifest_setups.reverse();
     }
-    for (name, addr, img, pids) in &manifest_setups {
+    for (name, addr, img, pids, front) in &manifest_setups {
         let t = load::Target {
             addr: *addr,
             head: false,
@@ -375,19 +398,27 @@ async fn repetition(
             headers: vec![accept.clone()],
             tls: None,
         };
+        let front_before = cpu(front);
         let (o, used, elapsed) = timed_load(opts, t, 64, pids).await;
+        let front_used = cpu(front) - front_before;
         // Requests over the whole figure (warm-up included), estimated from the rate.
         let all = o.rps() * elapsed;
         let per_k = used * 1000.0 / all.max(1.0);
+        let front_per_k = front_used * 1000.0 / all.max(1.0);
         println!(
             "[rep {rep}] cluster {name:<9} manifest GET by tag c=64 {:8.0} req/s p50 {:6.2} ms \
-             p99 {:6.2} ms; server CPU {per_k:.3} s per 1k requests",
+             p99 {:6.2} ms; CPU per 1k requests: regmirror {per_k:.3} s, nginx front \
+             {front_per_k:.3} s, load generator {:.3} s",
             o.rps(),
             o.percentile_ms(50.0),
-            o.percentile_ms(99.0)
+            o.percentile_ms(99.0),
+            o.client_cpu_secs * 1000.0 / all.max(1.0)
         );
         s.add(&format!("manifest rps {name}"), o.rps());
         s.add(&format!("manifest cpu per 1k {name}"), per_k);
+        if !front.is_empty() {
+            s.add(&format!("manifest front cpu per 1k {name}"), front_per_k);
+        }
     }
 
     // 1. Warm blob c=16 from the hot tier of the single replica, against nginx on its file.
@@ -448,7 +479,9 @@ async fn repetition(
     for d in &layers {
         direct_paths.push(presigned_path(&g1, &format!("blobs/{}", d.replace(':', "/"))).await);
     }
-    let total_gb = (SPREAD_BLOBS * SPREAD_SIZE) as f64 / 1e9;
+    // Layers are compressed: a little over their nominal size.
+    let total_bytes: u64 = spread.layer_sizes.iter().sum();
+    let total_gb = total_bytes as f64 / 1e9;
     for c in [1usize, 16] {
         let concurrent = c > 1;
         let mut sides = vec!["replica", "garage"];
@@ -468,6 +501,22 @@ async fn repetition(
                 let g_before = cpu(&gpid);
                 let (o, used) = one_each(targets, concurrent, &[fresh.pid()]).await;
                 let g_used = cpu(&gpid) - g_before;
+                // What the reads cost in S3 requests, for whoever reads the figure.
+                let metrics = match common::http()
+                    .get(format!("http://{}/metrics", fresh.mirror.host()))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                for line in metrics.lines().filter(|l| {
+                    l.starts_with("regmirror_s3_requests_total")
+                        || l.starts_with("regmirror_s3_request_duration_seconds_sum")
+                        || l.starts_with("regmirror_hot_tier_total")
+                }) {
+                    println!("[rep {rep}] cluster bucket replica c={c}: {line}");
+                }
                 upstream.settle().await;
                 let asked = servers::served_since(upstream.log_path(), offset).requests;
                 assert_eq!(asked, 0, "a replica on an empty disk asked the upstream");
@@ -481,11 +530,7 @@ async fn repetition(
                 let (o, g_used) = one_each(targets, concurrent, &gpid).await;
                 (o, 0.0, g_used)
             };
-            assert_eq!(
-                o.body_bytes,
-                (SPREAD_BLOBS * SPREAD_SIZE) as u64,
-                "{side} served every blob whole"
-            );
+            assert_eq!(o.body_bytes, total_bytes, "{side} served every blob whole");
             println!(
                 "[rep {rep}] cluster bucket {side:<7} {SPREAD_BLOBS} × {} MiB c={c:<2} {:6.2} GB/s; CPU \
                  regmirror {:.3} s/GB, garage {:.3} s/GB",
@@ -577,16 +622,27 @@ pub fn report(s: &Samples) -> String {
         goal: None,
         cpu: String::new(),
     });
+    let with_front = |key: &str, who: &str| -> String {
+        let r = m(&format!("{key} {who}"));
+        let f = m(&format!("{} {who}", key.replacen(' ', " front ", 1)));
+        match (r, f) {
+            (None, _) => "–".into(),
+            (Some(r), None) => format!("{r:.3}"),
+            (Some(r), Some(f)) => format!("{r:.3} + front {f:.3}"),
+        }
+    };
+    let fronted = |key: &str, unit: &str, a: &str, b: &str| {
+        if m(&format!("{key} {a}")).is_none() && m(&format!("{key} {b}")).is_none() {
+            return String::new();
+        }
+        format!("{} / {} {unit}", with_front(key, a), with_front(key, b))
+    };
     rows.push(Row {
         label: "… wall time (s), 3 replicas behind nginx ÷ 1 replica".into(),
         value: m("herd wall three"),
         reference: m("herd wall one"),
         goal: None,
-        cpu: cpu2(
-            "s/GB delivered",
-            m("herd cpu per GB three"),
-            m("herd cpu per GB one"),
-        ),
+        cpu: fronted("herd cpu per GB", "s/GB delivered", "three", "one"),
     });
     rows.push(Row {
         label: "manifest GET by tag c=64 (req/s): 3 replicas behind nginx ÷ 1 replica direct"
@@ -594,18 +650,14 @@ pub fn report(s: &Samples) -> String {
         value: m("manifest rps three"),
         reference: m("manifest rps one"),
         goal: None,
-        cpu: cpu2(
-            "s per 1k req",
-            m("manifest cpu per 1k three"),
-            m("manifest cpu per 1k one"),
-        ),
+        cpu: fronted("manifest cpu per 1k", "s per 1k req", "three", "one"),
     });
     rows.push(Row {
         label: "manifest GET by tag c=64 (req/s): 3 replicas behind nginx ÷ 1 replica behind the same nginx front".into(),
         value: m("manifest rps three"),
         reference: m("manifest rps one front"),
         goal: None,
-        cpu: cpu2("s per 1k req", m("manifest cpu per 1k three"), m("manifest cpu per 1k one front")),
+        cpu: fronted("manifest cpu per 1k", "s per 1k req", "three", "one front"),
     });
 
     let mut out = String::from(
@@ -646,12 +698,21 @@ pub fn self_check() {
     s.add("hot cpu per GB replica", 0.5);
     s.add("herd bytes three", 65.0);
     s.add("herd bytes one", 65.0);
+    s.add("herd wall three", 4.0);
+    s.add("herd wall one", 2.0);
+    s.add("herd cpu per GB three", 1.5);
+    s.add("herd front cpu per GB three", 0.25);
+    s.add("herd cpu per GB one", 0.5);
     let t = report(&s);
     assert!(
         t.contains("| 1.90 | 2.00 | 0.95× | ≥ 0.95×: met | 0.500 / – s/GB |"),
         "{t}"
     );
     assert!(t.contains("| 65.0 | 65.0 | 1.00× |  |  |"), "{t}");
+    assert!(
+        t.contains("| 4.00 | 2.00 | 2.00× |  | 1.500 + front 0.250 / 0.500 s/GB delivered |"),
+        "{t}"
+    );
     assert!(
         !t.contains("first read"),
         "rows without figures are left out: {t}"
