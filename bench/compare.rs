@@ -10,6 +10,7 @@
 //! `cargo test --all-targets` also runs this target, without `--bench`: it then only checks its
 //! own parsers and exits, so CI never starts a benchmark.
 
+mod cluster;
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod load;
@@ -38,7 +39,7 @@ struct Options {
     wan: Option<relay::Wan>,
     /// Where the markdown table is written as well as printed.
     out: Option<PathBuf>,
-    /// Phases to run (pulls, herd, blobs, manifests); all when empty.
+    /// Phases to run (pulls, herd, blobs, manifests, https, cluster); all when empty.
     only: Vec<String>,
     /// Record a `perf` profile of the server during each load figure.
     perf: bool,
@@ -56,7 +57,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench compare -- [--reps N] [--secs S] [--big-mib M] \
          [--wan RTT_MS,MBIT] [--out FILE] [--quick] [--only PHASE,...] [--perf] [--regmirror-bin PATH]\n\
-         phases: pulls, herd, blobs, manifests, https; --perf writes target/bench/perf/*.data"
+         phases: pulls, herd, blobs, manifests, https, cluster; --perf writes target/bench/perf/*.data"
     );
     std::process::exit(2)
 }
@@ -89,7 +90,7 @@ fn parse_options(args: &[String]) -> Options {
             "--out" => o.out = Some(PathBuf::from(value())),
             "--only" => {
                 o.only = value().split(',').map(str::to_owned).collect();
-                let known = ["pulls", "herd", "blobs", "manifests", "https"];
+                let known = ["pulls", "herd", "blobs", "manifests", "https", "cluster"];
                 if o.only.iter().any(|p| !known.contains(&p.as_str())) {
                     usage()
                 }
@@ -118,6 +119,7 @@ fn main() {
         servers::self_check();
         relay::self_check();
         report_self_check();
+        cluster::self_check();
         println!("bench compare: self-check passed (run `bash bench/run.sh` to benchmark)");
         return;
     }
@@ -501,6 +503,11 @@ async fn run(opts: Options) {
     if opts.runs("https") {
         https(&mut b, &config, &images[0]).await;
     }
+    let cluster_samples = if opts.runs("cluster") {
+        Some(cluster::run(&b.opts, &b.upstream).await)
+    } else {
+        None
+    };
 
     let mut usage = BTreeMap::new();
     for who in [Who::Regmirror, Who::RegmirrorTtl0, Who::Peer, Who::Nginx] {
@@ -528,7 +535,11 @@ async fn run(opts: Options) {
         )),
         started.elapsed().as_secs_f64()
     );
-    let table = report(&b.samples, &usage, &header, opts.big / MIB);
+    let mut table = report(&b.samples, &usage, &header, opts.big / MIB);
+    if let Some(samples) = &cluster_samples {
+        table.push('\n');
+        table.push_str(&cluster::report(samples));
+    }
     println!("\n{table}");
     if let Some(path) = &opts.out {
         if let Some(dir) = path.parent() {

@@ -125,6 +125,87 @@ pub fn run(target: &Target, conns: usize, warmup: Duration, measure: Duration) -
     })
 }
 
+/// One request per target, each on its own new connection, all at once (`concurrent`) or one
+/// after another; for reads that must each be a first read (a cache filling from its bucket).
+/// The window is the time from the first request to the last response. Blocks the calling
+/// thread.
+pub fn one_each(targets: &[Target], concurrent: bool) -> Outcome {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("load runtime");
+    let cpu_before = thread_cpu_secs();
+    let started = Instant::now();
+    // No deadline but a hang guard: every byte of every response counts.
+    let window = (started, started + Duration::from_secs(3600));
+    rt.block_on(async {
+        let one = |t: &Target| single(t.addr, t.head, t.tls.clone(), t.request(), window);
+        let outcomes = if concurrent {
+            futures_util::future::join_all(targets.iter().map(one)).await
+        } else {
+            let mut v = Vec::new();
+            for t in targets {
+                v.push(one(t).await);
+            }
+            v
+        };
+        let mut total = Outcome::default();
+        for o in outcomes {
+            total.requests += o.requests;
+            total.errors += o.errors;
+            total.body_bytes += o.body_bytes;
+            total.latencies_us.extend(o.latencies_us);
+            if total.first_error.is_none() {
+                total.first_error = o.first_error;
+            }
+        }
+        total.window = started.elapsed();
+        total.latencies_us.sort_unstable();
+        total.client_cpu_secs = thread_cpu_secs() - cpu_before;
+        total
+    })
+}
+
+/// One request on a new connection.
+async fn single(
+    addr: SocketAddr,
+    head: bool,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    request: Vec<u8>,
+    window: (Instant, Instant),
+) -> Outcome {
+    let mut out = Outcome::default();
+    let mut buf = vec![0u8; READ_BUF];
+    let sent = Instant::now();
+    let mut s = match connect(addr, tls).await {
+        Ok(s) => s,
+        Err(e) => {
+            fail(&mut out, e);
+            return out;
+        }
+    };
+    match exchange(
+        &mut s,
+        head,
+        &request,
+        &mut buf,
+        window,
+        &mut out.body_bytes,
+    )
+    .await
+    {
+        Ok(Exchange::Done { .. }) => {
+            out.requests = 1;
+            let us = sent.elapsed().as_micros();
+            out.latencies_us.push(us.min(u32::MAX as u128) as u32);
+        }
+        Ok(Exchange::Deadline) => fail(&mut out, "no whole response within the hour".into()),
+        Ok(Exchange::Status(code)) => fail(&mut out, format!("HTTP status {code}")),
+        Err(e) => fail(&mut out, e),
+    }
+    out
+}
+
 /// CPU time of the calling thread.
 fn thread_cpu_secs() -> f64 {
     let mut ts = libc::timespec {

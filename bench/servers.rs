@@ -260,6 +260,13 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split(' ').map(str::to_owned).collect())
 }
 
+/// `pid` and its direct children (an nginx master and its workers).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut v = vec![pid];
+    v.extend(children(pid));
+    v
+}
+
 /// Direct children of `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
