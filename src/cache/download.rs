@@ -28,6 +28,9 @@ const RESUME_ATTEMPTS: u32 = 3;
 /// Bytes gathered from the network before one write to disk.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// A batch being hashed and written on the blocking pool; it hands the hasher back.
+type Write = tokio::task::JoinHandle<std::io::Result<DigestHasher>>;
+
 /// How a download ended, short of failing.
 #[derive(Debug, PartialEq, Eq)]
 enum Fetched {
@@ -169,6 +172,27 @@ impl Cache {
         (free < bytes.saturating_add(self.policy.min_free)).then_some("store disk nearly full")
     }
 
+    /// Waits for a write of the download: the hasher back, or, if the store refused it, how
+    /// the download ends (its readers go on from the upstream after the `written` bytes that
+    /// landed before it).
+    async fn landed(
+        &self,
+        write: Write,
+        digest: &crate::oci::Digest,
+        written: u64,
+    ) -> Result<Result<DigestHasher, Fetched>, Error> {
+        let wrote = write.await.map_err(|e| Error::Internal(e.to_string()))?;
+        match wrote.map_err(storage::Error::from) {
+            Ok(hasher) => Ok(Ok(hasher)),
+            Err(err) if err.is_unwritable() => {
+                warn!(%digest, written, error = %err, "store refused a write, passing the blob through");
+                self.metrics.passthrough();
+                Ok(Err(Fetched::PassThrough { valid: written }))
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// The upstream, in place of a bucket or peer that failed: counted, and logged.
     fn fall_back(&self, origin: Origin, digest: &crate::oci::Digest, err: &Error) -> Origin {
         match &origin {
@@ -261,8 +285,15 @@ impl Cache {
         }
         flight.publish(Progress::Running { written: 0, total });
         let file = flight.file().clone();
-        let mut hasher = DigestHasher::new();
+        // One write (hash + pwrite on the blocking pool) is in flight while the next batch
+        // arrives from the network, so receiving overlaps hashing and writing. Writes stay in
+        // order: the next one starts only when the previous one has landed and handed the
+        // hasher back.
+        let mut hasher = Some(DigestHasher::new());
+        let mut pending: Option<Write> = None;
+        // Bytes written and hashed; bytes handed to writes (the one in flight included).
         let mut written: u64 = 0;
+        let mut queued: u64 = 0;
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let mut resumes = 0;
         let mut floor =
@@ -272,7 +303,7 @@ impl Cache {
                 Ok(chunk) => chunk,
                 Err(err) if resumes < RESUME_ATTEMPTS => {
                     resumes += 1;
-                    let from = written + batch.len() as u64;
+                    let from = queued + batch.len() as u64;
                     let from_name = origin.name();
                     match &err {
                         ChunkError::Transport(err) => {
@@ -313,6 +344,14 @@ impl Cache {
                 }
             }
             if batch.len() >= WRITE_BATCH || (end && !batch.is_empty()) {
+                if let Some(write) = pending.take() {
+                    match self.landed(write, digest, written).await? {
+                        Ok(back) => hasher = Some(back),
+                        Err(fetched) => return Ok(fetched),
+                    }
+                    written = queued;
+                    flight.publish(Progress::Running { written, total });
+                }
                 let len = batch.len() as u64;
                 let size = written.saturating_add(len);
                 if total.is_some_and(|t| size > t) {
@@ -330,29 +369,29 @@ impl Cache {
                 let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
                 let file = file.clone();
                 let offset = written;
-                let wrote = tokio::task::spawn_blocking(move || {
+                let mut into = hasher
+                    .take()
+                    .ok_or_else(|| Error::Internal("blob hasher lost".into()))?;
+                pending = Some(tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
-                    hasher.update(&data);
-                    file.write_all_at(&data, offset).map(|()| hasher)
-                })
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
-                hasher = match wrote.map_err(storage::Error::from) {
-                    Ok(hasher) => hasher,
-                    Err(err) if err.is_unwritable() => {
-                        warn!(%digest, written, error = %err, "store refused a write, passing the blob through");
-                        self.metrics.passthrough();
-                        return Ok(Fetched::PassThrough { valid: written });
-                    }
-                    Err(err) => return Err(err.into()),
-                };
-                written = size;
-                flight.publish(Progress::Running { written, total });
+                    into.update(&data);
+                    file.write_all_at(&data, offset).map(|()| into)
+                }));
+                queued = size;
             }
             if end {
                 break;
             }
         }
+        if let Some(write) = pending.take() {
+            match self.landed(write, digest, written).await? {
+                Ok(back) => hasher = Some(back),
+                Err(fetched) => return Ok(fetched),
+            }
+            written = queued;
+            flight.publish(Progress::Running { written, total });
+        }
+        let hasher = hasher.ok_or_else(|| Error::Internal("blob hasher lost".into()))?;
         if total.is_some_and(|t| written != t) {
             return Err(Error::Upstream(upstream::Error::Invalid(
                 "blob shorter than its Content-Length".into(),
