@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
@@ -104,7 +104,7 @@ async fn peer(State(state): State<PeerState>, request: Request) -> Response {
         let Ok(reference) = reference.parse::<Reference>() else {
             return refuse(ErrorCode::ManifestUnknown, "invalid reference");
         };
-        manifest(app, &upstream, &repo, &reference, &parts.headers).await
+        manifest(app, &upstream, &repo, &reference).await
     };
     match answer {
         Ok((response, _)) => response,
@@ -117,7 +117,6 @@ async fn manifest(
     upstream: &Arc<crate::upstream::Upstream>,
     repo: &RepoName,
     reference: &Reference,
-    _headers: &HeaderMap,
 ) -> super::Answer {
     let (manifest, outcome) = app
         .cache

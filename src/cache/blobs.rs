@@ -86,18 +86,8 @@ impl Cache {
         if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
             return Ok((size, Outcome::Hit));
         }
-        if let Some(bucket) = self.shared.bucket() {
-            let source = Source {
-                upstream: upstream.clone(),
-                repo: repo.clone(),
-                digest: digest.clone(),
-                forward: false,
-            };
-            if self.vouched_in_bucket(&source).await {
-                if let Ok(Some(size)) = bucket.blob_size(digest).await {
-                    return Ok((size, Outcome::Hit));
-                }
-            }
+        if let Some(size) = self.vouched_in_bucket(upstream, repo, digest).await {
+            return Ok((size, Outcome::Hit));
         }
         match upstream.head_blob(repo, digest).await {
             Ok(size) => Ok((size, Outcome::Miss)),
@@ -247,16 +237,8 @@ impl Cache {
             if let (true, Some(ttl), Some(bucket)) =
                 (forward, self.shared.redirect(), self.shared.bucket())
             {
-                let source = Source {
-                    upstream: upstream.clone(),
-                    repo: repo.clone(),
-                    digest: digest.clone(),
-                    forward,
-                };
-                if self.vouched_in_bucket(&source).await {
-                    let size = bucket.blob_size(digest).await;
-                    let url = bucket.presigned_blob_url(digest, ttl).await;
-                    if let (Ok(Some(size)), Ok(url)) = (size, url) {
+                if let Some(size) = self.vouched_in_bucket(upstream, repo, digest).await {
+                    if let Ok(url) = bucket.presigned_blob_url(digest, ttl).await {
                         self.metrics.cache_outcome("blob", Outcome::Hit);
                         return Ok(Blob {
                             size,

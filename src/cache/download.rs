@@ -246,7 +246,12 @@ impl Cache {
     /// blob, else the digest's owner when that is another replica (and this request may be
     /// forwarded), else the upstream.
     async fn choose_origin(&self, source: &Source) -> Origin {
-        if self.shared.bucket().is_some() && self.vouched_in_bucket(source).await {
+        let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
+        if self
+            .vouched_in_bucket(upstream, repo, digest)
+            .await
+            .is_some()
+        {
             return Origin::Bucket;
         }
         if source.forward {

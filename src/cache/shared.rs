@@ -20,6 +20,7 @@ use super::download::Body;
 use super::flight::Source;
 use super::{Cache, Error};
 use crate::cluster::{Cluster, Member, Owner};
+use crate::oci::media_type::is_valid_header_value;
 use crate::oci::{Digest, RepoName};
 use crate::storage::s3::Bucket;
 use crate::upstream::Upstream;
@@ -253,28 +254,30 @@ pub fn peer_path(kind: &str, reference: &str, upstream: &str, repo: &RepoName) -
 }
 
 impl Cache {
-    /// Whether the bucket holds the blob and this repository may be served it: the local
-    /// index or the bucket links it to the repository, or the upstream vouches for it (a HEAD,
-    /// then linked here and in the bucket).
-    pub(super) async fn vouched_in_bucket(&self, source: &Source) -> bool {
-        let Some(bucket) = self.shared.bucket() else {
-            return false;
-        };
-        let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
-        match bucket.blob_size(digest).await {
-            Ok(Some(_)) => {}
-            Ok(None) => return false,
+    /// The blob's size if the bucket holds it and this repository may be served it: the
+    /// local index or the bucket links it to the repository, or the upstream vouches for it
+    /// (a HEAD, then linked here and in the bucket).
+    pub(super) async fn vouched_in_bucket(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Option<u64> {
+        let bucket = self.shared.bucket()?;
+        let size = match bucket.blob_size(digest).await {
+            Ok(Some(size)) => size,
+            Ok(None) => return None,
             Err(err) => {
                 warn!(%digest, error = %err, "bucket unavailable, not reading the blob from it");
-                return false;
+                return None;
             }
-        }
+        };
         let index = self.store.index();
         if index
             .is_linked(&upstream.name, repo.as_str(), digest)
             .unwrap_or(false)
         {
-            return true;
+            return Some(size);
         }
         if bucket
             .is_linked(&upstream.name, repo.as_str(), digest)
@@ -282,14 +285,14 @@ impl Cache {
             .unwrap_or(false)
         {
             let _ = index.link(&upstream.name, repo.as_str(), digest);
-            return true;
+            return Some(size);
         }
         if upstream.head_blob(repo, digest).await.is_ok() {
             let _ = index.link(&upstream.name, repo.as_str(), digest);
             let _ = bucket.put_link(&upstream.name, repo.as_str(), digest).await;
-            return true;
+            return Some(size);
         }
-        false
+        None
     }
 
     /// [`Cache::publish_blob`] unless an upload of the digest is already under way here or
@@ -365,7 +368,7 @@ impl Cache {
                 .is_linked(&upstream.name, repo.as_str(), digest)
                 .await
                 .unwrap_or(false);
-        if !linked || !valid_media_type(&media_type) {
+        if !linked || !is_valid_header_value(&media_type) {
             return None;
         }
         let manifest = super::Manifest {
@@ -411,7 +414,7 @@ impl Cache {
             // A tag has no digest of its own to check: the owner names one, and the bytes
             // must hash to it.
             match expected.or(named.as_ref()) {
-                Some(wanted) if *wanted == actual && valid_media_type(&media_type) => {
+                Some(wanted) if *wanted == actual && is_valid_header_value(&media_type) => {
                     Ok(super::Manifest {
                         bytes,
                         digest: actual,
@@ -471,7 +474,7 @@ impl Cache {
                         Some(manifest) => Some(manifest),
                         // The tag vouches for its manifest in this repository.
                         None => match bucket.get_manifest(&entry.digest).await {
-                            Ok(Some((bytes, media_type))) if valid_media_type(&media_type) => {
+                            Ok(Some((bytes, media_type))) if is_valid_header_value(&media_type) => {
                                 Some(super::Manifest {
                                     bytes,
                                     digest: entry.digest.clone(),
@@ -505,12 +508,4 @@ impl Cache {
         };
         Some((manifest, outcome))
     }
-}
-
-/// A media type that may become a `Content-Type` header: what a peer or the bucket says is
-/// checked like what an upstream says.
-fn valid_media_type(media_type: &str) -> bool {
-    !media_type.is_empty()
-        && media_type.len() <= 255
-        && media_type.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
