@@ -425,6 +425,11 @@ pub struct CacheConfig {
     /// `30d`; `0` keeps them until space is needed). With `storage.s3`, from the bucket too.
     #[serde(default = "defaults::max_age")]
     pub max_age: HumanDuration,
+    /// How long a manifest or tag the upstream said does not exist (404) is answered 404 here
+    /// without asking again (default `30s`; `0` asks every time). Clients retrying a missing
+    /// tag, or many replicas asking at once, then cost the upstream one request per window.
+    #[serde(default = "defaults::negative_ttl")]
+    pub negative_ttl: HumanDuration,
 }
 
 impl Default for CacheConfig {
@@ -437,6 +442,7 @@ impl Default for CacheConfig {
             blob_stall_timeout: defaults::blob_stall_timeout(),
             blob_stall_bytes: defaults::blob_stall_bytes(),
             max_age: defaults::max_age(),
+            negative_ttl: defaults::negative_ttl(),
         }
     }
 }
@@ -576,6 +582,14 @@ pub struct ClusterConfig {
     /// `2s`).
     #[serde(default = "defaults::cluster_refresh")]
     pub refresh: HumanDuration,
+    /// A healthy member counts as down after this many probes in a row failed (default 3): one
+    /// lost probe on a loaded machine must not move its keys to the others and back.
+    #[serde(default = "defaults::cluster_down_after")]
+    pub down_after: u32,
+    /// A member that was down counts as up again after this many probes in a row succeeded
+    /// (default 2). A member never probed before is up at its first answer.
+    #[serde(default = "defaults::cluster_up_after")]
+    pub up_after: u32,
 }
 
 /// The secret stays out of logs and `Debug` output.
@@ -588,6 +602,8 @@ impl fmt::Debug for ClusterConfig {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("secret_file", &self.secret_file)
             .field("refresh", &self.refresh)
+            .field("down_after", &self.down_after)
+            .field("up_after", &self.up_after)
             .finish()
     }
 }
@@ -632,6 +648,11 @@ impl ClusterConfig {
                 ))
             }
             _ => {}
+        }
+        for (key, value) in [("down_after", self.down_after), ("up_after", self.up_after)] {
+            if !(1..=100).contains(&value) {
+                problems.push(format!("cluster.{key}: must be 1 to 100 probes"));
+            }
         }
         if self.refresh.0.is_zero() {
             problems.push("cluster.refresh: must be more than 0s".to_owned());
@@ -788,6 +809,9 @@ mod defaults {
     pub fn max_age() -> HumanDuration {
         HumanDuration(Duration::from_secs(30 * 24 * 3600))
     }
+    pub fn negative_ttl() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
     pub fn tag_ttl() -> HumanDuration {
         HumanDuration(Duration::from_secs(300))
     }
@@ -835,6 +859,12 @@ mod defaults {
     }
     pub fn cluster_listen() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], 5001))
+    }
+    pub fn cluster_down_after() -> u32 {
+        3
+    }
+    pub fn cluster_up_after() -> u32 {
+        2
     }
     pub fn cluster_refresh() -> HumanDuration {
         HumanDuration(Duration::from_secs(2))

@@ -48,6 +48,8 @@ pub const BUILD_INFO: &str = "regmirror_build_info";
 pub const CLUSTER_MEMBERS: &str = "regmirror_cluster_members";
 pub const CLUSTER_FORWARDS: &str = "regmirror_cluster_forwards_total";
 pub const CLUSTER_FALLBACKS: &str = "regmirror_cluster_fallbacks_total";
+pub const UPSTREAM_SPARED: &str = "regmirror_upstream_spared_total";
+pub const CLUSTER_FINAL: &str = "regmirror_cluster_final_answers_total";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
 /// repositories are not counted, so memory stays bounded whatever clients ask for.
@@ -97,6 +99,11 @@ pub struct Metrics {
     /// client, and a member's series go when it leaves.
     cluster_forwards: IntCounterVec,
     cluster_fallbacks: IntCounterVec,
+    /// Requests answered here instead of asking the upstream, by why (`rate_limited`: within a
+    /// 429's Retry-After; `not_found`: the upstream said so within `cache.negative_ttl`).
+    upstream_spared: IntCounterVec,
+    /// A peer's authoritative answer about its upstream (404, 429, 401, 403) relayed as it is.
+    cluster_final: IntCounterVec,
 }
 
 /// Requests served for one repository since start-up (status page only).
@@ -311,6 +318,16 @@ impl Metrics {
                 "Misses fetched locally because their owner did not answer, by peer (member address).",
                 &["peer"],
             ),
+            upstream_spared: counter_vec(
+                UPSTREAM_SPARED,
+                "Requests answered without asking the upstream, by upstream and reason (rate_limited: within a 429's Retry-After; not_found: a manifest the upstream said does not exist, within cache.negative_ttl).",
+                &["upstream", "reason"],
+            ),
+            cluster_final: counter_vec(
+                CLUSTER_FINAL,
+                "Authoritative answers about the upstream (404, 429, 401, 403) an owner gave and this replica relayed instead of asking the upstream itself, by peer.",
+                &["peer"],
+            ),
             registry,
         };
         // Series that exist from the start, so rates and dashboards see zeros, not gaps.
@@ -336,6 +353,9 @@ impl Metrics {
 
     pub fn register_upstream(&self, upstream: &str) {
         self.upstream_bytes.with_label_values(&[upstream]);
+        for reason in ["rate_limited", "not_found"] {
+            self.upstream_spared.with_label_values(&[upstream, reason]);
+        }
         for result in ["ok", "error"] {
             self.token_fetches.with_label_values(&[upstream, result]);
         }
@@ -394,6 +414,18 @@ impl Metrics {
         self.upstream_bytes
             .with_label_values(&[upstream])
             .inc_by(bytes);
+    }
+
+    /// One request answered here instead of asking `upstream`, for `reason`.
+    pub fn upstream_spared(&self, upstream: &str, reason: &'static str) {
+        self.upstream_spared
+            .with_label_values(&[upstream, reason])
+            .inc();
+    }
+
+    /// A peer's authoritative answer about the upstream was relayed.
+    pub fn cluster_final(&self, peer: &str) {
+        self.cluster_final.with_label_values(&[peer]).inc();
     }
 
     pub fn single_flight_join(&self) {
@@ -539,6 +571,7 @@ impl Metrics {
     pub fn cluster_peer_left(&self, peer: &str) {
         let _ = self.cluster_forwards.remove_label_values(&[peer]);
         let _ = self.cluster_fallbacks.remove_label_values(&[peer]);
+        let _ = self.cluster_final.remove_label_values(&[peer]);
     }
 
     /// One miss forwarded to its owner `peer`.

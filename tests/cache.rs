@@ -280,17 +280,22 @@ async fn serves_stale_when_upstream_fails_and_maps_errors_otherwise() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    // Never cached: the upstream's problem, as an OCI error.
-    *fake.faults.status.lock().unwrap() = Some(429);
-    assert_eq!(
-        error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
-        (429, "TOOMANYREQUESTS".into())
-    );
+    // Never cached: the upstream's problem, as an OCI error. A fresh mirror each: the 429s
+    // above hold this one back from the upstream for a while (tests/etiquette.rs).
+    let m = mirror(&fake, "cache: { tag_ttl: 0s }").await;
+    let get = |path: String| http.get(format!("{}{path}", m.url)).send();
     *fake.faults.status.lock().unwrap() = Some(503);
     assert_eq!(
         error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
         (502, "UNAVAILABLE".into())
     );
+    *fake.faults.status.lock().unwrap() = Some(429);
+    assert_eq!(
+        error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,
+        (429, "TOOMANYREQUESTS".into())
+    );
+    let m = mirror(&fake, "cache: { tag_ttl: 0s }").await;
+    let get = |path: String| http.get(format!("{}{path}", m.url)).send();
     *fake.faults.status.lock().unwrap() = None;
     assert_eq!(
         error_code(get("/v2/app/manifests/2".into()).await.unwrap()).await,

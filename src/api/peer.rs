@@ -98,13 +98,18 @@ async fn peer(State(state): State<PeerState>, request: Request) -> Response {
         match app.cache.peer_blob(&upstream, &repo, &digest).await {
             // No sendfile on this listener: peers are few and the bytes often still arriving.
             Ok(blob) => blob_response(app, &digest, blob, &parts.headers, None),
-            Err(err) => Err(super::failed(err)),
+            Err(err) => return relay(err),
         }
     } else {
         let Ok(reference) = reference.parse::<Reference>() else {
             return refuse(ErrorCode::ManifestUnknown, "invalid reference");
         };
-        manifest(app, &upstream, &repo, &reference).await
+        match app.cache.peer_manifest(&upstream, &repo, &reference).await {
+            Ok((manifest, outcome)) => {
+                manifest_response(app, &upstream, &repo, &reference, manifest, outcome)
+            }
+            Err(err) => return relay(err),
+        }
     };
     match answer {
         Ok((response, _)) => response,
@@ -112,17 +117,29 @@ async fn peer(State(state): State<PeerState>, request: Request) -> Response {
     }
 }
 
-async fn manifest(
+/// A failure of the cache as the asking replica gets it: the OCI error, marked final when
+/// it is the upstream's own answer (404, 429 with its Retry-After, 401, 403), so the peer
+/// relays it instead of asking the upstream itself.
+fn relay(err: crate::cache::Error) -> Response {
+    let authoritative = err.is_authoritative();
+    let mut response = ApiError::from(err).into_response();
+    if authoritative {
+        response.headers_mut().insert(
+            crate::cluster::FINAL_HEADER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    response
+}
+
+fn manifest_response(
     app: &AppState,
     upstream: &Arc<crate::upstream::Upstream>,
     repo: &RepoName,
     reference: &Reference,
+    manifest: crate::cache::Manifest,
+    outcome: crate::outcome::Outcome,
 ) -> super::Answer {
-    let (manifest, outcome) = app
-        .cache
-        .peer_manifest(upstream, repo, reference)
-        .await
-        .map_err(super::failed)?;
     if !crate::oci::media_type::is_valid_header_value(&manifest.media_type) {
         return Err((ApiError::new(ErrorCode::BadGateway), Some(outcome)));
     }

@@ -253,7 +253,8 @@ impl Cache {
                 upstream: upstream.clone(),
                 repo: repo.clone(),
                 digest: digest.clone(),
-                forward,
+                // The owner's own clients and the peers asking it share one flight.
+                forward: forward && self.shared.forwards(digest.as_str()),
             };
             let joined = self.blob_flights.join(
                 source,

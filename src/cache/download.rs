@@ -273,6 +273,11 @@ impl Cache {
         let started = std::time::Instant::now();
         let mut body = match self.open_origin(&origin, source, 0).await {
             Ok(body) => body,
+            // The owner relayed its upstream's answer: final for this replica too. Asking the
+            // upstream here would turn one 404 or 429 into one per replica.
+            Err(err) if matches!(origin, Origin::Peer(_)) && err.is_authoritative() => {
+                return Err(err)
+            }
             Err(err) if !matches!(origin, Origin::Upstream) => {
                 origin = self.fall_back(origin, digest, &err);
                 _slot = self.fetch_slot(upstream).await;

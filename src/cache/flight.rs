@@ -112,10 +112,15 @@ impl Flight {
     }
 }
 
-/// The downloads under way, by digest.
+/// The downloads under way, by digest and by whether they may be forwarded to the digest's
+/// owner. A peer's request (which must never be forwarded again) never joins a flight that
+/// forwards: two replicas whose views of the cluster briefly disagree would otherwise each
+/// wait on the other's flight, a cycle broken only by the peer read timeout. A client's
+/// request joins a flight that does not forward when there is one, so both kinds run at once
+/// only while views disagree (then both verify and commit the same bytes).
 #[derive(Default)]
 pub struct Flights {
-    inflight: Inflight<Digest, Arc<Flight>>,
+    inflight: Inflight<(Digest, bool), Arc<Flight>>,
 }
 
 /// What [`Flights::join`] decided.
@@ -135,7 +140,13 @@ impl Flights {
         file: impl FnOnce() -> io::Result<(PathBuf, File)>,
         committed: impl FnOnce() -> bool,
     ) -> io::Result<Option<Joined>> {
-        let joined = self.inflight.join(&source.digest.clone(), || {
+        if source.forward {
+            if let Some(flight) = self.inflight.get(&(source.digest.clone(), false)) {
+                return Ok(Some(Joined::Existing(flight)));
+            }
+        }
+        let key = (source.digest.clone(), source.forward);
+        let joined = self.inflight.join(&key, || {
             if committed() {
                 return Ok::<_, io::Error>(None);
             }
@@ -173,7 +184,7 @@ impl Flights {
 /// the blob in the store (or starts a fresh download), never a finished flight.
 pub struct Download {
     flight: Arc<Flight>,
-    leader: Option<Leader<Digest, Arc<Flight>>>,
+    leader: Option<Leader<(Digest, bool), Arc<Flight>>>,
 }
 
 impl Download {

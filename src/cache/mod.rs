@@ -11,6 +11,7 @@ mod download;
 mod evict;
 mod flight;
 mod manifests;
+mod negative;
 mod passthrough;
 pub mod pins;
 pub mod scrub;
@@ -63,6 +64,25 @@ pub enum Error {
     Internal(String),
 }
 
+impl Error {
+    /// Whether this is the upstream's own answer about the content (it does not exist, it
+    /// refuses us, it is rate-limiting us) rather than a failure along the way. An owner
+    /// relays these to the replica that asked, which relays them on as final instead of
+    /// asking the upstream itself.
+    pub fn is_authoritative(&self) -> bool {
+        use upstream::Error as U;
+        matches!(
+            self,
+            Error::ManifestUnknown
+                | Error::BlobUnknown
+                | Error::NameUnknown
+                | Error::Upstream(
+                    U::NotFound | U::Unauthorized | U::Denied | U::TooManyRequests { .. }
+                )
+        )
+    }
+}
+
 impl From<storage::Error> for Error {
     fn from(err: storage::Error) -> Self {
         Error::Internal(err.to_string())
@@ -98,6 +118,8 @@ pub struct Policy {
     pub max_age: Duration,
     /// Free space a download must leave on the store's disk, or it passes through uncached.
     pub min_free: u64,
+    /// How long the upstream's "no such manifest" is answered here without asking again.
+    pub negative_ttl: Duration,
 }
 
 impl Policy {
@@ -113,6 +135,7 @@ impl Policy {
             blob_stall_bytes: config.cache.blob_stall_bytes.0,
             max_age: config.cache.max_age.0,
             min_free: config.storage.min_free.0,
+            negative_ttl: config.cache.negative_ttl.0,
         }
     }
 }
@@ -127,7 +150,11 @@ pub struct Cache {
     policy: Policy,
     metrics: Arc<Metrics>,
     blob_flights: Flights,
-    manifest_flights: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
+    /// Manifest fetches by key and by whether they may be forwarded to the key's owner (a
+    /// peer's request never joins one that forwards: see [`flight::Flights`]).
+    manifest_flights: SingleFlight<(ManifestKey, bool), Result<(Manifest, Outcome), Error>>,
+    /// Manifests the upstream (or the owner, relaying it) said do not exist.
+    not_found: negative::NotFound,
     /// Tag revalidations, which outlive the requests that gave up waiting for them.
     revalidations: SingleFlight<ManifestKey, Result<(Manifest, Outcome), Error>>,
     readers: Arc<Readers>,
@@ -195,6 +222,7 @@ impl Cache {
                 .collect()
         };
         let (fetch_slots, manifest_slots) = (slots(), slots());
+        let not_found = negative::NotFound::new(policy.negative_ttl);
         Arc::new(Cache {
             store,
             upstreams,
@@ -202,6 +230,7 @@ impl Cache {
             metrics,
             blob_flights: Flights::default(),
             manifest_flights: SingleFlight::default(),
+            not_found,
             revalidations: SingleFlight::default(),
             readers,
             evictor,
@@ -398,31 +427,75 @@ impl Cache {
             }
         }
         let key = (upstream.name.clone(), repo.to_string(), digest.to_string());
+        if self.known_missing(upstream, &key) {
+            return Err(Error::ManifestUnknown);
+        }
+        // Whether this flight goes to another replica: the owner's own clients and the peers
+        // asking it share one flight, which asks the upstream once.
+        let forward = forward && self.shared.forwards(digest.as_str());
         let (this, upstream, repo, digest) =
             (self.clone(), upstream.clone(), repo.clone(), digest.clone());
         self.manifest_flights
-            .run(key, move || async move {
-                if let Some(manifest) = this.bucket_manifest(&upstream, &repo, &digest).await {
-                    return Ok((manifest, Outcome::Hit));
-                }
-                if forward {
-                    if let Some((manifest, _, _)) = this
-                        .forwarded_manifest(&upstream, &repo, digest.as_str(), Some(&digest))
-                        .await
-                    {
-                        return Ok((manifest, Outcome::Miss));
-                    }
-                }
-                let remote = upstream.get_manifest(&repo, digest.as_str()).await;
-                let remote = remote.map_err(manifest_error)?;
-                let manifest = this
-                    .commit_manifest(&upstream, &repo, remote, Some(&digest), false)
-                    .await?;
-                this.persist().await?;
-                Ok((manifest, Outcome::Miss))
+            .run((key.clone(), forward), move || async move {
+                let result = this
+                    .fetch_manifest(&upstream, &repo, &digest, forward)
+                    .await;
+                // Inside the flight, so no request starts another between its end and this.
+                this.remember_missing(key, &result);
+                result
             })
             .await
             .unwrap_or_else(|| Err(Error::Internal("manifest fetch panicked".into())))
+    }
+
+    /// A manifest by digest that this replica does not hold: from the bucket, its owner
+    /// (whose answer is final, errors included: only an owner that does not answer sends
+    /// this replica to the upstream), or the upstream.
+    async fn fetch_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
+    ) -> Result<(Manifest, Outcome), Error> {
+        if let Some(manifest) = self.bucket_manifest(upstream, repo, digest).await {
+            return Ok((manifest, Outcome::Hit));
+        }
+        if forward {
+            if let Some((manifest, _, _)) = self
+                .forwarded_manifest(upstream, repo, digest.as_str(), Some(digest))
+                .await?
+            {
+                return Ok((manifest, Outcome::Miss));
+            }
+        }
+        let remote = upstream.get_manifest(repo, digest.as_str()).await;
+        let remote = remote.map_err(manifest_error)?;
+        let manifest = self
+            .commit_manifest(upstream, repo, remote, Some(digest), false)
+            .await?;
+        self.persist().await?;
+        Ok((manifest, Outcome::Miss))
+    }
+
+    /// Whether the upstream said lately that this manifest does not exist (counted as a
+    /// request spared).
+    fn known_missing(&self, upstream: &Upstream, key: &ManifestKey) -> bool {
+        let missing = self.not_found.contains(key);
+        if missing {
+            self.metrics.upstream_spared(&upstream.name, "not_found");
+        }
+        missing
+    }
+
+    /// Remembers a manifest the upstream said does not exist, for `cache.negative_ttl`; one
+    /// that was found is forgotten.
+    fn remember_missing(&self, key: ManifestKey, result: &Result<(Manifest, Outcome), Error>) {
+        match result {
+            Err(Error::ManifestUnknown) => self.not_found.insert(key),
+            Ok(_) => self.not_found.remove(&key),
+            Err(_) => {}
+        }
     }
 
     async fn manifest_by_tag(
@@ -443,17 +516,52 @@ impl Cache {
         }
         // Revalidation and misses of one tag are shared by every client asking meanwhile.
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
+        if self.known_missing(upstream, &key) {
+            return Err(Error::ManifestUnknown);
+        }
+        let forward = forward
+            && self.shared.forwards(&crate::cluster::Cluster::tag_key(
+                &upstream.name,
+                repo.as_str(),
+                tag,
+            ));
         let (this, upstream, repo, tag) =
             (self.clone(), upstream.clone(), repo.clone(), tag.to_owned());
         self.manifest_flights
-            .run(key, move || async move {
-                if let Some(found) = this.shared_tag(&upstream, &repo, &tag, forward).await {
-                    return Ok(found);
-                }
-                this.refresh_tag(&upstream, &repo, &tag).await
+            .run((key.clone(), forward), move || async move {
+                let result = match this.shared_tag(&upstream, &repo, &tag, forward).await {
+                    Ok(Some(found)) => Ok(found),
+                    Ok(None) => this.refresh_tag(&upstream, &repo, &tag).await,
+                    Err(answer) => this.owner_answered(&upstream, &repo, &tag, answer).await,
+                };
+                this.remember_missing(key, &result);
+                result
             })
             .await
             .unwrap_or_else(|| Err(Error::Internal("manifest fetch panicked".into())))
+    }
+
+    /// The tag's owner relayed its upstream's failure: ours too, except that what this
+    /// replica holds is served stale when the upstream is only unavailable (rate-limiting),
+    /// exactly as if this replica had asked it.
+    async fn owner_answered(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+        answer: Error,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let Error::Upstream(err) = answer else {
+            return Err(answer);
+        };
+        let held = match self.cached_tag(upstream, repo, tag)? {
+            Some(entry) => self.stored_manifest(&entry.digest).await?,
+            None => None,
+        };
+        match held {
+            Some(held) => self.serve_stale(upstream, repo, tag, held, err),
+            None => Err(Error::Upstream(err)),
+        }
     }
 
     /// Asks the upstream what a tag points to now: a HEAD if we hold a digest for it (cheap,

@@ -19,11 +19,11 @@ use tracing::{debug, warn};
 use super::download::Body;
 use super::flight::Source;
 use super::{Cache, Error};
-use crate::cluster::{Cluster, Member, Owner};
+use crate::cluster::{Cluster, Member, Owner, PeerError};
 use crate::oci::media_type::is_valid_header_value;
 use crate::oci::{Digest, RepoName};
 use crate::storage::s3::Bucket;
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 
 pub const HOT_TIER: &str = "regmirror_hot_tier_total";
 /// On a peer's answer for a tag: when the owner's upstream last confirmed it (unix ms).
@@ -112,6 +112,11 @@ impl Shared {
         }
     }
 
+    /// Whether a miss of `key` goes to another replica, its owner.
+    pub fn forwards(&self, key: &str) -> bool {
+        self.owner_peer(key).is_some()
+    }
+
     pub fn fell_back(&self, member: &Member) {
         if let Some(cluster) = &self.cluster {
             cluster.fell_back(member);
@@ -149,6 +154,44 @@ impl Shared {
         }
     }
 
+    /// A failed peer request as the cache sees it: the owner's relayed answer about its
+    /// upstream, final (`missing` for a 404; a 429 also holds this replica back from the
+    /// upstream for its `Retry-After`), or [`Error::Internal`] when the owner could not serve,
+    /// and the caller goes on to the next source.
+    fn peer_error(
+        &self,
+        member: &Member,
+        upstream: &Upstream,
+        err: PeerError,
+        missing: Error,
+    ) -> Error {
+        let PeerError::Status {
+            status,
+            final_answer: true,
+            retry_after,
+            ..
+        } = &err
+        else {
+            return Error::Internal(err.to_string());
+        };
+        let answer = match status.as_u16() {
+            404 => missing,
+            429 => {
+                upstream.rate_limited(*retry_after);
+                Error::Upstream(upstream::Error::TooManyRequests {
+                    retry_after: *retry_after,
+                })
+            }
+            401 => Error::Upstream(upstream::Error::Unauthorized),
+            403 => Error::Upstream(upstream::Error::Denied),
+            _ => return Error::Internal(err.to_string()),
+        };
+        if let Some(cluster) = &self.cluster {
+            cluster.relayed_final(member);
+        }
+        answer
+    }
+
     /// A blob from its owner, from byte `from` on.
     pub(super) async fn peer_blob(
         &self,
@@ -169,7 +212,7 @@ impl Shared {
         let response = cluster
             .get(member, &path, from)
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| self.peer_error(member, &source.upstream, e, Error::BlobUnknown))?;
         cluster.forwarded(member);
         Ok(Body {
             len: response.content_length(),
@@ -194,7 +237,7 @@ impl Shared {
         let response = cluster
             .get(member, &path, 0)
             .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            .map_err(|e| self.peer_error(member, upstream, e, Error::ManifestUnknown))?;
         let header = |name: &str| {
             response
                 .headers()
@@ -382,20 +425,23 @@ impl Cache {
     }
 
     /// A manifest from the owner of `reference` (a digest, or a tag when `expected` is
-    /// `None`), verified and kept here; `None` when this replica owns it or the owner failed
-    /// (then this replica asks the upstream itself).
+    /// `None`), verified and kept here. `Ok(None)` when this replica owns it or the owner
+    /// could not answer (then this replica asks the upstream itself); `Err` is the owner's
+    /// final answer about its upstream (404, 429, 401, 403), relayed as it is.
     pub(super) async fn forwarded_manifest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         reference: &str,
         expected: Option<&Digest>,
-    ) -> Option<(super::Manifest, u64, bool)> {
+    ) -> Result<Option<(super::Manifest, u64, bool)>, Error> {
         let key = match expected {
             Some(digest) => digest.to_string(),
             None => Cluster::tag_key(&upstream.name, repo.as_str(), reference),
         };
-        let member = self.shared.owner_peer(&key)?;
+        let Some(member) = self.shared.owner_peer(&key) else {
+            return Ok(None);
+        };
         let answer = self
             .shared
             .peer_manifest(&member, upstream, repo, reference)
@@ -428,37 +474,47 @@ impl Cache {
         });
         let manifest = match verified {
             Ok(manifest) => manifest,
+            Err(err) if err.is_authoritative() => {
+                debug!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner relayed its upstream's answer");
+                return Err(err);
+            }
             Err(err) => {
                 warn!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner unreachable, asking the upstream here");
                 self.shared.fell_back(&member);
-                return None;
+                return Ok(None);
             }
         };
-        let manifest = self
+        let Ok(manifest) = self
             .keep_manifest(upstream, repo, manifest, expected.is_none(), false)
             .await
-            .ok()?;
+        else {
+            return Ok(None);
+        };
         // As fresh as the owner's record, never fresher than now (a peer's clock or number is
         // not trusted further); without one, expired: asked again next time.
         let now = crate::storage::now_millis();
         let confirmed = confirmed.unwrap_or(0).min(now);
-        if expected.is_none() {
-            self.put_tag(upstream, repo, reference, &manifest.digest, confirmed)
-                .ok()?;
+        if expected.is_none()
+            && self
+                .put_tag(upstream, repo, reference, &manifest.digest, confirmed)
+                .is_err()
+        {
+            return Ok(None);
         }
-        Some((manifest, confirmed, stale))
+        Ok(Some((manifest, confirmed, stale)))
     }
 
     /// A tag from what the cluster shares: the bucket's record when the upstream confirmed it
     /// within `tag_ttl`, else the owner's answer (if `forward` and another replica owns it).
-    /// `None` leaves the tag to this replica's own revalidation.
+    /// `Ok(None)` leaves the tag to this replica's own revalidation; `Err` is the owner's final
+    /// answer about its upstream.
     pub(super) async fn shared_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &str,
         forward: bool,
-    ) -> Option<(super::Manifest, super::Outcome)> {
+    ) -> Result<Option<(super::Manifest, super::Outcome)>, Error> {
         if let Some(bucket) = self.shared.bucket() {
             let entry = match bucket.get_tag(&upstream.name, repo.as_str(), tag).await {
                 Ok(entry) => entry,
@@ -485,27 +541,36 @@ impl Cache {
                         },
                     };
                     if let Some(manifest) = manifest {
-                        let kept = self
+                        let Ok(kept) = self
                             .keep_manifest(upstream, repo, manifest, true, false)
                             .await
-                            .ok()?;
-                        self.put_tag(upstream, repo, tag, &kept.digest, entry.confirmed)
-                            .ok()?;
-                        return Some((kept, super::Outcome::Hit));
+                        else {
+                            return Ok(None);
+                        };
+                        if self
+                            .put_tag(upstream, repo, tag, &kept.digest, entry.confirmed)
+                            .is_err()
+                        {
+                            return Ok(None);
+                        }
+                        return Ok(Some((kept, super::Outcome::Hit)));
                     }
                 }
             }
         }
         if !forward {
-            return None;
+            return Ok(None);
         }
-        let (manifest, _, stale) = self.forwarded_manifest(upstream, repo, tag, None).await?;
+        let Some((manifest, _, stale)) = self.forwarded_manifest(upstream, repo, tag, None).await?
+        else {
+            return Ok(None);
+        };
         // The owner could not confirm it either (its upstream is down): stale here too.
         let outcome = if stale {
             super::Outcome::Stale
         } else {
             super::Outcome::Miss
         };
-        Some((manifest, outcome))
+        Ok(Some((manifest, outcome)))
     }
 }

@@ -77,6 +77,12 @@ impl<K: Hash + Eq + Clone, T: Clone> Inflight<K, T> {
         Ok(Some(Join::Started(value, leader)))
     }
 
+    /// The work under way for `key`, if any, to follow.
+    pub fn get(&self, key: &K) -> Option<T> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).cloned()
+    }
+
     /// Work under way.
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()

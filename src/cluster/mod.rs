@@ -34,6 +34,12 @@ pub use auth::HEADER as PEER_HEADER;
 pub const HEALTH_PATH: &str = "/_regmirror/peer/health";
 /// Prefix of every peer-channel path.
 pub const PEER_PREFIX: &str = "/_regmirror/peer/";
+/// On an owner's error answer: the status is its upstream's own answer (404, 429, 401, 403),
+/// relayed as final, not a failure of the owner. Without it an error answer means the owner
+/// could not serve, and the asking replica goes on to the next source.
+pub const FINAL_HEADER: &str = "x-regmirror-final";
+/// The longest `Retry-After` taken from a peer's relayed 429.
+const MAX_PEER_RETRY_AFTER: u64 = 24 * 3600;
 
 /// Longest wait for a member's health answer (shorter when `refresh` is).
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -108,8 +114,15 @@ pub struct MemberStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// The peer answered, but not with 2xx (redirects included: they are never followed).
+    /// `final_answer`: the peer relays its upstream's answer ([`FINAL_HEADER`]), with the
+    /// upstream's `Retry-After` (clamped) when it was a 429.
     #[error("peer {peer} answered {status}")]
-    Status { peer: String, status: StatusCode },
+    Status {
+        peer: String,
+        status: StatusCode,
+        final_answer: bool,
+        retry_after: Option<u64>,
+    },
     /// No answer: refused, reset, timed out.
     #[error("peer {peer}: {source}")]
     Transport {
@@ -148,18 +161,48 @@ struct View {
     /// normally one, more if the list names this replica twice (all of them are "me", so we
     /// never forward to ourselves). Empty until we have seen ourselves.
     self_addresses: BTreeSet<Arc<str>>,
-    /// Whether the last pass found us healthy.
+    /// Whether this replica serves: it is up in its own view, and its view agreed (every
+    /// member up or down, none unknown) for two passes in a row once; from then on until it
+    /// loses itself.
     ready: bool,
-    /// The healthy members: the ring ownership is decided over.
+    /// Consecutive passes that ended with this replica up and no member unknown.
+    settled_passes: u32,
+    /// The members that are up: the ring ownership is decided over.
     ring: Vec<Member>,
     /// Passes run so far.
     passes: u64,
 }
 
+/// What probes have established about a member, with hysteresis: one lost probe does not
+/// take a member down, one answer does not bring a flapping one back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Listed, but neither up nor down yet: at start-up, the peers starting beside us.
+    Unknown,
+    Up,
+    Down,
+}
+
 struct MemberState {
     member: Member,
-    healthy: bool,
+    health: Health,
+    /// Probes in a row that went against `health` (failures of an unknown or up member,
+    /// answers of a down one).
+    streak: u32,
     last_ok: Option<Instant>,
+}
+
+/// Why a health probe failed.
+struct ProbeError {
+    /// No answer in time (as opposed to refused, reset or a wrong answer).
+    timed_out: bool,
+    text: String,
+}
+
+impl std::fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
 }
 
 /// This replica's view of the cluster.
@@ -169,6 +212,8 @@ pub struct Cluster {
     source: Source,
     refresh: Duration,
     probe_timeout: Duration,
+    down_after: u32,
+    up_after: u32,
     client: reqwest::Client,
     metrics: Arc<Metrics>,
     view: RwLock<Arc<View>>,
@@ -216,6 +261,8 @@ impl Cluster {
             source,
             refresh: config.refresh.0,
             probe_timeout,
+            down_after: config.down_after.max(1),
+            up_after: config.up_after.max(1),
             client,
             metrics,
             view: RwLock::new(Arc::new(View::default())),
@@ -252,23 +299,34 @@ impl Cluster {
         let mut seen_self = BTreeSet::new();
         for (address, answer) in addresses.iter().zip(answers) {
             let previous = old.members.get(address.as_str());
-            let healthy = match &answer {
+            let ok = match &answer {
                 Ok(id) => {
                     if *id == self.instance_id {
                         seen_self.insert(Arc::<str>::from(address.as_str()));
                     }
                     true
                 }
-                Err(error) => {
-                    // Log transitions only: a dead member would otherwise log every pass.
-                    if previous.is_none_or(|p| p.healthy) {
-                        tracing::warn!(peer = %address, %error, "cluster member unhealthy");
-                    }
-                    false
+                // Our own listener answering slowly (a loaded machine) is still us: a replica
+                // never drops itself from its own view for a probe that timed out. A refused
+                // connection is another matter: our peer listener is gone.
+                Err(error) if error.timed_out && old.self_addresses.contains(address.as_str()) => {
+                    seen_self.insert(Arc::<str>::from(address.as_str()));
+                    true
                 }
+                Err(_) => false,
             };
-            if healthy && previous.is_none_or(|p| !p.healthy) {
-                tracing::info!(peer = %address, "cluster member healthy");
+            let (health, streak) = previous.map_or((Health::Unknown, 0), |p| (p.health, p.streak));
+            let (health, streak) = self.next_health(health, streak, ok);
+            // Log transitions only: a dead member would otherwise log every pass.
+            let was = previous.map(|p| p.health);
+            if health != was.unwrap_or(Health::Unknown) || previous.is_none() {
+                match (health, &answer) {
+                    (Health::Up, _) => tracing::info!(peer = %address, "cluster member up"),
+                    (Health::Down, Err(error)) => {
+                        tracing::warn!(peer = %address, %error, "cluster member down")
+                    }
+                    _ => {}
+                }
             }
             let member = match previous {
                 Some(p) => p.member.clone(),
@@ -277,7 +335,7 @@ impl Cluster {
                     Member::new(address)
                 }
             };
-            let last_ok = if healthy {
+            let last_ok = if ok {
                 Some(now)
             } else {
                 previous.and_then(|p| p.last_ok)
@@ -286,7 +344,8 @@ impl Cluster {
                 member.address.clone(),
                 MemberState {
                     member,
-                    healthy,
+                    health,
+                    streak,
                     last_ok,
                 },
             );
@@ -300,22 +359,34 @@ impl Cluster {
         if seen_self.len() > 1 && seen_self != old.self_addresses {
             tracing::warn!(addresses = ?seen_self, "this replica is listed under several addresses");
         }
-        let ready = !seen_self.is_empty();
+        let self_addresses = if seen_self.is_empty() {
+            old.self_addresses.clone()
+        } else {
+            seen_self
+        };
+        let self_up = self_addresses
+            .iter()
+            .any(|a| members.get(a).is_some_and(|m| m.health == Health::Up));
+        let settled = self_up && members.values().all(|m| m.health != Health::Unknown);
+        let settled_passes = if settled {
+            old.settled_passes.saturating_add(1)
+        } else {
+            0
+        };
+        // Agree before owning: the first time, two settled passes in a row, so the peers that
+        // started beside us have had a whole `refresh` to probe us too. Once ready, a member
+        // joining later (unknown until probed) does not take every replica out of service.
+        let ready = self_up && (old.ready || settled_passes >= 2);
         if ready && !old.ready {
-            tracing::info!(addresses = ?seen_self, "cluster: this replica is among the healthy members");
-        } else if !ready && (old.ready || old.passes == 0) {
+            tracing::info!(addresses = ?self_addresses, "cluster: this replica is among the healthy members and its view is settled");
+        } else if !self_up && (old.ready || old.passes == 0) {
             // Not ready until it is: usually our own address is missing from `peers` (or from
             // the DNS answer), or our peer listener does not answer.
             tracing::warn!("cluster: no member answered with this replica's instance id");
         }
-        let self_addresses = if ready {
-            seen_self
-        } else {
-            old.self_addresses.clone()
-        };
         let ring: Vec<Member> = members
             .values()
-            .filter(|m| m.healthy)
+            .filter(|m| m.health == Health::Up)
             .map(|m| m.member.clone())
             .collect();
         self.metrics
@@ -324,10 +395,37 @@ impl Cluster {
             members,
             self_addresses,
             ready,
+            settled_passes,
             ring,
             passes: old.passes.saturating_add(1),
         };
         *self.view.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+    }
+
+    /// A member's health after one more probe (`ok`: it answered), with hysteresis: up after
+    /// `up_after` answers in a row once down (at the first answer if never up or down yet),
+    /// down after `down_after` failures in a row.
+    fn next_health(&self, health: Health, streak: u32, ok: bool) -> (Health, u32) {
+        match (health, ok) {
+            (Health::Unknown, true) => (Health::Up, 0),
+            (Health::Up, true) | (Health::Down, false) => (health, 0),
+            (Health::Unknown | Health::Up, false) => {
+                let streak = streak.saturating_add(1);
+                if streak >= self.down_after {
+                    (Health::Down, 0)
+                } else {
+                    (health, streak)
+                }
+            }
+            (Health::Down, true) => {
+                let streak = streak.saturating_add(1);
+                if streak >= self.up_after {
+                    (Health::Up, 0)
+                } else {
+                    (Health::Down, streak)
+                }
+            }
+        }
     }
 
     /// The addresses to probe this pass: the static list, or what the DNS name resolves to
@@ -362,7 +460,15 @@ impl Cluster {
     }
 
     /// Asks one member for its instance id.
-    async fn probe(&self, address: &str) -> Result<String, String> {
+    async fn probe(&self, address: &str) -> Result<String, ProbeError> {
+        let failed = |e: reqwest::Error| ProbeError {
+            timed_out: e.is_timeout(),
+            text: e.to_string(),
+        };
+        let wrong = |text: String| ProbeError {
+            timed_out: false,
+            text,
+        };
         let url = format!("http://{address}{HEALTH_PATH}");
         let (name, value) = self.sign("GET", HEALTH_PATH);
         let mut response = self
@@ -372,14 +478,14 @@ impl Cluster {
             .timeout(self.probe_timeout)
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(failed)?;
         if !response.status().is_success() {
-            return Err(format!("health answered {}", response.status()));
+            return Err(wrong(format!("health answered {}", response.status())));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        while let Some(chunk) = response.chunk().await.map_err(failed)? {
             if body.len().saturating_add(chunk.len()) > MAX_HEALTH_BODY {
-                return Err("health answer too long".to_owned());
+                return Err(wrong("health answer too long".to_owned()));
             }
             body.extend_from_slice(&chunk);
         }
@@ -428,7 +534,7 @@ impl Cluster {
                 let (forwards, fallbacks) = self.metrics.cluster_peer_counts(m.member.address());
                 MemberStatus {
                     address: m.member.address().to_owned(),
-                    healthy: m.healthy,
+                    healthy: m.health == Health::Up,
                     is_self: view.self_addresses.contains(m.member.address()),
                     last_ok_secs_ago: m
                         .last_ok
@@ -440,7 +546,7 @@ impl Cluster {
             .collect()
     }
 
-    /// Whether the last pass found this replica among the healthy members (for `/readyz`).
+    /// Whether this replica is up in its own view, which has settled (for `/readyz`).
     pub fn ready(&self) -> bool {
         self.view().ready
     }
@@ -493,9 +599,16 @@ impl Cluster {
                 source,
             })?;
         if !response.status().is_success() {
+            let headers = response.headers();
             return Err(PeerError::Status {
                 peer: member.address().to_owned(),
                 status: response.status(),
+                final_answer: headers.contains_key(FINAL_HEADER),
+                retry_after: headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|seconds| seconds.min(MAX_PEER_RETRY_AFTER)),
             });
         }
         Ok(response)
@@ -504,6 +617,12 @@ impl Cluster {
     /// A miss was forwarded to its owner `member`.
     pub fn forwarded(&self, member: &Member) {
         self.metrics.cluster_forward(member.address());
+    }
+
+    /// `member` relayed its upstream's answer (404, 429, 401, 403), which this replica relays
+    /// on instead of asking the upstream itself.
+    pub fn relayed_final(&self, member: &Member) {
+        self.metrics.cluster_final(member.address());
     }
 
     /// A miss owned by `member` was fetched locally because it did not answer.
@@ -541,6 +660,9 @@ mod tests {
             secret: Some(secret.to_owned()),
             secret_file: None,
             refresh: HumanDuration(Duration::from_secs(2)),
+            // Without hysteresis, so one pass shows each change; the hysteresis has its own test.
+            down_after: 1,
+            up_after: 1,
         }
     }
 
@@ -585,6 +707,14 @@ mod tests {
                                     "/_regmirror/peer/redirect" => (
                                         StatusCode::TEMPORARY_REDIRECT,
                                         [(header::LOCATION, "http://127.0.0.1:9/")],
+                                    )
+                                        .into_response(),
+                                    "/_regmirror/peer/final" => (
+                                        StatusCode::TOO_MANY_REQUESTS,
+                                        [
+                                            (FINAL_HEADER, "1"),
+                                            (header::RETRY_AFTER.as_str(), "99999999999"),
+                                        ],
                                     )
                                         .into_response(),
                                     path if path.starts_with("/_regmirror/peer/blobs/") => {
@@ -663,6 +793,9 @@ mod tests {
         let b = TestPeer::start(l1, "id-of-b".to_owned(), verifier.clone()).await;
         let c = TestPeer::start(l2, "id-of-c".to_owned(), verifier.clone()).await;
 
+        // Ready at the second pass that finds every member up or down.
+        cluster.refresh_once().await;
+        assert!(!cluster.ready(), "not at the first settled pass");
         cluster.refresh_once().await;
         let members = cluster.members();
         assert_eq!(members.len(), 4, "{members:?}");
@@ -754,6 +887,9 @@ mod tests {
         .unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
         let b = TestPeer::start(l1, "id-of-b".to_owned(), cluster.clone()).await;
+        // Ready at the second pass that finds every member up or down.
+        cluster.refresh_once().await;
+        assert!(!cluster.ready(), "not at the first settled pass");
         cluster.refresh_once().await;
         assert!(cluster.ready());
         let keys = keys();
@@ -786,6 +922,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hysteresis_and_readiness_wait_for_an_agreed_view() {
+        let (l0, l1) = (listener().await, listener().await);
+        let (address, other) = (
+            l0.local_addr().unwrap().to_string(),
+            l1.local_addr().unwrap().to_string(),
+        );
+        // `other` is not listening yet: a peer starting beside us.
+        drop(l1);
+        let mut config = config(vec![address.clone(), other.clone()], SECRET);
+        (config.down_after, config.up_after) = (3, 2);
+        let cluster = new_cluster(&config, Arc::new(Metrics::new())).unwrap();
+        let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        // [us, b]
+        let health = |cluster: &Cluster| -> Vec<bool> {
+            let members = cluster.members();
+            let of = |a: &str| members.iter().find(|m| m.address == a).unwrap().healthy;
+            vec![of(&address), of(&other)]
+        };
+        let ours = |cluster: &Cluster, key: &str| cluster.owner(key) == Owner::Me;
+        let keys = keys();
+
+        // Unknown for down_after passes: not ready, so no load balancer sends us clients
+        // while the peer may still come up and own half the keys.
+        for _ in 0..2 {
+            cluster.refresh_once().await;
+            assert!(!cluster.ready(), "a peer is still unknown");
+        }
+        let l1 = tokio::net::TcpListener::bind(&other).await.unwrap();
+        let b = TestPeer::start(l1, "id-of-b".to_owned(), cluster.clone()).await;
+        cluster.refresh_once().await;
+        assert_eq!(health(&cluster), [true, true], "up at its first answer");
+        assert!(!cluster.ready(), "settled once");
+        cluster.refresh_once().await;
+        assert!(cluster.ready(), "settled twice");
+        let shared: Vec<bool> = keys.iter().map(|k| ours(&cluster, k)).collect();
+        assert!(
+            shared.iter().filter(|o| !**o).count() > 1000,
+            "b owns its share"
+        );
+
+        // One or two lost probes move nothing; the third takes b down.
+        let b_address = b.address.clone();
+        b.kill().await;
+        for _ in 0..2 {
+            cluster.refresh_once().await;
+            assert_eq!(health(&cluster), [true, true]);
+            assert_eq!(
+                keys.iter().map(|k| ours(&cluster, k)).collect::<Vec<_>>(),
+                shared
+            );
+        }
+        cluster.refresh_once().await;
+        assert_eq!(health(&cluster), [true, false]);
+        assert!(keys.iter().all(|k| ours(&cluster, k)));
+        assert!(cluster.ready(), "ready stays once settled");
+
+        // Back: up only after up_after answers in a row.
+        let l1 = tokio::net::TcpListener::bind(&b_address).await.unwrap();
+        let b = TestPeer::start(l1, "id-of-b".to_owned(), cluster.clone()).await;
+        cluster.refresh_once().await;
+        assert_eq!(health(&cluster), [true, false]);
+        cluster.refresh_once().await;
+        assert_eq!(health(&cluster), [true, true]);
+        assert_eq!(
+            keys.iter().map(|k| ours(&cluster, k)).collect::<Vec<_>>(),
+            shared
+        );
+        b.kill().await;
+        me.kill().await;
+    }
+
+    #[tokio::test]
     async fn dns_names_resolve_to_members() {
         let l0 = listener().await;
         let port = l0.local_addr().unwrap().port();
@@ -793,6 +1001,9 @@ mod tests {
         config.dns = Some(format!("localhost:{port}"));
         let cluster = new_cluster(&config, Arc::new(Metrics::new())).unwrap();
         let me = TestPeer::start(l0, cluster.instance_id().to_owned(), cluster.clone()).await;
+        // Ready at the second pass that finds every member up or down.
+        cluster.refresh_once().await;
+        assert!(!cluster.ready(), "not at the first settled pass");
         cluster.refresh_once().await;
         let members = cluster.members();
         let own = format!("127.0.0.1:{port}");
@@ -859,6 +1070,31 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.status(), Some(StatusCode::NOT_FOUND));
+        assert!(
+            matches!(
+                err,
+                PeerError::Status {
+                    final_answer: false,
+                    ..
+                }
+            ),
+            "an error without the final header is the owner's failure: {err:?}"
+        );
+        let err = cluster
+            .get(&member, "/_regmirror/peer/final", 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PeerError::Status {
+                    final_answer: true,
+                    retry_after: Some(MAX_PEER_RETRY_AFTER),
+                    ..
+                }
+            ),
+            "relayed and clamped: {err:?}"
+        );
         for bad in ["relative", "", "//elsewhere/x"] {
             assert!(
                 matches!(

@@ -13,6 +13,7 @@
 //! jittered backoff on connection errors and 5xx within the deadline.
 
 mod auth;
+pub mod backoff;
 pub mod credentials;
 pub mod tls;
 
@@ -178,6 +179,8 @@ pub struct Upstream {
     diagnosis: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
     /// Every exchange and token fetch is reported here (timing, status, health, rate limit).
     metrics: Arc<Metrics>,
+    /// Held back after a 429 until its `Retry-After` passes.
+    backoff: backoff::Backoff,
 }
 
 impl Upstream {
@@ -230,7 +233,19 @@ impl Upstream {
             request_timeout: config.request_timeout.0,
             diagnosis: std::sync::Mutex::new(None),
             metrics,
+            backoff: backoff::Backoff::default(),
         })
+    }
+
+    /// Records that the upstream rate-limited us (here, or as another replica of the cluster
+    /// relayed it): it is not asked again until `retry_after` seconds have passed.
+    pub fn rate_limited(&self, retry_after: Option<u64>) {
+        self.backoff.hold(retry_after);
+    }
+
+    /// The seconds left before the upstream may be asked again after a 429, if any.
+    pub fn backing_off(&self) -> Option<u64> {
+        self.backoff.remaining()
     }
 
     /// Whether requests to this upstream carry configured credentials.
@@ -401,6 +416,14 @@ impl Upstream {
         path: &str,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
+        // Within a 429's Retry-After the upstream is not asked: the answer is the same 429,
+        // with the time that remains.
+        if let Some(retry_after) = self.backoff.remaining() {
+            self.metrics.upstream_spared(&self.name, "rate_limited");
+            return Err(Error::TooManyRequests {
+                retry_after: Some(retry_after),
+            });
+        }
         let scope = format!("repository:{repo}:pull");
         let mut authorization = if self.basic.load(Ordering::Relaxed) {
             self.basic_authorization()
@@ -457,7 +480,11 @@ impl Upstream {
                     _ => return Err(Error::Unauthorized),
                 }
             }
-            return classify(response);
+            let classified = classify(response);
+            if let Err(Error::TooManyRequests { retry_after }) = &classified {
+                self.backoff.hold(*retry_after);
+            }
+            return classified;
         }
     }
 

@@ -25,6 +25,8 @@ use regmirror::oci::Digest;
 pub struct Faults {
     /// Answer every registry request with this status.
     pub status: Mutex<Option<u16>>,
+    /// With `status`: this `Retry-After` header too.
+    pub retry_after: Mutex<Option<String>>,
     /// Sleep this long between 64 KiB chunks of a blob.
     pub chunk_delay_ms: AtomicU64,
     /// Drop the connection after this many bytes of the next full (non-range) blob GET.
@@ -242,7 +244,13 @@ async fn registry(
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     if let Some(status) = *fake.faults.status.lock().unwrap() {
-        return StatusCode::from_u16(status).unwrap().into_response();
+        let mut response = StatusCode::from_u16(status).unwrap().into_response();
+        if let Some(seconds) = fake.faults.retry_after.lock().unwrap().clone() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, seconds.parse().unwrap());
+        }
+        return response;
     }
     if fake
         .faults
