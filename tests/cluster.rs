@@ -18,6 +18,7 @@ use common::garage::Garage;
 use common::*;
 
 type Signer = Arc<::regmirror::cluster::Cluster>;
+use reqwest::header::HeaderValue;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_fetch_each_blob_once_and_survive_a_garage_node() {
@@ -223,51 +224,88 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
     };
     let right = signer(SECRET);
     let wrong = signer("another-secret-0123456789abcdef");
-    let get = |path: String,
-               signer: Option<Arc<::regmirror::cluster::Cluster>>,
-               signed_for: Option<String>| {
+    let send = |path: String, signature: Option<HeaderValue>| {
         let base = base.clone();
         async move {
             let mut request = http().get(format!("{base}{path}"));
-            if let Some(signer) = signer {
-                let (name, value) = signer.sign("GET", signed_for.as_deref().unwrap_or(&path));
-                request = request.header(name, value);
+            if let Some(value) = signature {
+                request = request.header(::regmirror::cluster::PEER_HEADER, value);
             }
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
-            (status, response.text().await.unwrap())
+            let id = response
+                .headers()
+                .get(::regmirror::cluster::INSTANCE_HEADER)
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, response.text().await.unwrap(), id)
         }
     };
+    let sign = |signer: &Signer, path: &str, receiver: &str| {
+        Some(signer.sign("GET", path, receiver).unwrap().1)
+    };
+    // The replica's instance id, from a health probe (signed for whoever answers).
+    let health = "/_regmirror/peer/health".to_owned();
+    let (status, _, id) = send(health.clone(), sign(&right, &health, "")).await;
+    assert_eq!(status, 200);
+    let id = id.expect("the health answer names the replica");
     let blob = format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app");
-    /// Path, signer, what was signed if not the path, status, OCI code.
-    type Case<'a> = (String, Option<Signer>, Option<String>, u16, &'a str);
+    /// Path, signature, status, OCI code.
+    type Case<'a> = (String, Option<HeaderValue>, u16, &'a str);
+    let signed = |path: &str| (path.to_owned(), sign(&right, path, &id));
     let cases: Vec<Case> = vec![
-        (blob.clone(), None, None, 401, "UNAUTHORIZED"),
-        (blob.clone(), Some(wrong.clone()), None, 401, "UNAUTHORIZED"),
-        // A signature is for one request only.
-        (blob.clone(), Some(right.clone()), Some("/_regmirror/peer/health".into()), 401, "UNAUTHORIZED"),
+        (blob.clone(), None, 401, "UNAUTHORIZED"),
+        (blob.clone(), sign(&wrong, &blob, &id), 401, "UNAUTHORIZED"),
+        // A signature is for one request, to one replica.
         (
-            format!("/_regmirror/peer/blobs/{layer}?upstream=evil.example&repository=team/app"),
-            Some(right.clone()), None, 404, "NAME_UNKNOWN",
+            blob.clone(),
+            sign(&right, &health, &id),
+            401,
+            "UNAUTHORIZED",
         ),
         (
-            "/_regmirror/peer/blobs/sha256:nope?upstream=docker.io&repository=team/app".into(),
-            Some(right.clone()), None, 400, "DIGEST_INVALID",
+            blob.clone(),
+            sign(&right, &blob, "0123456789abcdef0123456789abcdef"),
+            401,
+            "UNAUTHORIZED",
         ),
-        (
-            format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=../../etc"),
-            Some(right.clone()), None, 400, "NAME_INVALID",
-        ),
-        (
-            format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app&url=http://evil.example/"),
-            Some(right.clone()), None, 404, "UNSUPPORTED",
-        ),
-        ("/_regmirror/peer/tags/list?upstream=docker.io&repository=team/app".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
-        ("/v2/team/app/manifests/v1".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
-        ("/v2/_catalog".into(), Some(right.clone()), None, 404, "UNSUPPORTED"),
+        (blob.clone(), sign(&right, &blob, ""), 401, "UNAUTHORIZED"),
+        {
+            let (p, s) = signed(&format!(
+                "/_regmirror/peer/blobs/{layer}?upstream=evil.example&repository=team/app"
+            ));
+            (p, s, 404, "NAME_UNKNOWN")
+        },
+        {
+            let (p, s) =
+                signed("/_regmirror/peer/blobs/sha256:nope?upstream=docker.io&repository=team/app");
+            (p, s, 400, "DIGEST_INVALID")
+        },
+        {
+            let (p, s) = signed(&format!(
+                "/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=../../etc"
+            ));
+            (p, s, 400, "NAME_INVALID")
+        },
+        {
+            let (p, s) = signed(&format!("/_regmirror/peer/blobs/{layer}?upstream=docker.io&repository=team/app&url=http://evil.example/"));
+            (p, s, 404, "UNSUPPORTED")
+        },
+        {
+            let (p, s) =
+                signed("/_regmirror/peer/tags/list?upstream=docker.io&repository=team/app");
+            (p, s, 404, "UNSUPPORTED")
+        },
+        {
+            let (p, s) = signed("/v2/team/app/manifests/v1");
+            (p, s, 404, "UNSUPPORTED")
+        },
+        {
+            let (p, s) = signed("/v2/_catalog");
+            (p, s, 404, "UNSUPPORTED")
+        },
     ];
-    for (path, signer, signed_for, status, code) in cases {
-        let (got, body) = get(path.clone(), signer, signed_for).await;
+    for (path, signature, status, code) in cases {
+        let (got, body, _) = send(path.clone(), signature).await;
         assert_eq!(got, status, "{path}: {body}");
         assert!(body.contains(code), "{path}: {body}");
     }
@@ -276,10 +314,13 @@ async fn the_peer_channel_refuses_all_but_signed_content_by_digest() {
         before,
         "a refused peer request dialled the upstream"
     );
-    // The positive control: signed, by digest, for a configured upstream.
-    let (status, _) = get(blob, Some(right.clone()), None).await;
+    // The positive control: signed, by digest, for a configured upstream; then replayed.
+    let signature = sign(&right, &blob, &id);
+    let (status, _, _) = send(blob.clone(), signature.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(upstream.blob_gets_for(&layer).await, 1);
+    let (status, body, _) = send(blob, signature).await;
+    assert_eq!(status, 401, "a replayed signature is refused: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -394,4 +435,178 @@ async fn only_a_tags_owner_revalidates_it_and_a_stale_answer_stays_stale() {
     assert_eq!(status, 200);
     assert_eq!(outcome.as_deref(), Some("stale"));
     assert!(body == image.manifest_bytes);
+}
+
+/// Upstream etiquette across the fleet (issue 18): what the owner's upstream answered (a 404,
+/// a 429 with its Retry-After) is final for every replica, never a reason for each to ask the
+/// upstream itself. 9 clients over 3 replicas: one upstream request each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owners_404_and_429_are_final_for_every_replica() {
+    let garage = Garage::single().await;
+    let upstream = fake::Fake::start().await;
+    let image = upstream.put_image("team/app", "v1", &[1 << 20], 11);
+    let replicas = cluster(3, &upstream.url(), &garage, "").await;
+    let asked = |upstream: &fake::Fake| upstream.counters.requests.lock().unwrap().len();
+
+    // A tag the upstream lacks, asked 9 times at once over the three replicas.
+    let before = asked(&upstream);
+    let gets = (0..9).map(|i| {
+        let url = format!(
+            "{}/v2/team/app/manifests/nope",
+            replicas[i % 3].mirror.url()
+        );
+        async move { http().get(url).send().await.unwrap().status() }
+    });
+    for status in futures_util::future::join_all(gets).await {
+        assert_eq!(status, 404);
+    }
+    assert_eq!(
+        asked(&upstream) - before,
+        1,
+        "one upstream request for the fleet: {:#?}",
+        upstream.counters.requests.lock().unwrap()
+    );
+
+    // The upstream rate-limits: one cold blob asked 9 times at once, then 6 more requests.
+    *upstream.faults.retry_after.lock().unwrap() = Some("30".into());
+    *upstream.faults.status.lock().unwrap() = Some(429);
+    let before = asked(&upstream);
+    let layer = image.layers[0].0.clone();
+    let gets = (0..9).map(|i| {
+        let url = format!("{}/v2/team/app/blobs/{layer}", replicas[i % 3].mirror.url());
+        async move {
+            let r = http().get(url).send().await.unwrap();
+            let retry_after: Option<u64> = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            (r.status().as_u16(), retry_after)
+        }
+    });
+    for (status, retry_after) in futures_util::future::join_all(gets).await {
+        assert_eq!(status, 429);
+        assert!(
+            retry_after.is_some_and(|s| (1..=30).contains(&s)),
+            "{retry_after:?}"
+        );
+    }
+    assert_eq!(asked(&upstream) - before, 1, "the owner asked once");
+    *upstream.faults.status.lock().unwrap() = None;
+    for replica in &replicas {
+        for path in [format!("blobs/{layer}"), "manifests/v1".to_owned()] {
+            let url = format!("{}/v2/team/app/{path}", replica.mirror.url());
+            assert_eq!(http().get(url).send().await.unwrap().status(), 429);
+        }
+    }
+    assert_eq!(
+        asked(&upstream) - before,
+        1,
+        "nobody asks within the owner's Retry-After"
+    );
+    let mut relayed = 0.0;
+    for replica in &replicas {
+        let metrics = replica.metrics().await;
+        for other in &replicas {
+            let series = format!(
+                "regmirror_cluster_final_answers_total{{peer=\"{}\"}}",
+                other.peer_address()
+            );
+            relayed += metric(&metrics, &series).unwrap_or(0.0);
+        }
+        let fallbacks = metrics
+            .lines()
+            .filter(|l| l.starts_with("regmirror_cluster_fallbacks_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        assert_eq!(fallbacks, 0.0, "an answer is not a failure:\n{metrics}");
+    }
+    assert!(relayed >= 2.0, "non-owners relayed the owner's answers");
+    drop(garage);
+}
+
+/// Replicas started together own keys only once their views agree (issue 18): 18 clients
+/// arriving the moment all three answer `/readyz` fetch each blob and tag once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_started_together_fetch_each_blob_once() {
+    let garage = Garage::single().await;
+    let upstream = fake::Fake::start().await;
+    let images: Vec<_> = (0..6u64)
+        .map(|i| {
+            upstream.put_image(
+                &format!("team/app{i}"),
+                "v1",
+                &[256 << 10, 64 << 10],
+                40 + i,
+            )
+        })
+        .collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let (s3, upstream_url) = (garage.s3_yaml(), upstream.url());
+    let starts = ports
+        .iter()
+        .map(|port| Replica::start(&upstream_url, &s3, &ports, *port, ""));
+    let replicas = futures_util::future::join_all(starts).await;
+    tokio::time::timeout(GUARD, async {
+        loop {
+            let mut ready = 0;
+            for replica in &replicas {
+                let url = format!("{}/readyz", replica.mirror.url());
+                if http()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+                {
+                    ready += 1;
+                }
+            }
+            if ready == replicas.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every replica ready");
+
+    let pulls = (0..18).map(|k| {
+        let base = replicas[k % 3].mirror.url();
+        let image = &images[k % 6];
+        let repo = format!("team/app{}", k % 6);
+        async move {
+            let r = http()
+                .get(format!("{base}/v2/{repo}/manifests/v1"))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            for (digest, bytes) in &image.layers {
+                let r = http()
+                    .get(format!("{base}/v2/{repo}/blobs/{digest}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                assert!(r.bytes().await.unwrap() == *bytes);
+            }
+        }
+    });
+    futures_util::future::join_all(pulls).await;
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(
+            upstream
+                .counters
+                .count("GET", &format!("/team/app{i}/manifests/v1")),
+            1
+        );
+        for (digest, _) in &image.layers {
+            assert_eq!(
+                upstream.counters.count("GET", &format!("/blobs/{digest}")),
+                1,
+                "{digest} fetched once by the fleet"
+            );
+        }
+    }
+    drop(garage);
 }

@@ -50,22 +50,31 @@ async fn peer(State(state): State<PeerState>, request: Request) -> Response {
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or_default();
-    if !state
+    let Some(nonce) = state
         .cluster
         .verify(&parts.headers, parts.method.as_str(), target)
-    {
+    else {
         return refuse(
             ErrorCode::Unauthorized,
             "peer request without a valid signature",
         );
-    }
+    };
+    // Every answer to a signed request is sealed for it, errors included: the asking replica
+    // believes nothing else (a forged 404 or tag would otherwise pass for ours).
+    let mut response = answer(&state, &parts).await;
+    state.cluster.seal(&nonce, &mut response);
+    response
+}
+
+async fn answer(state: &PeerState, parts: &axum::http::request::Parts) -> Response {
     if parts.method != axum::http::Method::GET {
         return refuse(ErrorCode::Unsupported, "the peer channel only reads");
     }
     let path = parts.uri.path();
     let rest = path.strip_prefix("/_regmirror/peer/").unwrap_or_default();
     if rest == "health" {
-        return state.cluster.instance_id().to_owned().into_response();
+        let id = state.cluster.instance_id().to_owned();
+        return ([(crate::cluster::INSTANCE_HEADER, id.clone())], id).into_response();
     }
     let (kind, reference) = match rest.split_once('/') {
         Some((kind @ ("blobs" | "manifests"), reference)) => (kind, reference),

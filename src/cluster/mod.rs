@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
-pub use auth::HEADER as PEER_HEADER;
+pub use auth::{Nonce, HEADER as PEER_HEADER};
 
 /// The health probe's path on the peer channel.
 pub const HEALTH_PATH: &str = "/_regmirror/peer/health";
@@ -38,6 +38,8 @@ pub const PEER_PREFIX: &str = "/_regmirror/peer/";
 /// relayed as final, not a failure of the owner. Without it an error answer means the owner
 /// could not serve, and the asking replica goes on to the next source.
 pub const FINAL_HEADER: &str = "x-regmirror-final";
+/// On the health answer: the replica's instance id, under the answer's seal.
+pub const INSTANCE_HEADER: &str = "x-regmirror-instance";
 /// The longest `Retry-After` taken from a peer's relayed 429.
 const MAX_PEER_RETRY_AFTER: u64 = 24 * 3600;
 
@@ -123,6 +125,14 @@ pub enum PeerError {
         final_answer: bool,
         retry_after: Option<u64>,
     },
+    /// The answer is not sealed for our request with the cluster's secret: it did not come
+    /// from the peer (or was changed on the way), and nothing in it is believed.
+    #[error("peer {peer} answered without a valid seal")]
+    Unsealed { peer: String },
+    /// The member's instance id is not known yet (it never answered a probe), so no request
+    /// can be signed for it.
+    #[error("peer {peer} has not answered a health probe yet")]
+    NotProbed { peer: String },
     /// No answer: refused, reset, timed out.
     #[error("peer {peer}: {source}")]
     Transport {
@@ -190,6 +200,8 @@ struct MemberState {
     /// answers of a down one).
     streak: u32,
     last_ok: Option<Instant>,
+    /// What it last answered to a health probe: requests to it are signed for this id.
+    instance_id: Option<Arc<str>>,
 }
 
 /// Why a health probe failed.
@@ -209,6 +221,8 @@ impl std::fmt::Display for ProbeError {
 pub struct Cluster {
     instance_id: String,
     signer: auth::Signer,
+    /// Nonces of the peer requests accepted lately.
+    replays: auth::Replays,
     source: Source,
     refresh: Duration,
     probe_timeout: Duration,
@@ -258,6 +272,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             instance_id: hex::encode(id),
             signer: auth::Signer::new(&secret),
+            replays: auth::Replays::default(),
             source,
             refresh: config.refresh.0,
             probe_timeout,
@@ -340,6 +355,10 @@ impl Cluster {
             } else {
                 previous.and_then(|p| p.last_ok)
             };
+            let instance_id = match &answer {
+                Ok(id) => Some(Arc::<str>::from(id.as_str())),
+                Err(_) => previous.and_then(|p| p.instance_id.clone()),
+            };
             members.insert(
                 member.address.clone(),
                 MemberState {
@@ -347,6 +366,7 @@ impl Cluster {
                     health,
                     streak,
                     last_ok,
+                    instance_id,
                 },
             );
         }
@@ -470,8 +490,11 @@ impl Cluster {
             text,
         };
         let url = format!("http://{address}{HEALTH_PATH}");
-        let (name, value) = self.sign("GET", HEALTH_PATH);
-        let mut response = self
+        // The probe is for whoever answers at the address: its id is what we learn here.
+        let (name, value, nonce) = self
+            .sign("GET", HEALTH_PATH, "")
+            .ok_or_else(|| wrong("no randomness for a nonce".to_owned()))?;
+        let response = self
             .client
             .get(&url)
             .header(name, value)
@@ -479,17 +502,30 @@ impl Cluster {
             .send()
             .await
             .map_err(failed)?;
+        if !self
+            .signer
+            .check_seal(&nonce, response.status(), response.headers())
+        {
+            return Err(wrong(format!(
+                "health answered {} without a valid seal (another secret?)",
+                response.status()
+            )));
+        }
         if !response.status().is_success() {
             return Err(wrong(format!("health answered {}", response.status())));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if body.len().saturating_add(chunk.len()) > MAX_HEALTH_BODY {
-                return Err(wrong("health answer too long".to_owned()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(String::from_utf8_lossy(&body).trim().to_owned())
+        let id = response
+            .headers()
+            .get(INSTANCE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|id| {
+                !id.is_empty()
+                    && id.len() <= MAX_HEALTH_BODY
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+            .ok_or_else(|| wrong("health answer without an instance id".to_owned()))?;
+        Ok(id.to_owned())
     }
 
     fn view(&self) -> Arc<View> {
@@ -552,20 +588,56 @@ impl Cluster {
     }
 
     /// The signature header for a request this replica sends now.
-    pub fn sign(&self, method: &str, path_and_query: &str) -> (HeaderName, HeaderValue) {
-        (
-            auth::HEADER,
-            self.signer
-                .sign_at(method, path_and_query, auth::unix_now()),
-        )
+    /// The signature header for a request this replica sends now to the replica whose
+    /// instance id is `receiver` (empty for a health probe), with the nonce its answer's seal
+    /// must be bound to. `None` only without randomness.
+    pub fn sign(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        receiver: &str,
+    ) -> Option<(HeaderName, HeaderValue, Nonce)> {
+        let nonce = self.signer.nonce()?;
+        let value = self
+            .signer
+            .sign_at(method, path_and_query, auth::unix_now(), &nonce, receiver);
+        Some((auth::HEADER, value, nonce))
     }
 
-    /// Whether a request to our peer channel carries a valid signature for this method and
-    /// path (with query, exactly as received), made within the last minute or so. A missing,
-    /// malformed, stale or wrong signature is `false`.
-    pub fn verify(&self, headers: &HeaderMap, method: &str, path_and_query: &str) -> bool {
-        self.signer
-            .verify_at(headers, method, path_and_query, auth::unix_now())
+    /// The request's nonce if it carries a valid signature for this method and path (with
+    /// query, exactly as received), made for this replica (any replica for the health probe)
+    /// within the last minute or so, and never seen before. A missing, malformed, stale,
+    /// replayed or wrong signature, or one meant for another replica, is `None`.
+    pub fn verify(&self, headers: &HeaderMap, method: &str, path_and_query: &str) -> Option<Nonce> {
+        self.verify_as(&self.instance_id, headers, method, path_and_query)
+    }
+
+    fn verify_as(
+        &self,
+        instance_id: &str,
+        headers: &HeaderMap,
+        method: &str,
+        path_and_query: &str,
+    ) -> Option<Nonce> {
+        let receiver = if path_and_query == HEALTH_PATH {
+            ""
+        } else {
+            instance_id
+        };
+        let now = auth::unix_now();
+        let (seconds, nonce) =
+            self.signer
+                .verify_at(headers, method, path_and_query, receiver, now)?;
+        self.replays.first_use(nonce, seconds, now).then_some(nonce)
+    }
+
+    /// Seals our answer to the peer request that sent `nonce`: the asking replica believes
+    /// its status and meaningful headers only with this.
+    pub fn seal(&self, nonce: &Nonce, response: &mut axum::response::Response) {
+        let seal = self
+            .signer
+            .seal(nonce, response.status(), response.headers());
+        response.headers_mut().insert(auth::SEAL, seal);
     }
 
     /// A signed `GET` of `path_and_query` (starting with `/`) on `member`, from byte
@@ -586,7 +658,19 @@ impl Cluster {
             Some(query) => format!("{}?{query}", url.path()),
             None => url.path().to_owned(),
         };
-        let (name, value) = self.sign("GET", &signed);
+        let receiver = self
+            .view()
+            .members
+            .get(member.address())
+            .and_then(|m| m.instance_id.clone())
+            .ok_or_else(|| PeerError::NotProbed {
+                peer: member.address().to_owned(),
+            })?;
+        let (name, value, nonce) =
+            self.sign("GET", &signed, &receiver)
+                .ok_or_else(|| PeerError::NotProbed {
+                    peer: member.address().to_owned(),
+                })?;
         let mut request = self.client.get(url).header(name, value);
         if range_from > 0 {
             request = request.header(header::RANGE, format!("bytes={range_from}-"));
@@ -598,6 +682,14 @@ impl Cluster {
                 peer: member.address().to_owned(),
                 source,
             })?;
+        if !self
+            .signer
+            .check_seal(&nonce, response.status(), response.headers())
+        {
+            return Err(PeerError::Unsealed {
+                peer: member.address().to_owned(),
+            });
+        }
         if !response.status().is_success() {
             let headers = response.headers();
             return Err(PeerError::Status {
@@ -693,17 +785,20 @@ mod tests {
                         (verifier.clone(), id.clone(), good.clone(), bad.clone());
                     async move {
                         let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
-                        let answer: Response =
-                            if !verifier.verify(&headers, method.as_str(), target) {
+                        let nonce = verifier.verify_as(&id, &headers, method.as_str(), target);
+                        let mut answer: Response = match nonce {
+                            None => {
                                 bad.fetch_add(1, Ordering::SeqCst);
                                 StatusCode::UNAUTHORIZED.into_response()
-                            } else {
+                            }
+                            Some(_) => {
                                 good.fetch_add(1, Ordering::SeqCst);
                                 let range = headers
                                     .get(header::RANGE)
                                     .map(|v| v.to_str().unwrap().to_owned());
                                 match uri.path() {
-                                    HEALTH_PATH => id.into_response(),
+                                    HEALTH_PATH => ([(INSTANCE_HEADER, id.clone())], id.clone())
+                                        .into_response(),
                                     "/_regmirror/peer/redirect" => (
                                         StatusCode::TEMPORARY_REDIRECT,
                                         [(header::LOCATION, "http://127.0.0.1:9/")],
@@ -722,7 +817,15 @@ mod tests {
                                     }
                                     _ => StatusCode::NOT_FOUND.into_response(),
                                 }
-                            };
+                            }
+                        };
+                        // Every answer sealed, except the one that shows an unsealed answer
+                        // is not believed.
+                        if let Some(nonce) =
+                            nonce.filter(|_| uri.path() != "/_regmirror/peer/unsealed")
+                        {
+                            verifier.seal(&nonce, &mut answer);
+                        }
                         ([(header::CONNECTION, "close")], answer).into_response()
                     }
                 });
@@ -1029,6 +1132,12 @@ mod tests {
         assert_eq!(member.base_url(), format!("http://{}", peer.address));
 
         let path = "/_regmirror/peer/blobs/sha256:ab?upstream=docker.io&repository=library/x";
+        // Requests are signed for the instance id the member's health answer gave.
+        assert!(matches!(
+            cluster.get(&member, path, 0).await,
+            Err(PeerError::NotProbed { .. })
+        ));
+        cluster.refresh_once().await;
         let body = cluster
             .get(&member, path, 0)
             .await
@@ -1095,6 +1204,39 @@ mod tests {
             ),
             "relayed and clamped: {err:?}"
         );
+        let err = cluster
+            .get(&member, "/_regmirror/peer/unsealed", 0)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PeerError::Unsealed { .. }),
+            "an answer without our seal is not believed: {err:?}"
+        );
+        // A signature is good once, and for its receiver only.
+        let url = format!("{}{path}", member.base_url());
+        let (name, value, _) = cluster.sign("GET", path, "id").unwrap();
+        let send = |value: HeaderValue| {
+            let (url, name) = (url.clone(), name.clone());
+            async move {
+                reqwest::Client::new()
+                    .get(url)
+                    .header(name, value)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        };
+        assert_eq!(send(value.clone()).await, StatusCode::OK);
+        assert_eq!(send(value).await, StatusCode::UNAUTHORIZED, "replayed");
+        let (_, other, _) = cluster.sign("GET", path, "id-of-another").unwrap();
+        assert_eq!(
+            send(other).await,
+            StatusCode::UNAUTHORIZED,
+            "meant for another"
+        );
+        assert_eq!(peer.unsigned.load(Ordering::SeqCst), 2);
+        peer.unsigned.store(0, Ordering::SeqCst);
         for bad in ["relative", "", "//elsewhere/x"] {
             assert!(
                 matches!(
@@ -1111,9 +1253,17 @@ mod tests {
             Arc::new(Metrics::new()),
         )
         .unwrap();
-        let err = stranger.get(&member, path, 0).await.unwrap_err();
-        assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(peer.unsigned.load(Ordering::SeqCst), 1);
+        stranger.refresh_once().await;
+        assert!(stranger.members().iter().all(|m| !m.healthy));
+        assert_eq!(
+            peer.unsigned.load(Ordering::SeqCst),
+            1,
+            "its probe was refused"
+        );
+        assert!(matches!(
+            stranger.get(&member, path, 0).await,
+            Err(PeerError::NotProbed { .. })
+        ));
 
         let port = peer.address.rsplit_once(':').unwrap().1.to_owned();
         peer.kill().await;
