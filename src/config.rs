@@ -108,7 +108,7 @@ pub struct ServerConfig {
     pub sendfile: SendfileMode,
     /// For tests only: plain connections report that they cannot write vectored, as a broken
     /// IO wrapper would, so the sendfile self-test must notice and turn sendfile off.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     #[serde(skip)]
     pub break_vectored_writes: bool,
 }
@@ -122,6 +122,7 @@ impl Default for ServerConfig {
             send_timeout: defaults::send_timeout(),
             http2_max_streams: defaults::http2_max_streams(),
             sendfile: SendfileMode::Auto,
+            #[cfg(feature = "test-hooks")]
             break_vectored_writes: false,
         }
     }
@@ -283,7 +284,7 @@ impl S3Config {
     /// The access key id and the secret key, `${VAR}`-expanded or read from the secret file
     /// (without its trailing newline): at start-up and by `check-config`.
     pub fn load_credentials(&self) -> Result<(String, String), String> {
-        let expand = crate::upstream::credentials::expand_env;
+        let expand = expand_env;
         let id =
             expand(&self.access_key_id).map_err(|e| format!("storage.s3.access_key_id: {e}"))?;
         let secret = match (&self.secret_access_key, &self.secret_access_key_file) {
@@ -664,8 +665,9 @@ impl ClusterConfig {
     /// called once at start-up.
     pub fn load_secret(&self) -> Result<Vec<u8>, String> {
         let secret = match (&self.secret, &self.secret_file) {
-            (Some(secret), None) => crate::upstream::credentials::expand_env(secret)
-                .map_err(|e| format!("cluster.secret: {e}"))?,
+            (Some(secret), None) => {
+                expand_env(secret).map_err(|e| format!("cluster.secret: {e}"))?
+            }
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cluster.secret_file {}: {e}", path.display()))?;
@@ -1298,6 +1300,40 @@ impl fmt::Display for ByteSize {
             write!(f, "{value:.1} {}", UNITS[unit])
         }
     }
+}
+
+/// Replaces `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`. An unset
+/// variable is an error naming it (never silently empty).
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(after) = after.strip_prefix('{') {
+            let end = after
+                .find('}')
+                .ok_or_else(|| "unterminated ${ in value".to_owned())?;
+            let name = &after[..end];
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(format!("${{{name}}} is not a variable name"));
+            }
+            let value = std::env::var(name)
+                .map_err(|_| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[cfg(test)]

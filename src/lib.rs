@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod error;

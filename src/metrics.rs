@@ -364,7 +364,7 @@ impl Metrics {
         }
         self.upstreams
             .lock()
-            .expect("metrics lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(upstream.to_owned())
             .or_default();
     }
@@ -497,7 +497,10 @@ impl Metrics {
         self.upstream_up
             .with_label_values(&[upstream])
             .set(i64::from(state == UpstreamState::Up));
-        let mut upstreams = self.upstreams.lock().expect("metrics lock");
+        let mut upstreams = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let health = upstreams.entry(upstream.to_owned()).or_default();
         health.state = Some(state);
         match error {
@@ -516,7 +519,10 @@ impl Metrics {
             .with_label_values(&[upstream, result])
             .inc();
         if let Some(error) = error {
-            let mut upstreams = self.upstreams.lock().expect("metrics lock");
+            let mut upstreams = self
+                .upstreams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             upstreams.entry(upstream.to_owned()).or_default().last_error =
                 Some((SystemTime::now(), format!("token: {error}")));
         }
@@ -524,12 +530,18 @@ impl Metrics {
 
     /// Each upstream's health, by name.
     pub fn upstream_health(&self) -> BTreeMap<String, UpstreamHealth> {
-        self.upstreams.lock().expect("metrics lock").clone()
+        self.upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A manifest or blob request for a repository was answered with `outcome`.
     pub fn repository_request(&self, upstream: &str, repository: &str, outcome: Outcome) {
-        let mut repositories = self.repositories.lock().expect("metrics lock");
+        let mut repositories = self
+            .repositories
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = (upstream.to_owned(), repository.to_owned());
         if repositories.len() >= MAX_TRACKED_REPOSITORIES && !repositories.contains_key(&key) {
             return;
@@ -545,7 +557,7 @@ impl Metrics {
     pub fn repository_counts(&self, upstream: &str, repository: &str) -> RepositoryCounts {
         self.repositories
             .lock()
-            .expect("metrics lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&(upstream.to_owned(), repository.to_owned()))
             .copied()
             .unwrap_or_default()

@@ -610,3 +610,64 @@ async fn replicas_started_together_fetch_each_blob_once() {
     }
     drop(garage);
 }
+
+/// Two replicas whose views disagree (each lists the other under another name, so each thinks
+/// the other owns the blob) never wait on each other (issue 18): a peer's request never joins
+/// a flight that is itself forwarded, so no cycle forms and nothing waits for the 60 s peer
+/// read timeout (which would show as a fallback). Both clients get the blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_whose_views_disagree_never_wait_on_each_other() {
+    use ::regmirror::cluster::rendezvous::pick;
+    let garage = Garage::single().await;
+    let upstream = fake::Fake::start().await;
+    let (pa, pb) = (free_port(), free_port());
+    let (a_as_a, a_as_b, b) = (
+        format!("127.0.0.1:{pa}"),
+        format!("localhost:{pa}"),
+        format!("127.0.0.1:{pb}"),
+    );
+    // A blob that A's view gives to B and B's view gives to A.
+    let (digest, bytes) = (0u64..)
+        .map(|seed| {
+            let bytes = fake::pseudo_random(512 << 10, 9_000 + seed);
+            (::regmirror::oci::Digest::sha256_of(&bytes), bytes)
+        })
+        .find(|(digest, _)| {
+            let key = digest.as_str();
+            pick([a_as_a.as_str(), b.as_str()], key) == Some(b.as_str())
+                && pick([a_as_b.as_str(), b.as_str()], key) == Some(a_as_b.as_str())
+        })
+        .unwrap();
+    upstream.put_blob(bytes.clone());
+    upstream
+        .content
+        .repo_blobs
+        .lock()
+        .unwrap()
+        .insert(("team/app".to_owned(), digest.clone()));
+    let s3 = garage.s3_yaml();
+    let replica_a =
+        Replica::start_listing(&upstream.url(), &s3, &[a_as_a.clone(), b.clone()], pa, "").await;
+    let replica_b = Replica::start_listing(&upstream.url(), &s3, &[a_as_b, b], pb, "").await;
+    for replica in [&replica_a, &replica_b] {
+        until_healthy(replica, 2).await;
+    }
+    let gets = [&replica_a, &replica_b].map(|replica| {
+        let url = format!("{}/v2/team/app/blobs/{digest}", replica.mirror.url());
+        async move { http().get(url).send().await.unwrap().bytes().await.unwrap() }
+    });
+    for got in futures_util::future::join_all(gets).await {
+        assert!(got == bytes, "the blob's bytes");
+    }
+    for replica in [&replica_a, &replica_b] {
+        let metrics = replica.metrics().await;
+        let fallbacks: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("regmirror_cluster_fallbacks_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(fallbacks, 0.0, "nobody gave up on a peer:\n{metrics}");
+    }
+    assert!(upstream.counters.count("GET", "/blobs/") <= 2);
+    drop(garage);
+}

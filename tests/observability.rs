@@ -285,9 +285,19 @@ async fn json_access_log_has_one_parsable_line_per_request_and_no_secrets() {
         fake.counters.tokens_issued.load(Ordering::SeqCst) > 0,
         "the fake issued tokens"
     );
-    // The line is written before the response leaves; a short grace covers the file append.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let log = mirror.log();
+    // The line is written before the response leaves, the file append may land just after:
+    // wait until every request's id is in the log.
+    let log = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let log = mirror.log();
+            if ids.iter().all(|(id, _)| log.contains(id.as_str())) {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every request logged");
 
     let mut lines = Vec::new();
     for line in log.lines().filter(|l| !l.trim().is_empty()) {

@@ -119,16 +119,30 @@ impl AccessControl {
     /// Re-reads the file if it changed; a broken file keeps the users in force.
     pub fn reload_if_changed(&self) {
         let now = file_stamp(&self.path);
-        if *self.stamp.lock().expect("htpasswd stamp lock") == now {
+        if *self
+            .stamp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == now
+        {
             return;
         }
         match read_htpasswd(&self.path) {
             Ok(users) => {
                 tracing::info!(users = users.len(), file = %self.path.display(), "htpasswd reloaded");
-                *self.users.write().expect("htpasswd lock") = Arc::new(users);
+                *self
+                    .users
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(users);
                 // A removed user or changed password must not stay trusted.
-                self.verified.lock().expect("verified lock").clear();
-                *self.stamp.lock().expect("htpasswd stamp lock") = now;
+                self.verified
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+                *self
+                    .stamp
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
             }
             Err(error) => {
                 tracing::warn!(%error, "htpasswd changed but cannot be read; keeping the current users")
@@ -174,7 +188,10 @@ impl AccessControl {
             .finalize()
             .into();
         {
-            let verified = self.verified.lock().expect("verified lock");
+            let verified = self
+                .verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if verified
                 .get(&key)
                 .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
@@ -188,7 +205,7 @@ impl AccessControl {
         let Some(hash) = self
             .users
             .read()
-            .expect("htpasswd lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&user)
             .cloned()
         else {
@@ -204,7 +221,10 @@ impl AccessControl {
             self.failures.failed(addr, now);
             return Verdict::Deny;
         }
-        let mut verified = self.verified.lock().expect("verified lock");
+        let mut verified = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if verified.len() >= MAX_VERIFIED {
             verified.clear();
         }

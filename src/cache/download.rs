@@ -125,6 +125,7 @@ impl Cache {
     /// the flight failed if this task ends any other way (a panic included).
     pub(super) async fn download(self: Arc<Self>, download: Download) {
         let source = download.source().clone();
+        #[cfg(feature = "test-hooks")]
         if self.take_injected_panic(&source.digest) {
             panic!("injected panic in the download of {}", source.digest);
         }

@@ -10,7 +10,6 @@
 //! one pass for tests, against the injectable [`Clock`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::storage::{now_millis, Store};
+use crate::storage::Store;
 
 /// Counts open readers per digest so eviction can skip blobs being served.
 #[derive(Default)]
@@ -33,7 +32,7 @@ impl Readers {
         *self
             .open
             .lock()
-            .expect("readers lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(digest.clone())
             .or_default() += 1;
         ReadGuard {
@@ -43,7 +42,10 @@ impl Readers {
     }
 
     fn is_pinned(&self, digest: &Digest) -> bool {
-        self.open.lock().expect("readers lock").contains_key(digest)
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(digest)
     }
 }
 
@@ -55,7 +57,11 @@ pub struct ReadGuard {
 
 impl Drop for ReadGuard {
     fn drop(&mut self) {
-        let mut open = self.readers.open.lock().expect("readers lock");
+        let mut open = self
+            .readers
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(count) = open.get_mut(&self.digest) {
             *count -= 1;
             if *count == 0 {
@@ -65,29 +71,7 @@ impl Drop for ReadGuard {
     }
 }
 
-/// The time pulls are recorded with and ages measured against: the wall clock plus an offset
-/// tests move forward instead of sleeping.
-#[derive(Default)]
-pub struct Clock {
-    offset: AtomicU64,
-}
-
-impl Clock {
-    /// Milliseconds since the Unix epoch, as this clock tells it.
-    pub fn now(&self) -> u64 {
-        now_millis().saturating_add(self.offset.load(Ordering::Relaxed))
-    }
-
-    /// Moves this clock forward (tests).
-    pub fn advance(&self, by: Duration) {
-        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.offset
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
-                Some(o.saturating_add(by))
-            })
-            .ok();
-    }
-}
+pub use crate::clock::Clock;
 
 /// What one pass removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -154,12 +138,18 @@ impl Evictor {
 
     /// Replaces the set of pinned image roots.
     pub fn set_pinned(&self, roots: HashSet<Digest>) {
-        *self.pinned.lock().expect("pinned lock") = roots;
+        *self
+            .pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = roots;
     }
 
     /// Whether the image rooted at `root` is pinned.
     pub fn is_pinned(&self, root: &Digest) -> bool {
-        self.pinned.lock().expect("pinned lock").contains(root)
+        self.pinned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(root)
     }
 
     /// One pass: removes images older than `max_age`, and when over the high watermark, the

@@ -410,8 +410,8 @@ impl Pooled {
     fn take() -> Pooled {
         let buf = POOL
             .lock()
-            .ok()
-            .and_then(|mut pool| pool.pop())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
             .unwrap_or_else(|| vec![0; READ_CHUNK].into_boxed_slice());
         Pooled { buf, len: 0 }
     }
@@ -426,10 +426,11 @@ impl AsRef<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        if let Ok(mut pool) = POOL.lock() {
-            if pool.len() < POOL_MAX {
-                pool.push(buf);
-            }
+        let mut pool = POOL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pool.len() < POOL_MAX {
+            pool.push(buf);
         }
     }
 }

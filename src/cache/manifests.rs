@@ -75,7 +75,8 @@ impl ManifestCache {
         }
     }
 
-    /// Forgets everything.
+    /// Forgets everything (a test hook: see `Cache::drop_manifests_in_memory`).
+    #[cfg(feature = "test-hooks")]
     pub fn clear(&self) {
         *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = Inner::default();
     }

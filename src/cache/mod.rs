@@ -165,6 +165,7 @@ pub struct Cache {
     /// blob downloads', so slow layers never starve tag look-ups.
     manifest_slots: HashMap<String, Arc<Semaphore>>,
     /// Digests whose next download panics (a fault hook for tests of the single flight).
+    #[cfg(feature = "test-hooks")]
     injected_panics: Mutex<HashSet<Digest>>,
     /// Tags being served stale, so the warning is logged once per tag, not per request.
     stale: Mutex<HashSet<ManifestKey>>,
@@ -199,7 +200,7 @@ impl Cache {
         shared: Shared,
     ) -> Arc<Cache> {
         let readers = Arc::new(Readers::default());
-        let clock = Arc::new(Clock::default());
+        let clock = upstreams.clock().clone();
         let evictor = Arc::new(Evictor::new(
             store.clone(),
             readers.clone(),
@@ -236,6 +237,7 @@ impl Cache {
             evictor,
             fetch_slots,
             manifest_slots,
+            #[cfg(feature = "test-hooks")]
             injected_panics: Mutex::default(),
             stale: Mutex::default(),
             manifests: ManifestCache::new(MANIFEST_CACHE_BYTES),
@@ -334,7 +336,7 @@ impl Cache {
 
     /// Makes the next download of `digest` panic: a fault hook for tests proving that a
     /// download ending in a panic fails its readers and leaves the digest fetchable.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn inject_download_panic(&self, digest: &Digest) {
         let mut panics = self
             .injected_panics
@@ -345,11 +347,12 @@ impl Cache {
 
     /// Empties the in-memory manifest cache, so the next hits read (and hash) the files: a
     /// hook for tests of damaged files on the disk path.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn drop_manifests_in_memory(&self) {
         self.manifests.clear();
     }
 
+    #[cfg(feature = "test-hooks")]
     fn take_injected_panic(&self, digest: &Digest) -> bool {
         let mut panics = self
             .injected_panics
@@ -507,7 +510,7 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         let cached = self.cached_tag(upstream, repo, tag)?;
         if let Some(entry) = &cached {
-            let age = storage::now_millis().saturating_sub(entry.confirmed);
+            let age = self.clock.now().saturating_sub(entry.confirmed);
             if Duration::from_millis(age) < self.policy.tag_ttl {
                 if let Some(manifest) = self.stored_manifest(&entry.digest).await? {
                     return Ok((manifest, Outcome::Hit));
@@ -624,17 +627,13 @@ impl Cache {
                     Some(bucket) => bucket.has_manifest(&held.digest).await.unwrap_or(true),
                     None => true,
                 };
-                self.record_tag(
-                    upstream,
-                    repo,
-                    tag,
-                    &held.digest,
-                    storage::now_millis(),
-                    share,
-                )
-                .await?;
+                self.record_tag(upstream, repo, tag, &held.digest, self.clock.now(), share)
+                    .await?;
                 let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
-                self.stale.lock().expect("stale lock").remove(&key);
+                self.stale
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&key);
                 return Ok((held, Outcome::Revalidated));
             }
             Ok(head) => match head.digest {
@@ -674,13 +673,16 @@ impl Cache {
             repo,
             tag,
             &manifest.digest,
-            storage::now_millis(),
+            self.clock.now(),
             true,
         )
         .await?;
         self.persist().await?;
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
-        self.stale.lock().expect("stale lock").remove(&key);
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key);
         Ok((manifest, Outcome::Miss))
     }
 
@@ -698,7 +700,12 @@ impl Cache {
             return Err(manifest_error(err));
         }
         let key = (upstream.name.clone(), repo.to_string(), tag.to_owned());
-        if self.stale.lock().expect("stale lock").insert(key) {
+        if self
+            .stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key)
+        {
             warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "upstream unavailable, serving cached tag until it answers again");
         }
         Ok((held, Outcome::Stale))
@@ -976,7 +983,7 @@ impl Cache {
             .get_referrers(&upstream.name, repo.as_str(), digest, query)
             .map_err(storage::Error::from)?;
         if let Some(entry) = &cached {
-            let age = storage::now_millis().saturating_sub(entry.confirmed);
+            let age = self.clock.now().saturating_sub(entry.confirmed);
             if Duration::from_millis(age) < self.policy.tag_ttl {
                 return Ok((Bytes::from(entry.body.clone()), Outcome::Hit));
             }
@@ -1042,7 +1049,7 @@ impl Cache {
                 digest,
                 query,
                 text.to_owned(),
-                storage::now_millis(),
+                self.clock.now(),
             )
             .map_err(|e| storage::Error::from(e).into())
     }

@@ -492,7 +492,7 @@ impl Cache {
         };
         // As fresh as the owner's record, never fresher than now (a peer's clock or number is
         // not trusted further); without one, expired: asked again next time.
-        let now = crate::storage::now_millis();
+        let now = self.clock.now();
         let confirmed = confirmed.unwrap_or(0).min(now);
         if expected.is_none()
             && self
@@ -524,7 +524,7 @@ impl Cache {
                 }
             };
             if let Some(entry) = entry {
-                let age = crate::storage::now_millis().saturating_sub(entry.confirmed);
+                let age = self.clock.now().saturating_sub(entry.confirmed);
                 if Duration::from_millis(age) < self.policy.tag_ttl {
                     let manifest = match self.stored_manifest(&entry.digest).await.ok().flatten() {
                         Some(manifest) => Some(manifest),

@@ -284,11 +284,12 @@ impl Server {
     ) {
         let (io, sendfile) = match accepted {
             Accepted::Plain(tcp) => {
-                let conn = PlainConn::with_options(
-                    tcp,
-                    !self.config.break_vectored_writes,
-                    self.options.sendfile_bytes.clone(),
-                );
+                #[cfg(feature = "test-hooks")]
+                let vectored = !self.config.break_vectored_writes;
+                #[cfg(not(feature = "test-hooks"))]
+                let vectored = true;
+                let conn =
+                    PlainConn::with_options(tcp, vectored, self.options.sendfile_bytes.clone());
                 let sendfile = self.options.sendfile.then(|| conn.sendfile());
                 (Either::Left(conn), sendfile)
             }

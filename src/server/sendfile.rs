@@ -114,7 +114,10 @@ impl PlainConn {
         at: usize,
         len: usize,
     ) -> Poll<io::Result<usize>> {
-        let mut queue = self.queue.lock().expect("sendfile queue lock");
+        let mut queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(segment) = queue.front_mut() else {
             return Poll::Ready(Err(mismatch("no frame registered")));
         };
@@ -269,7 +272,7 @@ impl Sendfile {
                 }
                 queue
                     .lock()
-                    .expect("sendfile queue lock")
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push_back(Segment {
                         file,
                         offset: pos,

@@ -60,19 +60,33 @@ impl Reloader {
 
     /// The configuration new handshakes use.
     pub fn current(&self) -> Arc<ServerConfig> {
-        self.current.read().expect("tls config lock").clone()
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Reloads if a file changed; answers whether a new configuration is in force.
     pub fn check(&self) -> bool {
         let now = stamps(&self.config);
-        if *self.stamps.lock().expect("tls stamps lock") == now {
+        if *self
+            .stamps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == now
+        {
             return false;
         }
         match load(&self.config) {
             Ok(server) => {
-                *self.current.write().expect("tls config lock") = Arc::new(server);
-                *self.stamps.lock().expect("tls stamps lock") = now;
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(server);
+                *self
+                    .stamps
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
                 tracing::info!(cert = %self.config.cert.display(), "TLS certificate reloaded");
                 true
             }

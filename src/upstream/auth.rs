@@ -111,15 +111,27 @@ impl TokenResponse {
 #[derive(Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// Lifetimes are measured with the process's clock (tests move it).
+    clock: std::sync::Arc<crate::clock::Clock>,
 }
 
 impl TokenCache {
+    pub fn with_clock(clock: std::sync::Arc<crate::clock::Clock>) -> TokenCache {
+        TokenCache {
+            tokens: Mutex::default(),
+            clock,
+        }
+    }
+
     /// A token for `scope` that is still valid for a few seconds more.
     pub fn get(&self, scope: &str) -> Option<String> {
-        let tokens = self.tokens.lock().expect("token cache lock");
+        let tokens = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tokens
             .get(scope)
-            .filter(|(_, expires)| *expires > Instant::now())
+            .filter(|(_, expires)| *expires > self.clock.instant())
             .map(|(token, _)| token.clone())
     }
 
@@ -127,11 +139,14 @@ impl TokenCache {
         // Renew a little early so a token never expires between our check and the upstream's.
         let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        let now = Instant::now();
+        let now = self.clock.instant();
         let Some(expires) = now.checked_add(lifetime.saturating_sub(margin)) else {
             return;
         };
-        let mut tokens = self.tokens.lock().expect("token cache lock");
+        let mut tokens = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tokens.retain(|_, (_, e)| *e > now);
         while tokens.len() >= MAX_CACHED_TOKENS && !tokens.contains_key(scope) {
             let Some(soonest) = tokens
@@ -148,11 +163,17 @@ impl TokenCache {
 
     /// Scopes held (for tests and the bound).
     pub fn held(&self) -> usize {
-        self.tokens.lock().expect("token cache lock").len()
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     pub fn forget(&self, scope: &str) {
-        self.tokens.lock().expect("token cache lock").remove(scope);
+        self.tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(scope);
     }
 }
 

@@ -177,14 +177,21 @@ impl Store {
     }
 
     pub fn get(&self) -> Credentials {
-        self.current.lock().expect("credentials lock").0.clone()
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
     }
 
     /// The upstream refused the credentials: read the source again if it is not too soon.
     /// Answers whether the credentials changed.
     pub async fn refresh(self: &std::sync::Arc<Self>, upstream: &str) -> bool {
         {
-            let current = self.current.lock().expect("credentials lock");
+            let current = self
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if current.1.elapsed() < REFRESH_INTERVAL {
                 return false;
             }
@@ -193,7 +200,10 @@ impl Store {
         let resolved = tokio::task::spawn_blocking(move || store.source.resolve())
             .await
             .unwrap_or_else(|_| Err("credential resolution panicked".to_owned()));
-        let mut current = self.current.lock().expect("credentials lock");
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         current.1 = Instant::now();
         match resolved {
             Ok(credentials) if credentials != current.0 => {
@@ -213,39 +223,9 @@ impl Store {
     }
 }
 
-/// Replaces `${NAME}` with the environment variable `NAME`; `$$` is a literal `$`. An unset
-/// variable is an error naming it (never silently empty).
-pub fn expand_env(text: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        if let Some(after) = after.strip_prefix('$') {
-            out.push('$');
-            rest = after;
-        } else if let Some(after) = after.strip_prefix('{') {
-            let end = after
-                .find('}')
-                .ok_or_else(|| "unterminated ${ in value".to_owned())?;
-            let name = &after[..end];
-            let valid =
-                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !valid {
-                return Err(format!("${{{name}}} is not a variable name"));
-            }
-            let value = std::env::var(name)
-                .map_err(|_| format!("environment variable {name} is not set"))?;
-            out.push_str(&value);
-            rest = &after[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
+// Configuration values are expanded where they are read; the function lives with the
+// configuration so that `config` depends on nothing above it.
+pub use crate::config::expand_env;
 
 /// The parts of a Docker `config.json` that hold credentials.
 #[derive(serde::Deserialize, Default)]

@@ -148,12 +148,19 @@ impl Origin {
     }
 
     fn recently_failed(&self) -> bool {
-        let failed_at = *self.failed_at.lock().expect("origin lock");
+        let failed_at = *self
+            .failed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         failed_at.is_some_and(|at| at.elapsed() < FAILED_URL_SKIP)
     }
 
     fn set_failed(&self, failed: bool) {
-        *self.failed_at.lock().expect("origin lock") = failed.then(tokio::time::Instant::now);
+        *self
+            .failed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            failed.then(tokio::time::Instant::now);
     }
 }
 
@@ -188,6 +195,7 @@ impl Upstream {
         name: &str,
         config: &UpstreamConfig,
         metrics: Arc<Metrics>,
+        clock: Arc<crate::clock::Clock>,
     ) -> Result<Upstream, String> {
         install_crypto_provider();
         let mut origins = Vec::new();
@@ -224,7 +232,7 @@ impl Upstream {
             name: name.to_owned(),
             origins,
             client,
-            tokens: TokenCache::default(),
+            tokens: TokenCache::with_clock(clock),
             library_prefix: config.library_prefix(name),
             credentials,
             basic: AtomicBool::new(false),
@@ -571,12 +579,18 @@ impl Upstream {
         {
             return text;
         }
-        let cached = *self.diagnosis.lock().expect("diagnosis lock");
+        let cached = *self
+            .diagnosis
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let asked = match cached {
             Some((at, asked)) if at.elapsed() < Duration::from_secs(60) => asked,
             _ => {
                 let asked = tls::asks_for_client_certificate(base, self.connect_timeout).await;
-                *self.diagnosis.lock().expect("diagnosis lock") =
+                *self
+                    .diagnosis
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some((std::time::Instant::now(), asked));
                 asked
             }
@@ -811,6 +825,8 @@ fn install_crypto_provider() {
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
     default: Arc<Upstream>,
+    /// The process's clock, shared with the cache.
+    clock: Arc<crate::clock::Clock>,
 }
 
 impl Upstreams {
@@ -818,15 +834,17 @@ impl Upstreams {
         let mut by_name = HashMap::new();
         // Every upstream's problem is reported at once (a missing secret, an unreadable CA).
         let mut problems = Vec::new();
+        let clock = Arc::new(crate::clock::Clock::default());
         for (name, upstream_config) in &config.upstreams {
             metrics.register_upstream(name);
-            let upstream = match Upstream::new(name, upstream_config, metrics.clone()) {
-                Ok(upstream) => Arc::new(upstream),
-                Err(problem) => {
-                    problems.push(problem);
-                    continue;
-                }
-            };
+            let upstream =
+                match Upstream::new(name, upstream_config, metrics.clone(), clock.clone()) {
+                    Ok(upstream) => Arc::new(upstream),
+                    Err(problem) => {
+                        problems.push(problem);
+                        continue;
+                    }
+                };
             for alias in upstream_config.all_names(name) {
                 by_name.insert(alias.to_ascii_lowercase(), upstream.clone());
             }
@@ -843,7 +861,16 @@ impl Upstreams {
                     config.default_upstream
                 )
             })?;
-        Ok(Upstreams { by_name, default })
+        Ok(Upstreams {
+            by_name,
+            default,
+            clock,
+        })
+    }
+
+    /// The process's clock: token lifetimes here, pull times and tag ages in the cache.
+    pub fn clock(&self) -> &Arc<crate::clock::Clock> {
+        &self.clock
     }
 
     /// The upstream a client means by `name` (from `?ns=` or a path prefix). Closed world: a

@@ -30,6 +30,18 @@ impl Replica {
         extra: &str,
     ) -> Replica {
         let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Replica::start_listing(upstream, s3, &peers, peer_port, extra).await
+    }
+
+    /// [`Replica::start`] with the peer list as written (`host:port`), e.g. to name a replica
+    /// differently on different replicas.
+    pub async fn start_listing(
+        upstream: &str,
+        s3: &str,
+        peers: &[String],
+        peer_port: u16,
+        extra: &str,
+    ) -> Replica {
         // `extra` may set its own `cache:` section.
         let cache = if extra.contains("cache:") {
             ""
