@@ -16,6 +16,8 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
 use super::now_millis;
 use crate::oci::Digest;
 
@@ -318,40 +320,49 @@ impl Index {
         digest: &Digest,
         confirmed: u64,
     ) -> Result<(), IndexError> {
-        let entry = TagEntry {
+        let entry = encode(&TagEntry {
             v: VERSION,
             digest: digest.clone(),
             confirmed,
-        };
-        let previous = self
-            .tags
-            .insert(key3(upstream, repo, tag), encode(&entry))?;
-        if let Some(previous) = decode::<TagEntry>("tags", previous)? {
-            if previous.digest != *digest {
-                self.tag_refs
-                    .remove(tag_ref(&previous.digest, upstream, repo, tag))?;
-            }
-        }
-        self.tag_refs
-            .insert(tag_ref(digest, upstream, repo, tag), &[])?;
-        Ok(())
+        });
+        let (key, reference) = (
+            key3(upstream, repo, tag),
+            tag_ref(digest, upstream, repo, tag),
+        );
+        // The tag and its reverse entry change together, or not at all.
+        (&self.tags, &self.tag_refs)
+            .transaction(|(tags, tag_refs)| {
+                let previous = tags.insert(key.as_slice(), entry.as_slice())?;
+                if let Some(previous) = decode::<TagEntry>("tags", previous).map_err(abort)? {
+                    if previous.digest != *digest {
+                        tag_refs.remove(tag_ref(&previous.digest, upstream, repo, tag))?;
+                    }
+                }
+                tag_refs.insert(reference.as_slice(), &[])?;
+                Ok(())
+            })
+            .map_err(committed)
     }
 
     /// Records that `repo` on `upstream` holds `digest`: a cached blob is served under a
     /// repository only if that repository's upstream has shown it to us.
     pub fn link(&self, upstream: &str, repo: &str, digest: &Digest) -> Result<(), IndexError> {
-        let fresh = self
-            .links
-            .insert(key3(upstream, repo, digest.as_str()), &[])?
-            .is_none();
-        if fresh {
-            self.linked
-                .insert(key3(digest.as_str(), upstream, repo), &[])?;
-            self.repos.update_and_fetch(key2(upstream, repo), |old| {
-                Some(count(old).saturating_add(1).to_be_bytes().to_vec())
-            })?;
-        }
-        Ok(())
+        let (link, reverse, repository) = (
+            key3(upstream, repo, digest.as_str()),
+            key3(digest.as_str(), upstream, repo),
+            key2(upstream, repo),
+        );
+        // The link, its reverse entry and the repository's count change together.
+        (&self.links, &self.linked, &self.repos)
+            .transaction(|(links, linked, repos)| {
+                if links.insert(link.as_slice(), &[])?.is_none() {
+                    linked.insert(reverse.as_slice(), &[])?;
+                    let n = count(repos.get(repository.as_slice())?.as_deref());
+                    repos.insert(repository.as_slice(), &n.saturating_add(1).to_be_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(committed)
     }
 
     /// Distinct `(upstream, repository)` pairs holding at least one link, sorted: read from the
@@ -383,24 +394,34 @@ impl Index {
     /// at `root`, creating the image as pulled at `now` if it is new.
     pub fn add_member(&self, root: &Digest, member: &Digest, now: u64) -> Result<(), IndexError> {
         if self.images.get(root.as_str())?.is_none() {
-            let entry = ImageEntry {
+            let entry = encode(&ImageEntry {
                 v: VERSION,
                 pulled: now,
-            };
-            if self
-                .images
-                .compare_and_swap(root.as_str(), None::<&[u8]>, Some(encode(&entry)))?
-                .is_ok()
-            {
-                self.by_age.insert(age_key(now, root), &[])?;
-            }
+            });
+            let age = age_key(now, root);
+            // The image and its place in the age order are created together, once.
+            (&self.images, &self.by_age)
+                .transaction(|(images, by_age)| {
+                    if images.get(root.as_str())?.is_none() {
+                        images.insert(root.as_str(), entry.as_slice())?;
+                        by_age.insert(age.as_slice(), &[])?;
+                    }
+                    Ok(())
+                })
+                .map_err(committed)?;
         }
         self.add_member_at(root, member, 0)
     }
 
     fn add_member_at(&self, root: &Digest, member: &Digest, depth: u8) -> Result<(), IndexError> {
-        self.members.insert(key2d(root, member.as_str()), &[])?;
-        self.owners.insert(key2d(member, root.as_str()), &[])?;
+        let (forward, reverse) = (key2d(root, member.as_str()), key2d(member, root.as_str()));
+        (&self.members, &self.owners)
+            .transaction(|(members, owners)| {
+                members.insert(forward.as_slice(), &[])?;
+                owners.insert(reverse.as_slice(), &[])?;
+                Ok(())
+            })
+            .map_err(committed)?;
         // An index names manifests which name blobs: three levels; more is a loop or abuse.
         if depth < 3 {
             for child in self.digests_under(&self.children, member)? {
@@ -451,20 +472,24 @@ impl Index {
         if entry.pulled.saturating_add(granularity) > now {
             return Ok(());
         }
-        let new = ImageEntry {
+        let new = encode(&ImageEntry {
             v: VERSION,
             pulled: now,
-        };
-        // Only the toucher that wins the swap moves the image in `by_age`: no duplicates.
-        if self
-            .images
-            .compare_and_swap(root.as_str(), Some(old), Some(encode(&new)))?
-            .is_ok()
-        {
-            self.by_age.remove(age_key(entry.pulled, root))?;
-            self.by_age.insert(age_key(now, root), &[])?;
-        }
-        Ok(())
+        });
+        let (before, after) = (age_key(entry.pulled, root), age_key(now, root));
+        // Only the toucher whose transaction still finds the old entry moves the image in
+        // `by_age`, in the same transaction: no duplicates, no image without its age.
+        (&self.images, &self.by_age)
+            .transaction(|(images, by_age)| {
+                if images.get(root.as_str())?.as_deref() != Some(&old[..]) {
+                    return Ok(());
+                }
+                images.insert(root.as_str(), new.as_slice())?;
+                by_age.remove(before.as_slice())?;
+                by_age.insert(after.as_slice(), &[])?;
+                Ok(())
+            })
+            .map_err(committed)
     }
 
     /// Records a pull of every image holding `digest`.
@@ -508,15 +533,27 @@ impl Index {
     pub fn remove_image(&self, root: &Digest) -> Result<Vec<Digest>, IndexError> {
         let mut orphans = Vec::new();
         for member in self.digests_under(&self.members, root)? {
-            self.members.remove(key2d(root, member.as_str()))?;
-            self.owners.remove(key2d(&member, root.as_str()))?;
+            let (forward, reverse) = (key2d(root, member.as_str()), key2d(&member, root.as_str()));
+            (&self.members, &self.owners)
+                .transaction(|(members, owners)| {
+                    members.remove(forward.as_slice())?;
+                    owners.remove(reverse.as_slice())?;
+                    Ok(())
+                })
+                .map_err(committed)?;
             if self.owners.scan_prefix(prefix(&member)).next().is_none() {
                 orphans.push(member);
             }
         }
-        if let Some(entry) = decode::<ImageEntry>("images", self.images.remove(root.as_str())?)? {
-            self.by_age.remove(age_key(entry.pulled, root))?;
-        }
+        (&self.images, &self.by_age)
+            .transaction(|(images, by_age)| {
+                let removed = images.remove(root.as_str())?;
+                if let Some(entry) = decode::<ImageEntry>("images", removed).map_err(abort)? {
+                    by_age.remove(age_key(entry.pulled, root))?;
+                }
+                Ok(())
+            })
+            .map_err(committed)?;
         self.remove_tags_of(root)?;
         Ok(orphans)
     }
@@ -667,6 +704,19 @@ fn is_empty(db: &sled::Db) -> Result<bool, IndexError> {
 }
 
 /// Keys are NUL-separated: NUL appears in no repository name, tag or digest.
+/// An index error inside a transaction: aborts it.
+fn abort(err: IndexError) -> ConflictableTransactionError<IndexError> {
+    ConflictableTransactionError::Abort(err)
+}
+
+/// A transaction's failure as an index error (sled retries conflicts itself).
+fn committed(result: TransactionError<IndexError>) -> IndexError {
+    match result {
+        TransactionError::Abort(err) => err,
+        TransactionError::Storage(err) => err.into(),
+    }
+}
+
 fn key2(a: &str, b: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(a.len() + b.len() + 2);
     key.extend_from_slice(a.as_bytes());

@@ -1,0 +1,334 @@
+//! Manifests by digest, and what every manifest goes through: the façade the API calls
+//! (`manifest`, `peer_manifest`), the single flight per key that wraps the sources (bucket,
+//! owner, upstream), what the upstream said does not exist, and verification before commit
+//! (`commit_manifest` → `keep_manifest`), with the links and image membership a manifest
+//! implies. Tags are in `tag.rs`.
+
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
+use super::{manifest_error, Cache, Error, Manifest, ManifestKey, Outcome, TOUCH_GRANULARITY_MS};
+use crate::oci::{media_type, Digest, Reference, RepoName};
+use crate::storage;
+use crate::upstream::{self, Upstream};
+
+impl Cache {
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Manifest, Outcome), Error> {
+        self.manifest_for(upstream, repo, reference, true).await
+    }
+
+    /// A manifest for a peer that forwarded a miss or a tag to this replica, its owner:
+    /// never forwarded again.
+    pub async fn peer_manifest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Manifest, Outcome), Error> {
+        self.manifest_for(upstream, repo, reference, false).await
+    }
+
+    pub(super) async fn manifest_for(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        reference: &Reference,
+        forward: bool,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let result = match reference {
+            Reference::Digest(digest) => {
+                self.manifest_by_digest(upstream, repo, digest, forward)
+                    .await
+            }
+            Reference::Tag(tag) => {
+                self.manifest_by_tag(upstream, repo, tag.as_str(), forward)
+                    .await
+            }
+        };
+        if let Ok((manifest, outcome)) = &result {
+            self.metrics.cache_outcome("manifest", *outcome);
+            // A pull of every image holding this manifest, for eviction order and `max_age`.
+            let _ = self.store.index().touch_owners(
+                &manifest.digest,
+                self.clock.now(),
+                TOUCH_GRANULARITY_MS,
+            );
+            self.touch_shared(&manifest.digest);
+        }
+        result
+    }
+
+    pub(super) async fn manifest_by_digest(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
+    ) -> Result<(Manifest, Outcome), Error> {
+        if self
+            .store
+            .index()
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .map_err(storage::Error::from)?
+        {
+            if let Some(manifest) = self.stored_manifest(digest).await? {
+                return Ok((manifest, Outcome::Hit));
+            }
+        }
+        let key = (upstream.name.clone(), repo.to_string(), digest.to_string());
+        if self.known_missing(upstream, &key) {
+            return Err(Error::ManifestUnknown);
+        }
+        // Whether this flight goes to another replica: the owner's own clients and the peers
+        // asking it share one flight, which asks the upstream once.
+        let forward = forward && self.shared.forwards(digest.as_str());
+        let (this, upstream, repo, digest) =
+            (self.clone(), upstream.clone(), repo.clone(), digest.clone());
+        self.manifest_flights
+            .run((key.clone(), forward), move || async move {
+                let result = this
+                    .fetch_manifest(&upstream, &repo, &digest, forward)
+                    .await;
+                // Inside the flight, so no request starts another between its end and this.
+                this.remember_missing(key, &result);
+                result
+            })
+            .await
+            .unwrap_or_else(|| Err(Error::Internal("manifest fetch panicked".into())))
+    }
+
+    /// A manifest by digest that this replica does not hold: from the bucket, its owner
+    /// (whose answer is final, errors included: only an owner that does not answer sends
+    /// this replica to the upstream), or the upstream.
+    pub(super) async fn fetch_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
+    ) -> Result<(Manifest, Outcome), Error> {
+        if let Some(manifest) = self.bucket_manifest(upstream, repo, digest).await {
+            return Ok((manifest, Outcome::Hit));
+        }
+        if forward {
+            if let Some((manifest, _, _)) = self
+                .forwarded_manifest(upstream, repo, digest.as_str(), Some(digest))
+                .await?
+            {
+                return Ok((manifest, Outcome::Miss));
+            }
+        }
+        let remote = upstream.get_manifest(repo, digest.as_str()).await;
+        let remote = remote.map_err(manifest_error)?;
+        let manifest = self
+            .commit_manifest(upstream, repo, remote, Some(digest), false)
+            .await?;
+        self.persist().await?;
+        Ok((manifest, Outcome::Miss))
+    }
+
+    /// Whether the upstream said lately that this manifest does not exist (counted as a
+    /// request spared).
+    pub(super) fn known_missing(&self, upstream: &Upstream, key: &ManifestKey) -> bool {
+        let missing = self.not_found.contains(key);
+        if missing {
+            self.metrics.upstream_spared(&upstream.name, "not_found");
+        }
+        missing
+    }
+
+    /// Remembers a manifest the upstream said does not exist, for `cache.negative_ttl`; one
+    /// that was found is forgotten.
+    pub(super) fn remember_missing(
+        &self,
+        key: ManifestKey,
+        result: &Result<(Manifest, Outcome), Error>,
+    ) {
+        match result {
+            Err(Error::ManifestUnknown) => self.not_found.insert(key),
+            Ok(_) => self.not_found.remove(&key),
+            Err(_) => {}
+        }
+    }
+
+    /// Makes the index durable after a commit (see [`storage::Index::flush_async`]).
+    pub(super) async fn persist(&self) -> Result<(), Error> {
+        self.store
+            .index()
+            .flush_async()
+            .await
+            .map_err(|e| storage::Error::from(e).into())
+    }
+
+    /// Verifies a manifest from the upstream against the digest we asked for (or the one the
+    /// upstream claims), stores it and links it and everything it references to the repository.
+    /// It joins the images that hold it already; fetched for a tag, or by digest with no image
+    /// holding it, it roots an image of its own.
+    pub(super) async fn commit_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        remote: upstream::RemoteManifest,
+        expected: Option<&Digest>,
+        tagged: bool,
+    ) -> Result<Manifest, Error> {
+        let digest = Digest::sha256_of(&remote.bytes);
+        if let Some(expected) = expected.or(remote.digest.as_ref()) {
+            if *expected != digest {
+                warn!(upstream = %upstream.name, repository = %repo, %expected, actual = %digest, "manifest digest mismatch, not cached");
+                return Err(Error::DigestMismatch {
+                    expected: expected.clone(),
+                });
+            }
+        }
+        let manifest = Manifest {
+            bytes: remote.bytes,
+            digest,
+            media_type: remote.media_type,
+        };
+        self.keep_manifest(upstream, repo, manifest, tagged, true)
+            .await
+    }
+
+    /// Stores a verified manifest here (and, if `share`, in the bucket), links it and what
+    /// it references to the repository, and records the images it belongs to.
+    pub(super) async fn keep_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        manifest: Manifest,
+        tagged: bool,
+        share: bool,
+    ) -> Result<Manifest, Error> {
+        if let (true, Some(bucket)) = (share, self.shared.bucket()) {
+            // In the bucket before any tag points at it, so a replica reading the tag
+            // finds the manifest.
+            let shared = bucket
+                .put_manifest(
+                    &manifest.digest,
+                    manifest.bytes.clone(),
+                    &manifest.media_type,
+                )
+                .await;
+            let linked = match shared {
+                Ok(()) => {
+                    bucket
+                        .put_link(&upstream.name, repo.as_str(), &manifest.digest)
+                        .await
+                }
+                Err(err) => Err(err),
+            };
+            match linked {
+                Ok(()) => self.bucket_written(manifest.bytes.len() as u64),
+                Err(err) => {
+                    warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only")
+                }
+            }
+        }
+        // fsync and rename: blocking, off the async workers.
+        let (store, copy) = (self.store.clone(), manifest.clone());
+        let stored = tokio::task::spawn_blocking(move || {
+            store.put_verified(&copy.digest, &copy.bytes, &copy.media_type)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        match stored {
+            Ok(()) => {}
+            Err(err) if err.is_unwritable() => {
+                // A full or read-only disk must not take the mirror down: serve what we
+                // fetched, uncached.
+                warn!(digest = %manifest.digest, error = %err, "store full or read-only, manifest served without caching");
+                self.metrics.passthrough();
+                return Ok(manifest);
+            }
+            Err(err) => return Err(err.into()),
+        }
+        let digest = &manifest.digest;
+        let index = self.store.index();
+        let link = |d: &Digest| {
+            index
+                .link(&upstream.name, repo.as_str(), d)
+                .map_err(storage::Error::from)
+        };
+        link(digest)?;
+        // A manifest from this repository vouches for the blobs it names as its content, so
+        // those already in the store (shared base layers) are served without asking the
+        // upstream again. Its `subject` vouches for nothing: registries accept any digest there.
+        let children: Vec<Digest> = media_type::referenced_digests(&manifest.bytes)
+            .into_iter()
+            .map(|(referenced, _)| referenced)
+            .collect();
+        for referenced in &children {
+            link(referenced)?;
+        }
+        index
+            .set_children(digest, &children)
+            .map_err(storage::Error::from)?;
+        let mut roots = index.owners(digest).map_err(storage::Error::from)?;
+        if roots.is_empty() || (tagged && !roots.contains(digest)) {
+            roots.push(digest.clone());
+        }
+        let now = self.clock.now();
+        for root in &roots {
+            index
+                .add_member(root, digest, now)
+                .map_err(storage::Error::from)?;
+        }
+        self.manifests.insert(&manifest);
+        self.evictor.committed();
+        debug!(upstream = %upstream.name, repository = %repo, %digest, "manifest cached");
+        Ok(manifest)
+    }
+
+    /// A manifest from the store, if we hold it with its media type: from memory when it is
+    /// there, else read and hashed on the blocking pool.
+    pub(super) async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, Error> {
+        let Some(entry) = self.store.stat(digest)? else {
+            return Ok(None);
+        };
+        let Some(media_type) = entry.media_type else {
+            return Ok(None);
+        };
+        if let Some(manifest) = self.manifests.get(digest) {
+            return Ok(Some(manifest));
+        }
+        let (store, wanted) = (self.store.clone(), digest.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            store
+                .blobs()
+                .read(&wanted)
+                .map(|bytes| (Digest::sha256_of(&bytes) == wanted, bytes))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        match read {
+            // Small enough to hash on every read: a damaged file is dropped and fetched again,
+            // never served under the digest it no longer has.
+            Ok((false, bytes)) => {
+                self.forget_damaged(digest, Some(bytes.len() as u64), entry.size);
+                Ok(None)
+            }
+            Ok((true, bytes)) => {
+                let manifest = Manifest {
+                    bytes: bytes.into(),
+                    digest: digest.clone(),
+                    media_type,
+                };
+                self.manifests.insert(&manifest);
+                Ok(Some(manifest))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                self.forget_damaged(digest, None, entry.size);
+                Ok(None)
+            }
+            Err(err) => Err(storage::Error::from(err).into()),
+        }
+    }
+}
