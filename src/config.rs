@@ -278,6 +278,12 @@ pub struct S3Config {
     /// How long a presigned redirect stays valid (default `5m`).
     #[serde(default = "defaults::redirect_ttl")]
     pub redirect_ttl: HumanDuration,
+    /// How long an image the bucket's eviction chose stays before its content is deleted
+    /// (default `15m`): a pass marks it, and a later pass deletes it once the grace is over,
+    /// unless it was pulled meanwhile. At least `redirect_ttl` (a presigned URL handed out
+    /// before the mark stays good) and longer than the longest pull you expect.
+    #[serde(default = "defaults::evict_grace")]
+    pub evict_grace: HumanDuration,
 }
 
 impl S3Config {
@@ -330,6 +336,12 @@ impl S3Config {
         }
         if self.redirect_ttl.0.is_zero() || self.redirect_ttl.0 > Duration::from_secs(7 * 86400) {
             problems.push("storage.s3.redirect_ttl: must be between 1s and 7d".to_owned());
+        }
+        if self.evict_grace.0 < self.redirect_ttl.0 {
+            problems.push(
+                "storage.s3.evict_grace: must be at least redirect_ttl (a presigned URL must not outlive its content)"
+                    .to_owned(),
+            );
         }
         problems
     }
@@ -791,6 +803,9 @@ mod defaults {
         "garage".to_owned()
     }
 
+    pub fn evict_grace() -> HumanDuration {
+        HumanDuration(Duration::from_secs(15 * 60))
+    }
     pub fn redirect_ttl() -> HumanDuration {
         HumanDuration(Duration::from_secs(300))
     }

@@ -144,6 +144,7 @@ async fn shared(
         low_watermark_percent: config.storage.low_watermark_percent,
         max_age: config.cache.max_age.0,
         pin_hold: config.pins_refresh.0.saturating_mul(2),
+        grace: s3.evict_grace.0,
     };
     Ok(cache::Shared::new(
         Some(Arc::new(bucket)),

@@ -50,6 +50,7 @@ pub const CLUSTER_FORWARDS: &str = "regmirror_cluster_forwards_total";
 pub const CLUSTER_FALLBACKS: &str = "regmirror_cluster_fallbacks_total";
 pub const UPSTREAM_SPARED: &str = "regmirror_upstream_spared_total";
 pub const CLUSTER_FINAL: &str = "regmirror_cluster_final_answers_total";
+pub const SOURCE_ANSWERS: &str = "regmirror_source_answers_total";
 
 /// Repositories whose request counts are remembered for the status page; beyond this, new
 /// repositories are not counted, so memory stays bounded whatever clients ask for.
@@ -104,6 +105,8 @@ pub struct Metrics {
     upstream_spared: IntCounterVec,
     /// A peer's authoritative answer about its upstream (404, 429, 401, 403) relayed as it is.
     cluster_final: IntCounterVec,
+    /// What each source of the cache's chain answered (see `cache::chain`).
+    source_answers: IntCounterVec,
 }
 
 /// Requests served for one repository since start-up (status page only).
@@ -328,6 +331,11 @@ impl Metrics {
                 "Authoritative answers about the upstream (404, 429, 401, 403) an owner gave and this replica relayed instead of asking the upstream itself, by peer.",
                 &["peer"],
             ),
+            source_answers: counter_vec(
+                SOURCE_ANSWERS,
+                "Answers of the cache's chain of content sources, by source (hot_tier, bucket, owner, upstream) and answer (found; absent: ask the next; final: the upstream's authoritative answer, relayed; unavailable: down or failed, the next is asked).",
+                &["source", "answer"],
+            ),
             registry,
         };
         // Series that exist from the start, so rates and dashboards see zeros, not gaps.
@@ -426,6 +434,13 @@ impl Metrics {
     /// A peer's authoritative answer about the upstream was relayed.
     pub fn cluster_final(&self, peer: &str) {
         self.cluster_final.with_label_values(&[peer]).inc();
+    }
+
+    /// One answer of a source of the cache's chain.
+    pub fn source_answer(&self, source: &'static str, answer: &'static str) {
+        self.source_answers
+            .with_label_values(&[source, answer])
+            .inc();
     }
 
     pub fn single_flight_join(&self) {

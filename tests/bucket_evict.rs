@@ -164,7 +164,23 @@ impl Replica {
             .expect("pass within the deadline")
             .unwrap()
     }
+
+    /// A pass that marks what goes and deletes nothing, then one past the grace that deletes
+    /// what this replica owns of it.
+    async fn pass_and_delete(&self) -> ::regmirror::cache::BucketEvicted {
+        let marking = self.pass().await;
+        assert!(
+            marking.removed_roots.is_empty(),
+            "nothing goes before its grace: {marking:?}"
+        );
+        self.advance(PAST_GRACE);
+        self.pass().await
+    }
 }
+
+/// Past the default grace (`storage.s3.evict_grace`, 15 minutes) and the two pass intervals
+/// the owner waits after it, so every replica has dropped its tags first.
+const PAST_GRACE: Duration = Duration::from_secs(17 * 60 + 1);
 
 fn image_bytes(img: &PushedImage) -> u64 {
     img.manifest_bytes.len() as u64
@@ -231,7 +247,7 @@ async fn over_max_size_the_least_recently_pulled_image_leaves_the_bucket_and_the
     // The local hot tier is far under its own bound: only the bucket is over.
     assert!(r.state.cache.used_bytes() < 1 << 30);
 
-    let pass = r.pass().await;
+    let pass = r.pass_and_delete().await;
     assert_eq!(pass.total, before);
     assert_eq!(pass.cut, 1, "{pass:?}");
     assert_eq!(pass.cut_roots[0].as_str(), b.manifest_digest, "{pass:?}");
@@ -319,7 +335,7 @@ async fn images_nobody_pulled_for_max_age_leave_the_bucket_below_the_size_limit(
 
     r.advance(Duration::from_secs(36 * 3600));
     r.pull("library/kept").await.assert_success();
-    let pass = r.pass().await;
+    let pass = r.pass_and_delete().await;
     assert_eq!(pass.cut_roots.len(), 1, "{pass:?}");
     assert_eq!(pass.cut_roots[0].as_str(), old.manifest_digest);
     assert_eq!(tag_in_bucket(&bucket, "library/old", "v1").await, None);
@@ -380,7 +396,7 @@ async fn a_pinned_image_stays_in_the_bucket_even_for_a_replica_whose_pin_pass_ha
     // Another replica, started with no pin pass of its own yet, decides for the bucket.
     let other = replica(&dist.url(), &garage, storage, "").await;
     other.advance(BETWEEN_PULLS * 4);
-    let pass = other.pass().await;
+    let pass = other.pass_and_delete().await;
     assert!(pass.cut >= 1, "{pass:?}");
     assert!(
         !pass
@@ -478,7 +494,14 @@ async fn in_a_cluster_each_replica_removes_only_the_images_it_owns_and_together_
             ::regmirror::cluster::Owner::Me
         )
     };
-    let first = r1.pass().await;
+    // Both mark their share first; past the grace, each deletes it.
+    let marking = r2.pass().await;
+    assert!(
+        marking.removed_roots.is_empty() && marking.marked >= 1,
+        "{marking:?}"
+    );
+    r2.advance(PAST_GRACE);
+    let first = r1.pass_and_delete().await;
     assert!(first.cut >= 3, "{first:?}");
     let (mine, theirs): (Vec<Digest>, Vec<Digest>) =
         first.cut_roots.iter().cloned().partition(owner_is_r1);
@@ -518,5 +541,111 @@ async fn in_a_cluster_each_replica_removes_only_the_images_it_owns_and_together_
         for digest in image.blob_digests() {
             assert!(holds(&bucket, &digest).await);
         }
+    }
+}
+
+/// Eviction never breaks a pull (issue 18): a pass marks what goes and deletes nothing; within
+/// the grace a presigned redirect handed out before the mark still fetches its blob, and a pull
+/// saves the image (its mark goes, the next oldest is marked instead); past the grace every
+/// replica drops its local tags for the image before its owner deletes it, so no replica
+/// answers a tag whose content is gone, and what stays pulls completely with the upstream down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_marks_first_and_a_pull_within_the_grace_saves_the_image() {
+    let garage = Garage::single().await;
+    let bucket = garage.bucket();
+    let mut dist = Distribution::start().await;
+    let pusher = Pusher::new(&dist.url());
+    let a = pusher
+        .push_image("library/a", "v1", &ImageSpec::new(&[300_000]).seed(61))
+        .await;
+    let b = pusher
+        .push_image("library/b", "v1", &ImageSpec::new(&[300_000]).seed(62))
+        .await;
+    let max_size = (image_bytes(&a) + image_bytes(&b)) * 80 / 100;
+    let storage = format!("max_size: {max_size}, low_watermark_percent: 70");
+    let r = replica(&dist.url(), &garage, &storage, "").await;
+    // b is pulled first: the least recently pulled, the one that goes.
+    r.advance(BETWEEN_PULLS);
+    r.pull("library/b").await.assert_success();
+    r.advance(BETWEEN_PULLS);
+    r.pull("library/a").await.assert_success();
+    assert!(total(&bucket).await > max_size);
+    // A presigned URL to one of b's blobs, handed out before the mark.
+    let layer = b.layer_digests[0].clone();
+    let url = bucket
+        .presigned_blob_url(&layer.parse().unwrap(), Duration::from_secs(300))
+        .await
+        .unwrap();
+
+    let first = r.pass().await;
+    assert_eq!(first.cut_roots.len(), 1, "{first:?}");
+    assert_eq!(first.cut_roots[0].as_str(), b.manifest_digest);
+    assert_eq!(
+        (first.marked, first.removed_roots.len()),
+        (1, 0),
+        "{first:?}"
+    );
+    assert!(
+        holds(&bucket, &b.manifest_digest).await,
+        "marked, not deleted"
+    );
+    assert!(tag_in_bucket(&bucket, "library/b", "v1").await.is_some());
+    // Within the grace: the redirect still fetches its bytes, and b is pulled again.
+    let fetched = http().get(&url).send().await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(sha256_digest(&fetched.bytes().await.unwrap()), layer);
+    r.advance(Duration::from_secs(5 * 60));
+    r.pull("library/b").await.assert_success();
+
+    // Past the grace: b was pulled after its mark and stays; a is now the oldest and is
+    // marked in its place.
+    r.advance(PAST_GRACE);
+    let second = r.pass().await;
+    assert_eq!(second.cut_roots.len(), 1, "{second:?}");
+    assert_eq!(second.cut_roots[0].as_str(), a.manifest_digest);
+    assert_eq!(
+        (second.marked, second.unmarked, second.removed_roots.len()),
+        (1, 1, 0),
+        "{second:?}"
+    );
+    for digest in b.blob_digests().iter().chain([&b.manifest_digest]) {
+        assert!(holds(&bucket, digest).await, "{digest} of b kept");
+    }
+
+    // a's grace runs out: first this replica forgets its tag (forgotten, nothing deleted
+    // yet), two pass intervals later its owner deletes it.
+    let index = r.state.cache.store().index();
+    assert!(index
+        .get_tag("docker.io", "library/a", "v1")
+        .unwrap()
+        .is_some());
+    r.advance(Duration::from_secs(15 * 60 + 1));
+    let forgetting = r.pass().await;
+    assert!(forgetting.forgotten >= 1, "{forgetting:?}");
+    assert!(forgetting.removed_roots.is_empty(), "{forgetting:?}");
+    assert!(index
+        .get_tag("docker.io", "library/a", "v1")
+        .unwrap()
+        .is_none());
+    r.advance(Duration::from_secs(2 * 60));
+    let deleting = r.pass().await;
+    assert_eq!(deleting.removed_roots.len(), 1, "{deleting:?}");
+    assert_eq!(deleting.removed_roots[0].as_str(), a.manifest_digest);
+    assert_eq!(tag_in_bucket(&bucket, "library/a", "v1").await, None);
+    assert!(!holds(&bucket, &a.manifest_digest).await);
+
+    // With the upstream gone, b pulls completely from a replica on an empty disk; a's tag is
+    // answered by nobody.
+    dist.kill9();
+    let fresh = replica(&dist.url(), &garage, &storage, "").await;
+    fresh.pull("library/b").await.assert_success();
+    for replica in [&r, &fresh] {
+        let status = http()
+            .get(format!("{}/v2/library/a/manifests/v1", replica.url))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_ne!(status, 200, "a tag whose content is gone is not answered");
     }
 }

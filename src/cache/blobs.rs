@@ -12,6 +12,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use tracing::warn;
 
+use super::chain::{Answer, Link};
 use super::flight::{FlightReader, Joined, Source};
 use super::{blob_error, file_stream, passthrough, Cache, Error, Outcome, ReadGuard};
 use crate::oci::{Digest, RepoName};
@@ -86,7 +87,7 @@ impl Cache {
         if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
             return Ok((size, Outcome::Hit));
         }
-        if let Some(size) = self.vouched_in_bucket(upstream, repo, digest).await {
+        if let Answer::Found(size) = self.vouched_in_bucket(upstream, repo, digest).await {
             return Ok((size, Outcome::Hit));
         }
         match upstream.head_blob(repo, digest).await {
@@ -217,6 +218,7 @@ impl Cache {
                                 super::TOUCH_GRANULARITY_MS,
                             );
                             self.metrics.cache_outcome("blob", Outcome::Hit);
+                            self.metrics.source_answer(Link::HotTier.as_str(), "found");
                             self.shared.hot_tier_hit();
                             return Ok(Blob {
                                 size,
@@ -237,7 +239,7 @@ impl Cache {
             if let (true, Some(ttl), Some(bucket)) =
                 (forward, self.shared.redirect(), self.shared.bucket())
             {
-                if let Some(size) = self.vouched_in_bucket(upstream, repo, digest).await {
+                if let Answer::Found(size) = self.vouched_in_bucket(upstream, repo, digest).await {
                     if let Ok(url) = bucket.presigned_blob_url(digest, ttl).await {
                         self.metrics.cache_outcome("blob", Outcome::Hit);
                         return Ok(Blob {
@@ -248,6 +250,7 @@ impl Cache {
                     }
                 }
             }
+            self.metrics.source_answer(Link::HotTier.as_str(), "absent");
             let store = &self.store;
             let source = Source {
                 upstream: upstream.clone(),

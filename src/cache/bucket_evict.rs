@@ -4,11 +4,17 @@
 //! Every replica runs the same pass over the same listing and reaches the same decision: the
 //! images in the bucket by last pull, oldest first, pinned ones left out, cut until the bucket
 //! is under the low watermark (and every image nobody pulled within `max_age`); what to delete
-//! is the content of cut images that no retained image holds. Each replica then deletes only
-//! the cut images it owns (rendezvous hashing of the root digest; alone, it owns all): first
-//! the tags naming them, so no tag is ever listed with content gone, then the content, then
-//! the image's own records. Replicas that disagree for a moment (a listing a few seconds
-//! apart, a member joining) at worst delete one image twice or leave it for the next pass.
+//! is the content of cut images that no retained image holds. Each replica then acts only on
+//! the cut images it owns (rendezvous hashing of the root digest; alone, it owns all), and
+//! never at once: it marks them (`marks/`, with the last pull it saw). A pull or a presigned
+//! redirect handed out before the mark must finish against content that is still there, so
+//! only once `storage.s3.evict_grace` has passed does every replica drop its local tags naming
+//! the image, and two pass intervals later its owner deletes it: first the tags naming it, so
+//! no tag is ever listed with content gone, then the content, then the image's own records. An
+//! image pulled after its mark (its pull record is newer) keeps its content: the mark goes,
+//! and if it is still cut the grace starts over. Replicas that disagree for a moment (a
+//! listing a few seconds apart, a member joining) at worst delete one image twice or leave it
+//! for the next pass.
 //!
 //! What an image holds is read from its manifests (immutable, so each replica reads each
 //! manifest once and remembers what it names), not from records a replica wrote: the bucket's
@@ -37,8 +43,9 @@ use crate::storage::s3::{self, Bucket, Listed, SharedImage, SharedPin};
 pub const BUCKET_EVICTIONS: &str = "regmirror_bucket_evictions_total";
 pub const BUCKET_EVICTED_BYTES: &str = "regmirror_bucket_evicted_bytes_total";
 
-/// A replica records a pull of an image in the bucket at most this often.
-pub const IMAGE_TOUCH: Duration = Duration::from_secs(600);
+/// A replica records a pull of an image in the bucket at most this often: a pull that starts
+/// while the image is marked for eviction is seen within this, well inside the grace period.
+pub const IMAGE_TOUCH: Duration = Duration::from_secs(60);
 /// How often a replica runs a pass.
 const PASS_EVERY: Duration = Duration::from_secs(60);
 /// The shortest time between two passes of one replica.
@@ -59,6 +66,8 @@ pub struct Bound {
     /// A pin mark older than this is no longer honoured (a pin removed from the
     /// configuration lets its image go): twice `pins_refresh`.
     pub pin_hold: Duration,
+    /// How long a cut image stays marked before its content goes (`storage.s3.evict_grace`).
+    pub grace: Duration,
 }
 
 /// What one pass saw and did.
@@ -82,6 +91,29 @@ pub struct BucketEvicted {
     /// The roots the global decision cuts, oldest first, and those this replica removed.
     pub cut_roots: Vec<Digest>,
     pub removed_roots: Vec<Digest>,
+    /// Cut images this replica owns that it marked this pass (first cut, or pulled again
+    /// since their mark: the grace starts over), and those still within their grace.
+    pub marked: usize,
+    pub waiting: usize,
+    /// Marks this replica removed because their image is no longer cut (pulled again).
+    pub unmarked: usize,
+    /// Images whose local tags this replica dropped: their content is about to go, or went.
+    pub forgotten: usize,
+}
+
+/// Where a cut image stands with its mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marked {
+    /// No mark yet, or pulled since it was marked: (re)marked now, the grace starts.
+    Anew,
+    /// Within the grace: kept, served, redirected to.
+    Waiting,
+    /// Grace over: every replica drops its local tags naming it (so none answers a tag
+    /// whose content is about to go), the owner deletes it on a pass at least two pass
+    /// intervals later, by when every replica has had a pass.
+    Forget,
+    /// Deleted by its owner now.
+    Due,
 }
 
 /// Per-replica memory of the pass and the pull records.
@@ -101,6 +133,8 @@ pub(super) struct State {
     wake: tokio::sync::Notify,
     /// Bucket writes started off a request's path and not finished yet.
     pending: Arc<tokio::sync::watch::Sender<usize>>,
+    /// The roots of the last pass's images: one no longer listed went, and its local tags go.
+    roots: Mutex<HashSet<Digest>>,
 }
 
 /// A bucket write under way (see [`Cache::bucket_writes_settled`]).
@@ -138,6 +172,7 @@ impl State {
             estimate: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             pending: Arc::new(tokio::sync::watch::Sender::new(0)),
+            roots: Mutex::default(),
         }
     }
 
@@ -153,6 +188,7 @@ impl State {
             estimate: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             pending: Arc::new(tokio::sync::watch::Sender::new(0)),
+            roots: Mutex::default(),
         }
     }
 
@@ -317,6 +353,7 @@ impl Cache {
         // Records first, content after: a record's manifest was written before it, so the
         // content listing shows it, and a record is never mistaken for one whose image is gone.
         let image_list = bucket.list("images").await?;
+        let mark_list = bucket.list("marks").await?;
         let ref_list = bucket.list("refs").await?;
         let pin_list = bucket.list("pins").await?;
         let link_list = bucket.list("links").await?;
@@ -456,6 +493,34 @@ impl Cache {
         done.cut = cut.len();
         done.cut_roots = cut.iter().map(|&i| units[i].root.clone()).collect();
 
+        // Mark first, delete after the grace: a pull or a presigned redirect handed out before
+        // the mark finishes against content that is still there, and a pull meanwhile saves
+        // the image (its record is newer than the mark's).
+        let mut marks: HashMap<Digest, s3::SharedMark> = HashMap::new();
+        for item in &mark_list {
+            if let Some((root, "")) = split_name(&item.name) {
+                if let Ok(Some(mark)) = bucket.get_mark(&root).await {
+                    marks.insert(root, mark);
+                }
+            }
+        }
+        let grace = millis(bound.grace);
+        let delete_after = grace.saturating_add(millis(PASS_EVERY).saturating_mul(2));
+        let status: HashMap<&Digest, Marked> = cut
+            .iter()
+            .map(|&i| {
+                let unit = &units[i];
+                let status = match marks.get(&unit.root) {
+                    None => Marked::Anew,
+                    Some(mark) if mark.last_pull < unit.last_pull => Marked::Anew,
+                    Some(mark) if now >= mark.marked_at.saturating_add(delete_after) => Marked::Due,
+                    Some(mark) if now >= mark.marked_at.saturating_add(grace) => Marked::Forget,
+                    Some(_) => Marked::Waiting,
+                };
+                (&unit.root, status)
+            })
+            .collect();
+
         // Records of images whose root manifest is gone (removed by an owner's earlier pass
         // while a replica was re-recording its tag, or never written): their tags go too.
         let dangling: BTreeSet<Digest> = images
@@ -492,7 +557,63 @@ impl Cache {
         }
         // Manifests are remembered only while the bucket holds them.
         lock(&self.shared.evict.children).retain(|digest, _| sizes.contains_key(digest));
-        if cut.is_empty() && dangling.is_empty() {
+
+        // Marks of images no longer cut (pulled again, or the bucket shrank) go, by their owner.
+        for root in marks.keys() {
+            if !status.contains_key(root)
+                && mine(root)
+                && bucket.delete_key(&s3::mark_key(root)).await.is_ok()
+            {
+                done.unmarked += 1;
+            }
+        }
+        // Every replica forgets the tags it holds for images about to go or gone, so none
+        // answers a tag whose content the bucket no longer has (its hot tier may not hold
+        // all of it): the next pull of such a tag asks the upstream.
+        let current: HashSet<Digest> = units.iter().map(|u| u.root.clone()).collect();
+        let gone: Vec<Digest> = {
+            let mut known = lock(&self.shared.evict.roots);
+            let gone = known.difference(&current).cloned().collect();
+            *known = current;
+            gone
+        };
+        let index = self.store.index();
+        for root in status
+            .iter()
+            .filter(|(_, s)| matches!(s, Marked::Forget | Marked::Due))
+            .map(|(root, _)| *root)
+            .chain(gone.iter())
+            .chain(dangling.iter())
+        {
+            if index.forget_tags_of(root).is_ok() {
+                done.forgotten += 1;
+            }
+        }
+        // Owners mark what is newly cut; the rest waits for its grace.
+        for &i in &cut {
+            let unit = &units[i];
+            if !mine(&unit.root) {
+                continue;
+            }
+            match status.get(&unit.root) {
+                Some(Marked::Anew) => {
+                    let mark = s3::SharedMark {
+                        marked_at: now,
+                        last_pull: unit.last_pull,
+                    };
+                    match bucket.put_mark(&unit.root, &mark).await {
+                        Ok(()) => done.marked += 1,
+                        Err(error) => {
+                            warn!(root = %unit.root, %error, "could not mark the image for eviction")
+                        }
+                    }
+                }
+                Some(Marked::Waiting | Marked::Forget) => done.waiting += 1,
+                Some(Marked::Due) | None => {}
+            }
+        }
+        let due = |root: &Digest| status.get(root) == Some(&Marked::Due);
+        if !cut.iter().any(|&i| due(&units[i].root)) && dangling.is_empty() {
             return Ok(done);
         }
 
@@ -509,13 +630,20 @@ impl Cache {
         let protected = self.new_since(&bucket, &manifest_list).await?;
         for &i in &cut {
             let unit = &units[i];
-            if !mine(&unit.root) {
+            if !mine(&unit.root) || !due(&unit.root) {
                 continue;
             }
+            // Content this image shares with other cut images goes only once all of them are
+            // due: one still within its grace may yet be pulled and kept.
             let gone: Vec<&Digest> = unit
                 .members
                 .iter()
                 .filter(|m| dead.contains(*m) && !protected.contains(*m))
+                .filter(|m| {
+                    sharers
+                        .get(*m)
+                        .is_none_or(|roots| roots.iter().all(|r| due(r)))
+                })
                 .collect();
             let mut tag_roots: BTreeSet<&Digest> = BTreeSet::from([&unit.root]);
             for member in &gone {
@@ -543,6 +671,7 @@ impl Cache {
                 }
             }
             self.remove_records(&bucket, &unit.root, &refs).await;
+            let _ = bucket.delete_key(&s3::mark_key(&unit.root)).await;
             done.images += 1;
             done.removed_roots.push(unit.root.clone());
         }

@@ -17,6 +17,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::chain::{Answer, Link};
 use super::flight::{Download, Flight, Progress, Source};
 use super::{blob_error, Cache, Error};
 use crate::oci::DigestHasher;
@@ -243,49 +244,71 @@ impl Cache {
         }
     }
 
-    /// Where the flight's bytes come from: the bucket when a replica already committed the
-    /// blob, else the digest's owner when that is another replica (and this request may be
-    /// forwarded), else the upstream.
-    async fn choose_origin(&self, source: &Source) -> Origin {
+    /// Walks the chain for the flight's bytes (see `chain.rs`): the bucket when a replica
+    /// already committed the blob, else the digest's owner when that is another replica (and
+    /// this request may be forwarded), else the upstream. An unavailable source is passed over
+    /// (counted, and for the owner reported as a fallback); a final answer ends the walk.
+    /// With the upstream, also the download slot it took (held for the whole download).
+    async fn open_chain(
+        &self,
+        source: &Source,
+    ) -> Result<(Origin, Body, Option<tokio::sync::OwnedSemaphorePermit>), Error> {
         let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
-        if self
-            .vouched_in_bucket(upstream, repo, digest)
-            .await
-            .is_some()
-        {
-            return Origin::Bucket;
-        }
-        if source.forward {
-            if let Some(member) = self.shared.owner_peer(source.digest.as_str()) {
-                return Origin::Peer(member);
+        if let Some(bucket) = self.shared.bucket() {
+            let answer = match self.bucket_vouches(bucket, upstream, repo, digest).await {
+                Answer::Found(_) => match self.open_origin(&Origin::Bucket, source, 0).await {
+                    Ok(body) => Answer::Found(body),
+                    Err(err) => Answer::Unavailable(err),
+                },
+                Answer::Absent => Answer::Absent,
+                Answer::Final(err) => Answer::Final(err),
+                Answer::Unavailable(err) => Answer::Unavailable(err),
+            };
+            match answer.counted(&self.metrics, Link::Bucket) {
+                Answer::Found(body) => return Ok((Origin::Bucket, body, None)),
+                Answer::Final(err) => return Err(err),
+                Answer::Unavailable(err) => {
+                    self.fall_back(Origin::Bucket, digest, &err);
+                }
+                Answer::Absent => {}
             }
         }
-        Origin::Upstream
+        if let Some(member) = source
+            .forward
+            .then(|| self.shared.owner_peer(digest.as_str()))
+            .flatten()
+        {
+            let origin = Origin::Peer(member);
+            let answer = match self.open_origin(&origin, source, 0).await {
+                Ok(body) => Answer::Found(body),
+                // The owner relayed its upstream's answer: final for this replica too. Asking
+                // the upstream here would turn one 404 or 429 into one per replica.
+                Err(err) if err.is_authoritative() => Answer::Final(err),
+                Err(err) => Answer::Unavailable(err),
+            };
+            match answer.counted(&self.metrics, Link::Owner) {
+                Answer::Found(body) => return Ok((origin, body, None)),
+                Answer::Final(err) => return Err(err),
+                Answer::Unavailable(err) => {
+                    self.fall_back(origin, digest, &err);
+                }
+                Answer::Absent => {}
+            }
+        }
+        let slot = self.fetch_slot(upstream).await;
+        let opened = self.open_origin(&Origin::Upstream, source, 0).await;
+        match Answer::from_upstream(opened).counted(&self.metrics, Link::Upstream) {
+            Answer::Found(body) => Ok((Origin::Upstream, body, slot)),
+            Answer::Final(err) | Answer::Unavailable(err) => Err(err),
+            Answer::Absent => Err(Error::BlobUnknown),
+        }
     }
 
     /// Downloads into the flight's file and commits it.
     async fn fetch_into(&self, source: &Source, flight: &Flight) -> Result<Fetched, Error> {
         let (upstream, repo, digest) = (&source.upstream, &source.repo, &source.digest);
-        let mut origin = self.choose_origin(source).await;
-        let mut _slot = match origin {
-            Origin::Upstream => self.fetch_slot(upstream).await,
-            _ => None,
-        };
         let started = std::time::Instant::now();
-        let mut body = match self.open_origin(&origin, source, 0).await {
-            Ok(body) => body,
-            // The owner relayed its upstream's answer: final for this replica too. Asking the
-            // upstream here would turn one 404 or 429 into one per replica.
-            Err(err) if matches!(origin, Origin::Peer(_)) && err.is_authoritative() => {
-                return Err(err)
-            }
-            Err(err) if !matches!(origin, Origin::Upstream) => {
-                origin = self.fall_back(origin, digest, &err);
-                _slot = self.fetch_slot(upstream).await;
-                self.open_origin(&origin, source, 0).await?
-            }
-            Err(err) => return Err(err),
-        };
+        let (mut origin, mut body, mut _slot) = self.open_chain(source).await?;
         let total = body.len;
         if let Some(total) = total {
             if let Some(reason) = self.refuses(total, total) {
@@ -331,7 +354,14 @@ impl Cache {
                             ChunkError::Transport(err) => Error::Internal(err.clone()),
                             ChunkError::Stalled => Error::Internal("stalled".into()),
                         };
+                        let link = match origin {
+                            Origin::Bucket => Link::Bucket,
+                            _ => Link::Owner,
+                        };
+                        self.metrics.source_answer(link.as_str(), "unavailable");
                         origin = self.fall_back(origin, digest, &reason);
+                        // The upstream takes over: within its slots, like any download of it.
+                        _slot = self.fetch_slot(upstream).await;
                     }
                     body = self.open_origin(&origin, source, from).await?;
                     floor.restart();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 
+use super::chain::{Answer, Link};
 use super::{manifest_error, Cache, Error, Manifest, ManifestKey, Outcome, TOUCH_GRANULARITY_MS};
 use crate::oci::{media_type, Digest, Reference, RepoName};
 use crate::storage;
@@ -114,24 +115,36 @@ impl Cache {
         digest: &Digest,
         forward: bool,
     ) -> Result<(Manifest, Outcome), Error> {
-        if let Some(manifest) = self.bucket_manifest(upstream, repo, digest).await {
-            return Ok((manifest, Outcome::Hit));
+        match self.bucket_manifest(upstream, repo, digest).await {
+            Answer::Found(manifest) => return Ok((manifest, Outcome::Hit)),
+            Answer::Final(err) => return Err(err),
+            Answer::Absent | Answer::Unavailable(_) => {}
         }
         if forward {
-            if let Some((manifest, _, _)) = self
+            match self
                 .forwarded_manifest(upstream, repo, digest.as_str(), Some(digest))
-                .await?
+                .await
             {
-                return Ok((manifest, Outcome::Miss));
+                Answer::Found((manifest, _, _)) => return Ok((manifest, Outcome::Miss)),
+                Answer::Final(err) => return Err(err),
+                Answer::Absent | Answer::Unavailable(_) => {}
             }
         }
-        let remote = upstream.get_manifest(repo, digest.as_str()).await;
-        let remote = remote.map_err(manifest_error)?;
-        let manifest = self
-            .commit_manifest(upstream, repo, remote, Some(digest), false)
-            .await?;
-        self.persist().await?;
-        Ok((manifest, Outcome::Miss))
+        let fetched = async {
+            let remote = upstream.get_manifest(repo, digest.as_str()).await;
+            let remote = remote.map_err(manifest_error)?;
+            let manifest = self
+                .commit_manifest(upstream, repo, remote, Some(digest), false)
+                .await?;
+            self.persist().await?;
+            Ok((manifest, Outcome::Miss))
+        }
+        .await;
+        match Answer::from_upstream(fetched).counted(&self.metrics, Link::Upstream) {
+            Answer::Found(found) => Ok(found),
+            Answer::Final(err) | Answer::Unavailable(err) => Err(err),
+            Answer::Absent => Err(Error::ManifestUnknown),
+        }
     }
 
     /// Whether the upstream said lately that this manifest does not exist (counted as a

@@ -7,6 +7,7 @@
 
 mod blobs;
 pub mod bucket_evict;
+mod chain;
 mod download;
 mod evict;
 mod flight;

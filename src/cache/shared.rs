@@ -16,6 +16,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use prometheus::{IntCounterVec, Opts, Registry};
 use tracing::{debug, warn};
 
+use super::chain::{Answer, Link};
 use super::download::Body;
 use super::flight::Source;
 use super::{Cache, Error};
@@ -297,22 +298,36 @@ pub fn peer_path(kind: &str, reference: &str, upstream: &str, repo: &RepoName) -
 }
 
 impl Cache {
-    /// The blob's size if the bucket holds it and this repository may be served it: the
-    /// local index or the bucket links it to the repository, or the upstream vouches for it
-    /// (a HEAD, then linked here and in the bucket).
+    /// The bucket's answer for a blob (counted): its size if the bucket holds it and this
+    /// repository may be served it (the local index or the bucket links it to the repository,
+    /// or the upstream vouches for it: a HEAD, then linked here and in the bucket).
     pub(super) async fn vouched_in_bucket(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Option<u64> {
-        let bucket = self.shared.bucket()?;
+    ) -> Answer<u64> {
+        let Some(bucket) = self.shared.bucket() else {
+            return Answer::Absent;
+        };
+        self.bucket_vouches(bucket, upstream, repo, digest)
+            .await
+            .counted(&self.metrics, Link::Bucket)
+    }
+
+    pub(super) async fn bucket_vouches(
+        &self,
+        bucket: &Bucket,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Answer<u64> {
         let size = match bucket.blob_size(digest).await {
             Ok(Some(size)) => size,
-            Ok(None) => return None,
+            Ok(None) => return Answer::Absent,
             Err(err) => {
                 warn!(%digest, error = %err, "bucket unavailable, not reading the blob from it");
-                return None;
+                return Answer::Unavailable(err.into());
             }
         };
         let index = self.store.index();
@@ -320,7 +335,7 @@ impl Cache {
             .is_linked(&upstream.name, repo.as_str(), digest)
             .unwrap_or(false)
         {
-            return Some(size);
+            return Answer::Found(size);
         }
         if bucket
             .is_linked(&upstream.name, repo.as_str(), digest)
@@ -328,14 +343,15 @@ impl Cache {
             .unwrap_or(false)
         {
             let _ = index.link(&upstream.name, repo.as_str(), digest);
-            return Some(size);
+            return Answer::Found(size);
         }
         if upstream.head_blob(repo, digest).await.is_ok() {
             let _ = index.link(&upstream.name, repo.as_str(), digest);
             let _ = bucket.put_link(&upstream.name, repo.as_str(), digest).await;
-            return Some(size);
+            return Answer::Found(size);
         }
-        None
+        // Held, but not for this repository as far as anyone can show: not this source's.
+        Answer::Absent
     }
 
     /// [`Cache::publish_blob`] unless an upload of the digest is already under way here or
@@ -386,20 +402,37 @@ impl Cache {
 }
 
 impl Cache {
-    /// A manifest another replica committed to the bucket, if this repository showed it
-    /// (linked here or in the bucket); kept in the local store too.
+    /// The bucket's answer for a manifest (counted): one another replica committed, if this
+    /// repository showed it (linked here or in the bucket); kept in the local store too.
     pub(super) async fn bucket_manifest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Option<super::Manifest> {
-        let bucket = self.shared.bucket()?;
+    ) -> Answer<super::Manifest> {
+        if self.shared.bucket().is_none() {
+            return Answer::Absent;
+        }
+        self.bucket_manifest_answer(upstream, repo, digest)
+            .await
+            .counted(&self.metrics, Link::Bucket)
+    }
+
+    async fn bucket_manifest_answer(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Answer<super::Manifest> {
+        let Some(bucket) = self.shared.bucket() else {
+            return Answer::Absent;
+        };
         let (bytes, media_type) = match bucket.get_manifest(digest).await {
-            Ok(found) => found?,
+            Ok(Some(found)) => found,
+            Ok(None) => return Answer::Absent,
             Err(err) => {
                 warn!(%digest, error = %err, "bucket unavailable, not reading the manifest from it");
-                return None;
+                return Answer::Unavailable(err.into());
             }
         };
         let linked = self
@@ -411,37 +444,61 @@ impl Cache {
                 .is_linked(&upstream.name, repo.as_str(), digest)
                 .await
                 .unwrap_or(false);
-        if !linked || !is_valid_header_value(&media_type) {
-            return None;
+        if !linked {
+            return Answer::Absent;
+        }
+        if !is_valid_header_value(&media_type) {
+            return Answer::Unavailable(Error::Internal(format!(
+                "the bucket's manifest {digest} has an invalid media type"
+            )));
         }
         let manifest = super::Manifest {
             bytes,
             digest: digest.clone(),
             media_type,
         };
-        self.keep_manifest(upstream, repo, manifest, false, false)
+        match self
+            .keep_manifest(upstream, repo, manifest, false, false)
             .await
-            .ok()
+        {
+            Ok(manifest) => Answer::Found(manifest),
+            Err(err) => Answer::Unavailable(err),
+        }
     }
 
-    /// A manifest from the owner of `reference` (a digest, or a tag when `expected` is
-    /// `None`), verified and kept here. `Ok(None)` when this replica owns it or the owner
-    /// could not answer (then this replica asks the upstream itself); `Err` is the owner's
-    /// final answer about its upstream (404, 429, 401, 403), relayed as it is.
+    /// The owner's answer for `reference` (a digest, or a tag when `expected` is `None`),
+    /// counted: found (verified and kept here, with when the upstream confirmed it and
+    /// whether the owner served it stale), absent when this replica owns it, final for the
+    /// owner's relayed answer about its upstream (404, 429, 401, 403), unavailable when the
+    /// owner could not answer (then this replica asks the upstream itself).
     pub(super) async fn forwarded_manifest(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         reference: &str,
         expected: Option<&Digest>,
-    ) -> Result<Option<(super::Manifest, u64, bool)>, Error> {
+    ) -> Answer<(super::Manifest, u64, bool)> {
         let key = match expected {
             Some(digest) => digest.to_string(),
             None => Cluster::tag_key(&upstream.name, repo.as_str(), reference),
         };
         let Some(member) = self.shared.owner_peer(&key) else {
-            return Ok(None);
+            return Answer::Absent;
         };
+        self.owner_manifest(&member, upstream, repo, reference, expected)
+            .await
+            .counted(&self.metrics, Link::Owner)
+    }
+
+    async fn owner_manifest(
+        &self,
+        member: &Member,
+        upstream: &Upstream,
+        repo: &RepoName,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Answer<(super::Manifest, u64, bool)> {
+        let member = member.clone();
         let answer = self
             .shared
             .peer_manifest(&member, upstream, repo, reference)
@@ -476,32 +533,31 @@ impl Cache {
             Ok(manifest) => manifest,
             Err(err) if err.is_authoritative() => {
                 debug!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner relayed its upstream's answer");
-                return Err(err);
+                return Answer::Final(err);
             }
             Err(err) => {
                 warn!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner unreachable, asking the upstream here");
                 self.shared.fell_back(&member);
-                return Ok(None);
+                return Answer::Unavailable(err);
             }
         };
-        let Ok(manifest) = self
+        let manifest = match self
             .keep_manifest(upstream, repo, manifest, expected.is_none(), false)
             .await
-        else {
-            return Ok(None);
+        {
+            Ok(manifest) => manifest,
+            Err(err) => return Answer::Unavailable(err),
         };
         // As fresh as the owner's record, never fresher than now (a peer's clock or number is
         // not trusted further); without one, expired: asked again next time.
         let now = self.clock.now();
         let confirmed = confirmed.unwrap_or(0).min(now);
-        if expected.is_none()
-            && self
-                .put_tag(upstream, repo, reference, &manifest.digest, confirmed)
-                .is_err()
-        {
-            return Ok(None);
+        if expected.is_none() {
+            if let Err(err) = self.put_tag(upstream, repo, reference, &manifest.digest, confirmed) {
+                return Answer::Unavailable(err);
+            }
         }
-        Ok(Some((manifest, confirmed, stale)))
+        Answer::Found((manifest, confirmed, stale))
     }
 
     /// A tag from what the cluster shares: the bucket's record when the upstream confirmed it
@@ -561,9 +617,10 @@ impl Cache {
         if !forward {
             return Ok(None);
         }
-        let Some((manifest, _, stale)) = self.forwarded_manifest(upstream, repo, tag, None).await?
-        else {
-            return Ok(None);
+        let (manifest, _, stale) = match self.forwarded_manifest(upstream, repo, tag, None).await {
+            Answer::Found(found) => found,
+            Answer::Final(err) => return Err(err),
+            Answer::Absent | Answer::Unavailable(_) => return Ok(None),
         };
         // The owner could not confirm it either (its upstream is down): stale here too.
         let outcome = if stale {

@@ -617,6 +617,12 @@ impl Index {
         Ok(())
     }
 
+    /// Drops the tags naming `root` (those that still do): its image is leaving the shared
+    /// bucket, so this replica must not answer them from what it happens to hold.
+    pub fn forget_tags_of(&self, root: &Digest) -> Result<(), IndexError> {
+        self.remove_tags_of(root)
+    }
+
     fn remove_tags_of(&self, digest: &Digest) -> Result<(), IndexError> {
         for item in self.tag_refs.scan_prefix(prefix(digest)) {
             let (key, _) = item?;

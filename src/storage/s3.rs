@@ -97,6 +97,14 @@ pub struct SharedPin {
     pub at: u64,
 }
 
+/// An eviction pass's mark on an image root: the image is to go once `cache`'s grace period
+/// has passed since `marked_at`, unless it was pulled after `last_pull` meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedMark {
+    pub marked_at: u64,
+    pub last_pull: u64,
+}
+
 /// An object as a listing shows it.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -524,6 +532,16 @@ impl Bucket {
         self.get_json("get_pin", &pin_key(root)).await
     }
 
+    /// Marks the image rooted at `root` for eviction.
+    pub async fn put_mark(&self, root: &Digest, mark: &SharedMark) -> Result<(), Error> {
+        self.put_json("put_mark", &mark_key(root), mark).await
+    }
+
+    /// An eviction mark, `None` if absent or unreadable.
+    pub async fn get_mark(&self, root: &Digest) -> Result<Option<SharedMark>, Error> {
+        self.get_json("get_mark", &mark_key(root)).await
+    }
+
     /// Marks the bucket as being evicted down to its low watermark (or clears the mark), so
     /// replicas whose passes come after another's first deletions keep going.
     pub async fn set_evicting(&self, at: Option<u64>) -> Result<(), Error> {
@@ -720,6 +738,10 @@ fn evicting_key() -> Path {
 
 pub fn image_key(root: &Digest) -> Path {
     Path::from(format!("images/sha256/{}", root.hex()))
+}
+
+pub fn mark_key(root: &Digest) -> Path {
+    Path::from(format!("marks/sha256/{}", root.hex()))
 }
 
 pub fn pin_key(root: &Digest) -> Path {
