@@ -239,7 +239,10 @@ impl Cache {
                 Err(err) => Err(err),
             };
             match linked {
-                Ok(()) => self.bucket_written(manifest.bytes.len() as u64),
+                Ok(()) => {
+                    self.bucket_written(manifest.bytes.len() as u64);
+                    self.share_held_children(upstream, repo, &manifest);
+                }
                 Err(err) => {
                     warn!(digest = %manifest.digest, error = %err, "could not write the manifest to the bucket; it stays on this replica only")
                 }

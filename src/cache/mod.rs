@@ -148,6 +148,8 @@ type ManifestKey = (String, String, String);
 
 /// The cache: store, upstreams and the fetches in flight.
 pub struct Cache {
+    /// This cache, for work spawned from a `&self` method (write-through to the bucket).
+    me: std::sync::Weak<Cache>,
     store: Arc<Store>,
     upstreams: Arc<Upstreams>,
     policy: Policy,
@@ -227,7 +229,8 @@ impl Cache {
         };
         let (fetch_slots, manifest_slots) = (slots(), slots());
         let not_found = negative::NotFound::new(policy.negative_ttl);
-        Arc::new(Cache {
+        Arc::new_cyclic(|me| Cache {
+            me: me.clone(),
             store,
             upstreams,
             policy,

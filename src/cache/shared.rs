@@ -354,6 +354,84 @@ impl Cache {
         Answer::Absent
     }
 
+    /// A manifest was just written to the bucket: what it names that this replica's hot tier
+    /// already holds (an image the bucket evicted and a client pulls again, served from the
+    /// hot tier, never fetched upstream again) goes to the bucket too, off the request's
+    /// path, so the bucket never lists an image it holds only part of for good.
+    pub(super) fn share_held_children(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        manifest: &super::Manifest,
+    ) {
+        let (Some(this), Some(upstream)) = (self.me.upgrade(), self.upstreams.get(&upstream.name))
+        else {
+            return;
+        };
+        let held: Vec<(Digest, Option<String>)> =
+            crate::oci::media_type::referenced_digests(&manifest.bytes)
+                .into_iter()
+                .filter_map(|(child, _)| {
+                    let entry = self.store.stat(&child).ok()??;
+                    Some((child, entry.media_type))
+                })
+                .collect();
+        if held.is_empty() {
+            return;
+        }
+        let (upstream, repo) = (upstream.clone(), repo.clone());
+        let pending = self.shared.evict.pending();
+        tokio::spawn(async move {
+            let _pending = pending;
+            for (digest, media_type) in held {
+                match media_type {
+                    Some(media_type) => {
+                        this.share_held_manifest(&upstream, &repo, &digest, &media_type)
+                            .await
+                    }
+                    None => {
+                        let source = Source {
+                            upstream: upstream.clone(),
+                            repo: repo.clone(),
+                            digest,
+                            forward: false,
+                        };
+                        this.publish_blob_once(source).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A manifest this replica holds, written to the bucket (with its link) if it lacks it.
+    async fn share_held_manifest(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+    ) {
+        let Some(bucket) = self.shared.bucket() else {
+            return;
+        };
+        if !matches!(bucket.has_manifest(digest).await, Ok(false)) {
+            return;
+        }
+        let Ok(Some(manifest)) = self.stored_manifest(digest).await else {
+            return;
+        };
+        if bucket
+            .put_manifest(digest, manifest.bytes.clone(), media_type)
+            .await
+            .is_ok()
+        {
+            let _ = bucket.put_link(&upstream.name, repo.as_str(), digest).await;
+            self.bucket_written(manifest.bytes.len() as u64);
+            // An index's platform manifests name layers of their own.
+            self.share_held_children(upstream, repo, &manifest);
+        }
+    }
+
     /// [`Cache::publish_blob`] unless an upload of the digest is already under way here or
     /// the bucket already has it.
     pub(super) async fn publish_blob_once(&self, source: Source) {
