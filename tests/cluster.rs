@@ -542,10 +542,13 @@ async fn replicas_started_together_fetch_each_blob_once() {
         .collect();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let (s3, upstream_url) = (garage.s3_yaml(), upstream.url());
-    let starts = ports
-        .iter()
-        .map(|port| Replica::start(&upstream_url, &s3, &ports, *port, ""));
-    let replicas = futures_util::future::join_all(starts).await;
+    // One after the other, as a rollout starts them, probing every 3 s: a replica that took
+    // traffic as soon as it saw itself would hold a partial view (the others not up at its
+    // first probe) for seconds, and fetch what another replica also fetches.
+    let mut replicas = Vec::new();
+    for port in &ports {
+        replicas.push(Replica::start_refreshing(&upstream_url, &s3, &ports, *port, "3s").await);
+    }
     tokio::time::timeout(GUARD, async {
         loop {
             let mut ready = 0;
@@ -568,6 +571,17 @@ async fn replicas_started_together_fetch_each_blob_once() {
     })
     .await
     .expect("every replica ready");
+    // Ready means its view agreed: each sees all three (a replica ready at its first probe,
+    // before the others were up, would own every key alone for a whole refresh).
+    for replica in &replicas {
+        let metrics = replica.metrics().await;
+        assert_eq!(
+            metric(&metrics, "regmirror_cluster_members{state=\"healthy\"}"),
+            Some(3.0),
+            "{}",
+            replica.mirror.log()
+        );
+    }
 
     let pulls = (0..18).map(|k| {
         let base = replicas[k % 3].mirror.url();

@@ -33,6 +33,18 @@ impl Replica {
         Replica::start_listing(upstream, s3, &peers, peer_port, extra).await
     }
 
+    /// [`Replica::start`] with another membership `refresh` than the tests' 500ms.
+    pub async fn start_refreshing(
+        upstream: &str,
+        s3: &str,
+        peers: &[u16],
+        peer_port: u16,
+        refresh: &str,
+    ) -> Replica {
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Replica::start_with(upstream, s3, &peers, peer_port, refresh, "").await
+    }
+
     /// [`Replica::start`] with the peer list as written (`host:port`), e.g. to name a replica
     /// differently on different replicas.
     pub async fn start_listing(
@@ -40,6 +52,17 @@ impl Replica {
         s3: &str,
         peers: &[String],
         peer_port: u16,
+        extra: &str,
+    ) -> Replica {
+        Replica::start_with(upstream, s3, peers, peer_port, "500ms", extra).await
+    }
+
+    async fn start_with(
+        upstream: &str,
+        s3: &str,
+        peers: &[String],
+        peer_port: u16,
+        refresh: &str,
         extra: &str,
     ) -> Replica {
         // `extra` may set its own `cache:` section.
@@ -53,7 +76,7 @@ impl Replica {
              storage: {{ root: @ROOT@, s3: {s3} }}\n\
              {cache}default_upstream: docker.io\n\
              upstreams:\n  docker.io: {{ url: \"{upstream}\" }}\n\
-             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: 500ms }}\n\
+             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: {refresh} }}\n\
              log: {{ level: debug, format: text }}\n{extra}",
             peers.join(", ")
         );
