@@ -145,6 +145,11 @@ async fn shared(
         max_age: config.cache.max_age.0,
         pin_hold: config.pins_refresh.0.saturating_mul(2),
         grace: s3.evict_grace.0,
+        redirect_ttl: if s3.redirect {
+            s3.redirect_ttl.0
+        } else {
+            std::time::Duration::ZERO
+        },
     };
     Ok(cache::Shared::new(
         Some(Arc::new(bucket)),

@@ -179,8 +179,8 @@ impl Replica {
 }
 
 /// Past the default grace (`storage.s3.evict_grace`, 15 minutes) and the two pass intervals
-/// the owner waits after it, so every replica has dropped its tags first.
-const PAST_GRACE: Duration = Duration::from_secs(17 * 60 + 1);
+/// (70 s each at most) the owner waits after it, so every replica has dropped its tags first.
+const PAST_GRACE: Duration = Duration::from_secs(18 * 60);
 
 fn image_bytes(img: &PushedImage) -> u64 {
     img.manifest_bytes.len() as u64
@@ -645,7 +645,7 @@ async fn eviction_marks_first_and_a_pull_within_the_grace_saves_the_image() {
         .get_tag("docker.io", "library/a", "v1")
         .unwrap()
         .is_none());
-    r.advance(Duration::from_secs(2 * 60));
+    r.advance(Duration::from_secs(3 * 60));
     let deleting = r.pass().await;
     assert_eq!(deleting.removed_roots.len(), 1, "{deleting:?}");
     assert_eq!(deleting.removed_roots[0].as_str(), a.manifest_digest);

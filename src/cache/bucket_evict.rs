@@ -68,6 +68,10 @@ pub struct Bound {
     pub pin_hold: Duration,
     /// How long a cut image stays marked before its content goes (`storage.s3.evict_grace`).
     pub grace: Duration,
+    /// How long a presigned redirect stays good (`storage.s3.redirect_ttl`; zero without
+    /// redirects): one handed out just before the tags were dropped must not outlive the
+    /// content.
+    pub redirect_ttl: Duration,
 }
 
 /// What one pass saw and did.
@@ -497,15 +501,22 @@ impl Cache {
         // the mark finishes against content that is still there, and a pull meanwhile saves
         // the image (its record is newer than the mark's).
         let mut marks: HashMap<Digest, s3::SharedMark> = HashMap::new();
+        let mut listed_marks: Vec<Digest> = Vec::new();
         for item in &mark_list {
             if let Some((root, "")) = split_name(&item.name) {
                 if let Ok(Some(mark)) = bucket.get_mark(&root).await {
-                    marks.insert(root, mark);
+                    marks.insert(root.clone(), mark);
                 }
+                listed_marks.push(root);
             }
         }
         let grace = millis(bound.grace);
-        let delete_after = grace.saturating_add(millis(PASS_EVERY).saturating_mul(2));
+        // Past the grace, tags go everywhere first; the content goes once every replica has
+        // had two passes to drop its tags (a pass comes every PASS_EVERY + MIN_GAP at most,
+        // plus its own duration) and a redirect handed out just before is past its life.
+        let delete_after = grace
+            .saturating_add(millis(bound.redirect_ttl))
+            .saturating_add(millis(PASS_EVERY + MIN_GAP).saturating_mul(2));
         let status: HashMap<&Digest, Marked> = cut
             .iter()
             .map(|&i| {
@@ -559,7 +570,7 @@ impl Cache {
         lock(&self.shared.evict.children).retain(|digest, _| sizes.contains_key(digest));
 
         // Marks of images no longer cut (pulled again, or the bucket shrank) go, by their owner.
-        for root in marks.keys() {
+        for root in &listed_marks {
             if !status.contains_key(root)
                 && mine(root)
                 && bucket.delete_key(&s3::mark_key(root)).await.is_ok()
@@ -596,6 +607,9 @@ impl Cache {
                 continue;
             }
             match status.get(&unit.root) {
+                // Pulled within the last record interval: a pull since then may not be
+                // recorded yet, so the mark waits for a pass that sees it settled.
+                Some(Marked::Anew) if now.saturating_sub(unit.last_pull) < millis(IMAGE_TOUCH) => {}
                 Some(Marked::Anew) => {
                     let mark = s3::SharedMark {
                         marked_at: now,

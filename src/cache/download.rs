@@ -142,7 +142,7 @@ impl Cache {
                 if publish {
                     // After the readers are answered: they read the local file, and peers
                     // asking meanwhile are served from it too.
-                    self.publish_blob(&source).await;
+                    self.publish_fetched_blob(&source).await;
                 }
                 return;
             }

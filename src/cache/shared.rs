@@ -432,6 +432,16 @@ impl Cache {
         }
     }
 
+    /// [`Cache::publish_blob`] unless an upload of the digest is already under way here (two
+    /// fills of one digest commit while replicas' views disagree; one upload is enough).
+    pub(super) async fn publish_fetched_blob(&self, source: &Source) {
+        if !self.shared.start_upload(&source.digest) {
+            return;
+        }
+        self.publish_blob(source).await;
+        self.shared.end_upload(&source.digest);
+    }
+
     /// [`Cache::publish_blob`] unless an upload of the digest is already under way here or
     /// the bucket already has it.
     pub(super) async fn publish_blob_once(&self, source: Source) {

@@ -666,12 +666,53 @@ impl Cluster {
             .ok_or_else(|| PeerError::NotProbed {
                 peer: member.address().to_owned(),
             })?;
+        let mut answer = self
+            .send_signed(member, &url, &signed, range_from, &receiver)
+            .await;
+        if let Err(PeerError::Unsealed { .. }) = &answer {
+            // A member restarted at the same address has a new instance id, and refuses what
+            // was signed for the old one until the next pass learns it: ask it now, once.
+            if let Ok(id) = self.probe(member.address()).await {
+                if *id != *receiver {
+                    answer = self
+                        .send_signed(member, &url, &signed, range_from, &id)
+                        .await;
+                }
+            }
+        }
+        let response = answer?;
+        if !response.status().is_success() {
+            let headers = response.headers();
+            return Err(PeerError::Status {
+                peer: member.address().to_owned(),
+                status: response.status(),
+                final_answer: headers.contains_key(FINAL_HEADER),
+                retry_after: headers
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|seconds| seconds.min(MAX_PEER_RETRY_AFTER)),
+            });
+        }
+        Ok(response)
+    }
+
+    /// One GET of `url` (whose path and query are `signed`) signed for the replica `receiver`;
+    /// its answer if sealed for it.
+    async fn send_signed(
+        &self,
+        member: &Member,
+        url: &reqwest::Url,
+        signed: &str,
+        range_from: u64,
+        receiver: &str,
+    ) -> Result<reqwest::Response, PeerError> {
         let (name, value, nonce) =
-            self.sign("GET", &signed, &receiver)
+            self.sign("GET", signed, receiver)
                 .ok_or_else(|| PeerError::NotProbed {
                     peer: member.address().to_owned(),
                 })?;
-        let mut request = self.client.get(url).header(name, value);
+        let mut request = self.client.get(url.clone()).header(name, value);
         if range_from > 0 {
             request = request.header(header::RANGE, format!("bytes={range_from}-"));
         }
@@ -688,19 +729,6 @@ impl Cluster {
         {
             return Err(PeerError::Unsealed {
                 peer: member.address().to_owned(),
-            });
-        }
-        if !response.status().is_success() {
-            let headers = response.headers();
-            return Err(PeerError::Status {
-                peer: member.address().to_owned(),
-                status: response.status(),
-                final_answer: headers.contains_key(FINAL_HEADER),
-                retry_after: headers
-                    .get(header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|seconds| seconds.min(MAX_PEER_RETRY_AFTER)),
             });
         }
         Ok(response)
@@ -1094,6 +1122,38 @@ mod tests {
         );
         b.kill().await;
         me.kill().await;
+    }
+
+    #[tokio::test]
+    async fn a_member_restarted_at_its_address_is_asked_again_at_once() {
+        let l0 = listener().await;
+        let address = l0.local_addr().unwrap().to_string();
+        let verifier = new_cluster(
+            &config(vec!["x:1".into()], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let first = TestPeer::start(l0, "id-before".to_owned(), verifier.clone()).await;
+        let cluster = new_cluster(
+            &config(vec![address.clone()], SECRET),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        cluster.refresh_once().await;
+        first.kill().await;
+        // Same address, new process: a new instance id the last pass did not see.
+        let l0 = tokio::net::TcpListener::bind(&address).await.unwrap();
+        let second = TestPeer::start(l0, "id-after".to_owned(), verifier).await;
+        let path = "/_regmirror/peer/blobs/sha256:ab?upstream=docker.io&repository=library/x";
+        let body = cluster
+            .get(&Member::new(&address), path, 0)
+            .await
+            .expect("signed again for the new instance")
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, format!("{path} range=None"));
+        second.kill().await;
     }
 
     #[tokio::test]

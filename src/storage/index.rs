@@ -186,9 +186,10 @@ impl Index {
         decode("blobs", self.blobs.get(digest.as_str())?)
     }
 
-    pub fn put_blob(&self, digest: &Digest, entry: &BlobEntry) -> Result<(), IndexError> {
-        self.blobs.insert(digest.as_str(), encode(entry))?;
-        Ok(())
+    /// Records a blob; answers whether it was new (atomically: of two concurrent commits of
+    /// one digest, exactly one is told so).
+    pub fn put_blob(&self, digest: &Digest, entry: &BlobEntry) -> Result<bool, IndexError> {
+        Ok(self.blobs.insert(digest.as_str(), encode(entry))?.is_none())
     }
 
     /// All blobs with their entries (a full scan: call off the async threads).
@@ -625,12 +626,12 @@ impl Index {
 
     fn remove_tags_of(&self, digest: &Digest) -> Result<(), IndexError> {
         for item in self.tag_refs.scan_prefix(prefix(digest)) {
-            let (key, _) = item?;
-            self.tag_refs.remove(&key)?;
-            let mut parts = key[prefix(digest).len()..].split(|b| *b == 0);
+            let (reference, _) = item?;
+            let mut parts = reference[prefix(digest).len()..].split(|b| *b == 0);
             let (Some(upstream), Some(repo), Some(tag)) =
                 (parts.next(), parts.next(), parts.next())
             else {
+                self.tag_refs.remove(&reference)?;
                 continue;
             };
             let key = key3(
@@ -638,12 +639,21 @@ impl Index {
                 &String::from_utf8_lossy(repo),
                 &String::from_utf8_lossy(tag),
             );
-            // Only if it still names this digest (a tag that moved on keeps its new target).
-            if let Some(entry) = decode::<TagEntry>("tags", self.tags.get(&key)?)? {
-                if entry.digest == *digest {
-                    self.tags.remove(&key)?;
-                }
-            }
+            // The reverse entry and the tag go together, and the tag only if it still names
+            // this digest: one moved on meanwhile (a concurrent `put_tag`) keeps its target.
+            (&self.tags, &self.tag_refs)
+                .transaction(|(tags, tag_refs)| {
+                    tag_refs.remove(reference.as_ref())?;
+                    if let Some(entry) =
+                        decode::<TagEntry>("tags", tags.get(&key)?).map_err(abort)?
+                    {
+                        if entry.digest == *digest {
+                            tags.remove(key.as_slice())?;
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(committed)?;
         }
         Ok(())
     }

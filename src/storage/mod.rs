@@ -257,9 +257,10 @@ impl Store {
         let previous = self.index.get_blob(digest)?;
         let media_type =
             media_type.or_else(|| previous.as_ref().and_then(|e| e.media_type.clone()));
-        self.index
+        let new = self
+            .index
             .put_blob(digest, &blob_entry(size, now_millis(), media_type))?;
-        if previous.is_none() {
+        if new {
             self.used.fetch_add(size, Ordering::Relaxed);
             self.count.fetch_add(1, Ordering::Relaxed);
         }

@@ -424,6 +424,21 @@ impl Upstream {
         path: &str,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, Error> {
+        let sent = self.send_once(method, repo, path, headers).await;
+        // Any 429 that ends an exchange holds the upstream back, the token realm's included.
+        if let Err(Error::TooManyRequests { retry_after }) = &sent {
+            self.backoff.hold(*retry_after);
+        }
+        sent
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, Error> {
         // Within a 429's Retry-After the upstream is not asked: the answer is the same 429,
         // with the time that remains.
         if let Some(retry_after) = self.backoff.remaining() {
@@ -488,11 +503,7 @@ impl Upstream {
                     _ => return Err(Error::Unauthorized),
                 }
             }
-            let classified = classify(response);
-            if let Err(Error::TooManyRequests { retry_after }) = &classified {
-                self.backoff.hold(*retry_after);
-            }
-            return classified;
+            return classify(response);
         }
     }
 
