@@ -9,7 +9,8 @@
 //! never at once: it marks them (`marks/`, with the last pull it saw). A pull or a presigned
 //! redirect handed out before the mark must finish against content that is still there, so
 //! only once `storage.s3.evict_grace` has passed does every replica drop its local tags naming
-//! the image, and two pass intervals later its owner deletes it: first the tags naming it, so
+//! the image, and a `redirect_ttl` and two pass periods later its owner deletes it: first the
+//! tags naming it, so
 //! no tag is ever listed with content gone, then the content, then the image's own records. An
 //! image pulled after its mark (its pull record is newer) keeps its content: the mark goes,
 //! and if it is still cut the grace starts over. Replicas that disagree for a moment (a
