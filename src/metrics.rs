@@ -107,6 +107,8 @@ pub struct Metrics {
     cluster_final: IntCounterVec,
     /// What each source of the cache's chain answered (see `cache::chain`).
     source_answers: IntCounterVec,
+    /// Its series for a blob hit, resolved once: the hit path takes no label lookup.
+    hot_tier_found: IntCounter,
 }
 
 /// Requests served for one repository since start-up (status page only).
@@ -212,6 +214,12 @@ impl Metrics {
         gauge_vec(BUILD_INFO, "Build information.", &["version"])
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let source_answers = counter_vec(
+            SOURCE_ANSWERS,
+            "Answers of the cache's chain of content sources, by source (hot_tier, bucket, owner, upstream) and answer (found; absent: ask the next; final: the upstream's authoritative answer, relayed; unavailable: down or failed, the next is asked).",
+            &["source", "answer"],
+        );
+        let hot_tier_found = source_answers.with_label_values(&["hot_tier", "found"]);
         let metrics = Metrics {
             http_requests: counter_vec(
                 HTTP_REQUESTS,
@@ -331,11 +339,8 @@ impl Metrics {
                 "Authoritative answers about the upstream (404, 429, 401, 403) an owner gave and this replica relayed instead of asking the upstream itself, by peer.",
                 &["peer"],
             ),
-            source_answers: counter_vec(
-                SOURCE_ANSWERS,
-                "Answers of the cache's chain of content sources, by source (hot_tier, bucket, owner, upstream) and answer (found; absent: ask the next; final: the upstream's authoritative answer, relayed; unavailable: down or failed, the next is asked).",
-                &["source", "answer"],
-            ),
+            source_answers,
+            hot_tier_found,
             registry,
         };
         // Series that exist from the start, so rates and dashboards see zeros, not gaps.
@@ -434,6 +439,11 @@ impl Metrics {
     /// A peer's authoritative answer about the upstream was relayed.
     pub fn cluster_final(&self, peer: &str) {
         self.cluster_final.with_label_values(&[peer]).inc();
+    }
+
+    /// A blob served from the hot tier, the first source of the chain.
+    pub fn hot_tier_found(&self) {
+        self.hot_tier_found.inc();
     }
 
     /// One answer of a source of the cache's chain.

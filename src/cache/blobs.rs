@@ -218,7 +218,7 @@ impl Cache {
                                 super::TOUCH_GRANULARITY_MS,
                             );
                             self.metrics.cache_outcome("blob", Outcome::Hit);
-                            self.metrics.source_answer(Link::HotTier.as_str(), "found");
+                            self.metrics.hot_tier_found();
                             self.shared.hot_tier_hit();
                             return Ok(Blob {
                                 size,

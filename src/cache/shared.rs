@@ -586,10 +586,9 @@ impl Cache {
         reference: &str,
         expected: Option<&Digest>,
     ) -> Answer<(super::Manifest, u64, bool)> {
-        let member = member.clone();
         let answer = self
             .shared
-            .peer_manifest(&member, upstream, repo, reference)
+            .peer_manifest(member, upstream, repo, reference)
             .await;
         let (mut confirmed, mut stale) = (None, false);
         let verified = answer.and_then(|answer| {
@@ -625,7 +624,7 @@ impl Cache {
             }
             Err(err) => {
                 warn!(peer = member.address(), upstream = %upstream.name, repository = %repo, reference, error = %err, "owner unreachable, asking the upstream here");
-                self.shared.fell_back(&member);
+                self.shared.fell_back(member);
                 return Answer::Unavailable(err);
             }
         };
