@@ -78,11 +78,23 @@ async fn tag_in_bucket(bucket: &Bucket, repo: &str, tag: &str) -> Option<Digest>
 struct Replica {
     url: String,
     state: ::regmirror::AppState,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<()>,
 }
 
 async fn replica(upstream: &str, garage: &Garage, storage: &str, extra: &str) -> Replica {
-    let dir = tempdir("replica-");
+    replica_in(tempdir("replica-"), upstream, garage, storage, extra).await
+}
+
+/// A replica on `dir`'s data directory (one a stopped replica left, or a new one).
+async fn replica_in(
+    dir: tempfile::TempDir,
+    upstream: &str,
+    garage: &Garage,
+    storage: &str,
+    extra: &str,
+) -> Replica {
     let root = dir.path().join("data");
     let text = format!(
         "listen: 127.0.0.1:0\ndefault_upstream: docker.io\n\
@@ -95,8 +107,11 @@ async fn replica(upstream: &str, garage: &Garage, storage: &str, extra: &str) ->
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let listener = ::regmirror::server::Listener::new(listener, None).unwrap();
-    let serving = ::regmirror::serve(listener, state.clone(), std::future::pending());
-    tokio::spawn(async move { serving.await.unwrap() });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = ::regmirror::serve(listener, state.clone(), async move {
+        let _ = stopped.await;
+    });
+    let serving = tokio::spawn(async move { serving.await.unwrap() });
     // The peer channel and membership, as `run` starts them.
     if let (Some(cluster), Some(cluster_config)) = (state.cache.cluster(), &config.cluster) {
         let peer = tokio::net::TcpListener::bind(cluster_config.listen)
@@ -121,11 +136,42 @@ async fn replica(upstream: &str, garage: &Garage, storage: &str, extra: &str) ->
     Replica {
         url,
         state,
-        _dir: dir,
+        dir,
+        stop,
+        serving,
     }
 }
 
 impl Replica {
+    /// Stops serving and lets go of the store (its lock included): the data directory stays.
+    async fn stop(self) -> tempfile::TempDir {
+        self.settle().await;
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.serving)
+            .await
+            .expect("the replica stops within the deadline")
+            .unwrap();
+        self.dir
+    }
+
+    /// S3 requests of operation `op` this replica made.
+    fn s3_requests(&self, op: &str) -> u64 {
+        self.state
+            .metrics
+            .registry()
+            .gather()
+            .iter()
+            .filter(|family| family.name() == ::regmirror::storage::s3::S3_REQUESTS)
+            .flat_map(|family| family.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "op" && l.value() == op)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     fn host(&self) -> String {
         self.url.trim_start_matches("http://").to_owned()
     }
@@ -666,4 +712,57 @@ async fn eviction_marks_first_and_a_pull_within_the_grace_saves_the_image() {
             .status();
         assert_ne!(status, 200, "a tag whose content is gone is not answered");
     }
+}
+
+/// Issue 18 item 6: what a pass learned of the bucket's manifests outlives the process: a
+/// replica restarted on its data directory reads no manifest to know what each image holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_replica_reads_no_manifest_again_to_know_what_images_hold() {
+    let garage = Garage::single().await;
+    let dist = Distribution::start().await;
+    let pusher = Pusher::new(&dist.url());
+    pusher
+        .push_index(
+            "library/a",
+            "v1",
+            &[Platform::AMD64, Platform::ARM64],
+            MediaTypes::Oci,
+        )
+        .await;
+    pusher
+        .push_image("library/b", "v1", &ImageSpec::new(&[2048]).seed(3))
+        .await;
+    // Bounded far above what it holds: passes run and cut nothing.
+    let storage = "max_size: 1GiB";
+    let first = replica(&dist.url(), &garage, storage, "").await;
+    for name in ["a", "b"] {
+        first
+            .pull(&format!("library/{name}"))
+            .await
+            .assert_success();
+    }
+    let before = first.s3_requests("get_manifest");
+    let pass = first.pass().await;
+    assert_eq!(pass.cut, 0, "{pass:?}");
+    // The index, two platform manifests, b's manifest: each read once.
+    let read = first.s3_requests("get_manifest") - before;
+    assert_eq!(read, 4, "the first pass reads every manifest");
+    let again = first.pass().await;
+    assert_eq!(again.total, pass.total);
+    assert_eq!(
+        first.s3_requests("get_manifest") - before,
+        read,
+        "a second pass reads none"
+    );
+
+    let dir = first.stop().await;
+    let restarted = replica_in(dir, &dist.url(), &garage, storage, "").await;
+    let pass = restarted.pass().await;
+    assert_eq!(pass.total, again.total);
+    assert_eq!(pass.cut, 0, "{pass:?}");
+    assert_eq!(
+        restarted.s3_requests("get_manifest"),
+        0,
+        "the restarted replica knows what every manifest names"
+    );
 }

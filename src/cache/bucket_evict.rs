@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use super::Cache;
 use crate::cluster::{Cluster, Owner};
 use crate::oci::{media_type, Digest};
-use crate::storage::s3::{self, Bucket, Listed, SharedImage, SharedPin};
+use crate::storage::s3::{self, Bucket, SharedImage, SharedPin};
 
 pub const BUCKET_EVICTIONS: &str = "regmirror_bucket_evictions_total";
 pub const BUCKET_EVICTED_BYTES: &str = "regmirror_bucket_evicted_bytes_total";
@@ -140,6 +140,8 @@ pub(super) struct State {
     pending: Arc<tokio::sync::watch::Sender<usize>>,
     /// The roots of the last pass's images: one no longer listed went, and its local tags go.
     roots: Mutex<HashSet<Digest>>,
+    /// Whether a pass swept the index's memo of bucket manifests since the process started.
+    swept: std::sync::atomic::AtomicBool,
 }
 
 /// A bucket write under way (see [`Cache::bucket_writes_settled`]).
@@ -178,6 +180,7 @@ impl State {
             wake: tokio::sync::Notify::new(),
             pending: Arc::new(tokio::sync::watch::Sender::new(0)),
             roots: Mutex::default(),
+            swept: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,6 +197,7 @@ impl State {
             wake: tokio::sync::Notify::new(),
             pending: Arc::new(tokio::sync::watch::Sender::new(0)),
             roots: Mutex::default(),
+            swept: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -355,23 +359,56 @@ impl Cache {
             return Ok(done);
         }
         let now = self.clock.now();
+        let cluster = self.shared.cluster().cloned();
+        let mine = |root: &Digest| owns(cluster.as_deref(), root);
         // Records first, content after: a record's manifest was written before it, so the
         // content listing shows it, and a record is never mistaken for one whose image is gone.
-        let image_list = bucket.list("images").await?;
-        let mark_list = bucket.list("marks").await?;
-        let ref_list = bucket.list("refs").await?;
-        let pin_list = bucket.list("pins").await?;
-        let link_list = bucket.list("links").await?;
-        let manifest_list = bucket.list("manifests").await?;
-        let blob_list = bucket.list("blobs").await?;
-
-        let mut sizes: HashMap<Digest, (u64, u64, bool)> = HashMap::new();
-        for (list, manifest) in [(&manifest_list, true), (&blob_list, false)] {
-            for item in list {
-                if let Some((digest, "")) = split_name(&item.name) {
-                    sizes.insert(digest, (item.size, item.modified, manifest));
+        // Each listing is folded page by page into what the pass needs of it; no listing is
+        // held whole.
+        let image_list = listed_records(&bucket, "images").await?;
+        let mut listed_marks: Vec<Digest> = Vec::new();
+        bucket
+            .scan("marks", |item| {
+                if let Some((root, "")) = split_name(&item.name) {
+                    listed_marks.push(root);
                 }
-            }
+            })
+            .await?;
+        let mut refs: HashMap<Digest, Vec<String>> = HashMap::new();
+        bucket
+            .scan("refs", |item| {
+                if let Some((root, name)) = split_name(&item.name) {
+                    refs.entry(root).or_default().push(name.to_owned());
+                }
+            })
+            .await?;
+        let pin_list = listed_records(&bucket, "pins").await?;
+        // Links to content the bucket no longer holds go (invariant 4: no record outlives its
+        // content), by the owner of the digest. A link is written after its content, and links
+        // are listed before content: a listed link whose content is not listed is one whose
+        // content is gone. Only this replica's share is kept until the content is listed.
+        let mut links: Vec<(Digest, String)> = Vec::new();
+        bucket
+            .scan("links", |item| {
+                let Some((_, hex)) = item.name.rsplit_once("/_l/") else {
+                    return;
+                };
+                if let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() {
+                    if mine(&digest) {
+                        links.push((digest, item.name));
+                    }
+                }
+            })
+            .await?;
+        let mut sizes: HashMap<Digest, (u64, u64, bool)> = HashMap::new();
+        for (prefix, manifest) in [("manifests", true), ("blobs", false)] {
+            bucket
+                .scan(prefix, |item| {
+                    if let Some((digest, "")) = split_name(&item.name) {
+                        sizes.insert(digest, (item.size, item.modified, manifest));
+                    }
+                })
+                .await?;
         }
         done.total = sizes
             .values()
@@ -400,32 +437,24 @@ impl Cache {
             }
         }
 
-        let images = self.read_records(&bucket, &image_list, true).await;
+        let images = self.read_records(&bucket, image_list, true).await;
         let pin_hold = millis(bound.pin_hold);
         let (marks, expired): (Vec<_>, Vec<_>) = self
-            .read_records(&bucket, &pin_list, false)
+            .read_records(&bucket, pin_list, false)
             .await
             .into_iter()
             .partition(|(_, at)| at.saturating_add(pin_hold) > now);
         let mut pinned: HashSet<Digest> = marks.into_iter().map(|(root, _)| root).collect();
         pinned.extend(self.pinned().into_values());
-        let mut refs: HashMap<Digest, Vec<String>> = HashMap::new();
-        for item in &ref_list {
-            if let Some((root, name)) = split_name(&item.name) {
-                refs.entry(root).or_default().push(name.to_owned());
-            }
-        }
 
         // What every manifest names, and so which manifests no other one names.
-        let mut named: HashSet<Digest> = HashSet::new();
-        let mut children: HashMap<Digest, Arc<Vec<Digest>>> = HashMap::new();
-        for (digest, (_, _, manifest)) in &sizes {
-            if *manifest {
-                let kids = self.children_of(&bucket, digest).await?;
-                named.extend(kids.iter().cloned());
-                children.insert(digest.clone(), kids);
-            }
-        }
+        let manifests: Vec<Digest> = sizes
+            .iter()
+            .filter(|(_, (_, _, manifest))| *manifest)
+            .map(|(digest, _)| digest.clone())
+            .collect();
+        let children = self.children_of_all(&bucket, manifests).await?;
+        let named: HashSet<&Digest> = children.values().flat_map(|kids| kids.iter()).collect();
         let mut roots: BTreeSet<Digest> = BTreeSet::new();
         for digest in children.keys() {
             if images.contains_key(digest) || pinned.contains(digest) || !named.contains(digest) {
@@ -501,14 +530,12 @@ impl Cache {
         // Mark first, delete after the grace: a pull or a presigned redirect handed out before
         // the mark finishes against content that is still there, and a pull meanwhile saves
         // the image (its record is newer than the mark's).
+        // Only the marks of cut images matter here; the others are removed unread below.
         let mut marks: HashMap<Digest, s3::SharedMark> = HashMap::new();
-        let mut listed_marks: Vec<Digest> = Vec::new();
-        for item in &mark_list {
-            if let Some((root, "")) = split_name(&item.name) {
-                if let Ok(Some(mark)) = bucket.get_mark(&root).await {
-                    marks.insert(root.clone(), mark);
-                }
-                listed_marks.push(root);
+        let cut_roots: HashSet<&Digest> = cut.iter().map(|&i| &units[i].root).collect();
+        for root in listed_marks.iter().filter(|root| cut_roots.contains(root)) {
+            if let Ok(Some(mark)) = bucket.get_mark(root).await {
+                marks.insert(root.clone(), mark);
             }
         }
         let grace = millis(bound.grace);
@@ -541,24 +568,9 @@ impl Cache {
             .filter(|root| !sizes.contains_key(*root))
             .cloned()
             .collect();
-        let cluster = self.shared.cluster().cloned();
-        let mine = |root: &Digest| owns(cluster.as_deref(), root);
-        // Links to content the bucket no longer holds go too (invariant 4: no record outlives
-        // its content), by the owner of the digest. A link is written after its content, and
-        // links were listed before content: a listed link whose content is not listed is one
-        // whose content is gone.
-        for item in &link_list {
-            let Some((_, hex)) = item.name.rsplit_once("/_l/") else {
-                continue;
-            };
-            let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
-                continue;
-            };
-            if !sizes.contains_key(&digest) && mine(&digest) {
-                let key = object_store::path::Path::from(format!("links/{}", item.name));
-                if bucket.delete_key(&key).await.is_ok() {
-                    done.links += 1;
-                }
+        for (digest, name) in &links {
+            if !sizes.contains_key(digest) && bucket.delete_listed("links", name).await.is_ok() {
+                done.links += 1;
             }
         }
         // Pin marks no pin pass renewed (the pin left the configuration) go, by their owner.
@@ -568,7 +580,7 @@ impl Cache {
             }
         }
         // Manifests are remembered only while the bucket holds them.
-        lock(&self.shared.evict.children).retain(|digest, _| sizes.contains_key(digest));
+        self.forget_children(&sizes).await;
 
         // Marks of images no longer cut (pulled again, or the bucket shrank) go, by their owner.
         for root in &listed_marks {
@@ -589,17 +601,24 @@ impl Cache {
             *known = current;
             gone
         };
-        let index = self.store.index();
-        for root in status
+        let forget: Vec<Digest> = status
             .iter()
             .filter(|(_, s)| matches!(s, Marked::Forget | Marked::Due))
-            .map(|(root, _)| *root)
-            .chain(gone.iter())
-            .chain(dangling.iter())
-        {
-            if index.forget_tags_of(root).is_ok() {
-                done.forgotten += 1;
-            }
+            .map(|(root, _)| (*root).clone())
+            .chain(gone)
+            .chain(dangling.iter().cloned())
+            .collect();
+        if !forget.is_empty() {
+            let store = self.store.clone();
+            done.forgotten = tokio::task::spawn_blocking(move || {
+                let index = store.index();
+                forget
+                    .iter()
+                    .filter(|root| index.forget_tags_of(root).is_ok())
+                    .count()
+            })
+            .await
+            .unwrap_or(0);
         }
         // Owners mark what is newly cut; the rest waits for its grace.
         for &i in &cut {
@@ -642,7 +661,7 @@ impl Cache {
                 }
             }
         }
-        let protected = self.new_since(&bucket, &manifest_list).await?;
+        let protected = self.new_since(&bucket, &sizes).await?;
         for &i in &cut {
             let unit = &units[i];
             if !mine(&unit.root) || !due(&unit.root) {
@@ -758,21 +777,23 @@ impl Cache {
     async fn read_records(
         &self,
         bucket: &Bucket,
-        list: &[Listed],
+        list: Vec<Record>,
         images: bool,
     ) -> HashMap<Digest, u64> {
         let state = &self.shared.evict;
         let cache = if images { &state.images } else { &state.pins };
         let mut out = HashMap::new();
         let mut seen = HashSet::new();
-        for item in list {
-            let Some((root, "")) = split_name(&item.name) else {
-                continue;
-            };
+        for Record {
+            root,
+            e_tag,
+            modified,
+        } in list
+        {
             seen.insert(root.clone());
             let known = lock(cache)
                 .get(&root)
-                .filter(|(tag, _)| item.e_tag.is_some() && *tag == item.e_tag)
+                .filter(|(tag, _)| e_tag.is_some() && *tag == e_tag)
                 .map(|(_, at)| *at);
             let at = match known {
                 Some(at) => at,
@@ -786,8 +807,8 @@ impl Cache {
                         bucket.get_pin(&root).await.map(|r| r.map(|r| r.at))
                     };
                     // Unreadable: dated by its upload, which is when it was last written.
-                    let at = read.ok().flatten().unwrap_or(item.modified);
-                    lock(cache).insert(root.clone(), (item.e_tag.clone(), at));
+                    let at = read.ok().flatten().unwrap_or(modified);
+                    lock(cache).insert(root.clone(), (e_tag, at));
                     at
                 }
             };
@@ -797,28 +818,116 @@ impl Cache {
         out
     }
 
-    /// What a manifest in the bucket names: from memory, else read once. A manifest that is
-    /// gone or does not hash to its name names nothing; one the bucket fails to give fails
-    /// the pass, since its layers would otherwise look like nobody's.
-    async fn children_of(
+    /// What each of `manifests` (in the bucket) names: from memory, else from what an earlier
+    /// pass wrote down in the index (so a restart reads no manifest again), else read once and
+    /// written down. A manifest that is gone or does not hash to its name names nothing; one
+    /// the bucket fails to give fails the pass, since its layers would otherwise look like
+    /// nobody's.
+    async fn children_of_all(
         &self,
         bucket: &Bucket,
-        digest: &Digest,
-    ) -> Result<Arc<Vec<Digest>>, crate::storage::Error> {
-        if let Some(kids) = lock(&self.shared.evict.children).get(digest) {
-            return Ok(kids.clone());
+        manifests: Vec<Digest>,
+    ) -> Result<HashMap<Digest, Arc<Vec<Digest>>>, crate::storage::Error> {
+        let state = &self.shared.evict;
+        let mut out = HashMap::with_capacity(manifests.len());
+        let mut unknown = Vec::new();
+        {
+            let memory = lock(&state.children);
+            for digest in manifests {
+                match memory.get(&digest) {
+                    Some(kids) => {
+                        out.insert(digest, kids.clone());
+                    }
+                    None => unknown.push(digest),
+                }
+            }
         }
-        let Some((bytes, _)) = bucket.get_manifest(digest).await? else {
-            return Ok(Arc::new(Vec::new()));
-        };
-        let kids = Arc::new(
-            media_type::referenced_digests(&bytes)
-                .into_iter()
-                .map(|(d, _)| d)
-                .collect::<Vec<_>>(),
-        );
-        lock(&self.shared.evict.children).insert(digest.clone(), kids.clone());
-        Ok(kids)
+        if unknown.is_empty() {
+            return Ok(out);
+        }
+        let store = self.store.clone();
+        let (unknown, recorded) = tokio::task::spawn_blocking(move || {
+            let recorded = store.index().bucket_children(&unknown);
+            (unknown, recorded)
+        })
+        .await
+        .map_err(|e| crate::storage::Error::Io(std::io::Error::other(e)))?;
+        // An unreadable memo only costs reads.
+        let recorded = recorded.unwrap_or_else(|_| vec![None; unknown.len()]);
+        let mut learned = Vec::new();
+        for (digest, recorded) in unknown.into_iter().zip(recorded) {
+            let kids = match recorded {
+                Some(kids) => kids,
+                None => match bucket.get_manifest(&digest).await? {
+                    Some((bytes, _)) => {
+                        let kids: Vec<Digest> = media_type::referenced_digests(&bytes)
+                            .into_iter()
+                            .map(|(d, _)| d)
+                            .collect();
+                        learned.push((digest.clone(), kids.clone()));
+                        kids
+                    }
+                    // Gone since the listing: nothing to keep for it this pass, and nothing
+                    // remembered, should the same manifest come back.
+                    None => {
+                        out.insert(digest, Arc::new(Vec::new()));
+                        continue;
+                    }
+                },
+            };
+            let kids = Arc::new(kids);
+            lock(&state.children).insert(digest.clone(), kids.clone());
+            out.insert(digest, kids);
+        }
+        if !learned.is_empty() {
+            let store = self.store.clone();
+            let written =
+                tokio::task::spawn_blocking(move || store.index().put_bucket_children(&learned))
+                    .await;
+            if !matches!(written, Ok(Ok(()))) {
+                warn!("could not write down what bucket manifests name; the next start reads them again");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets what manifests the bucket no longer holds named, in memory and in the index.
+    async fn forget_children(&self, sizes: &HashMap<Digest, (u64, u64, bool)>) {
+        let state = &self.shared.evict;
+        let mut gone = Vec::new();
+        lock(&state.children).retain(|digest, _| {
+            let keep = sizes.contains_key(digest);
+            if !keep {
+                gone.push(digest.clone());
+            }
+            keep
+        });
+        // Once per process the index is swept whole (it may name manifests deleted while this
+        // replica was down); after that, what memory forgets is all there is to forget.
+        let sweep = !state.swept.swap(true, Ordering::Relaxed);
+        let listed: Option<HashSet<Digest>> = sweep.then(|| {
+            sizes
+                .iter()
+                .filter(|(_, (_, _, manifest))| *manifest)
+                .map(|(d, _)| d.clone())
+                .collect()
+        });
+        if gone.is_empty() && listed.is_none() {
+            return;
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let index = store.index();
+            match listed {
+                Some(listed) => index
+                    .retain_bucket_children(|d| listed.contains(d))
+                    .map(drop),
+                None => index
+                    .retain_bucket_children(|d| !gone.contains(d))
+                    .map(drop),
+            }
+        })
+        .await;
     }
 
     /// What manifests written since the pass listed them name: a new image may have come to
@@ -826,26 +935,57 @@ impl Cache {
     async fn new_since(
         &self,
         bucket: &Bucket,
-        listed: &[Listed],
+        sizes: &HashMap<Digest, (u64, u64, bool)>,
     ) -> Result<HashSet<Digest>, crate::storage::Error> {
-        let before: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
-        let mut protected = HashSet::new();
-        let now = bucket.list("manifests").await?;
-        for item in now.iter().filter(|l| !before.contains(l.name.as_str())) {
-            if let Some((digest, "")) = split_name(&item.name) {
-                let mut pending = vec![(digest, 0u8)];
-                while let Some((digest, depth)) = pending.pop() {
-                    if depth < MAX_DEPTH {
-                        for kid in self.children_of(bucket, &digest).await?.iter() {
-                            pending.push((kid.clone(), depth + 1));
-                        }
+        let mut new = Vec::new();
+        bucket
+            .scan("manifests", |item| {
+                if let Some((digest, "")) = split_name(&item.name) {
+                    if !sizes.get(&digest).is_some_and(|(_, _, manifest)| *manifest) {
+                        new.push(digest);
                     }
-                    protected.insert(digest);
+                }
+            })
+            .await?;
+        let mut protected = HashSet::new();
+        let mut pending: Vec<(Digest, u8)> = new.into_iter().map(|d| (d, 0)).collect();
+        while let Some((digest, depth)) = pending.pop() {
+            if depth < MAX_DEPTH {
+                let kids = self.children_of_all(bucket, vec![digest.clone()]).await?;
+                for kid in kids.values().flat_map(|k| k.iter()) {
+                    pending.push((kid.clone(), depth + 1));
                 }
             }
+            protected.insert(digest);
         }
         Ok(protected)
     }
+}
+
+/// A record (`images/`, `pins/`) as listed: read only when its entity tag changed.
+struct Record {
+    root: Digest,
+    e_tag: Option<String>,
+    modified: u64,
+}
+
+async fn listed_records(
+    bucket: &Bucket,
+    prefix: &str,
+) -> Result<Vec<Record>, crate::storage::Error> {
+    let mut out = Vec::new();
+    bucket
+        .scan(prefix, |item| {
+            if let Some((root, "")) = split_name(&item.name) {
+                out.push(Record {
+                    root,
+                    e_tag: item.e_tag,
+                    modified: item.modified,
+                });
+            }
+        })
+        .await?;
+    Ok(out)
 }
 
 /// The root and what it names, down to [`MAX_DEPTH`], that the bucket holds.

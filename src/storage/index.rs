@@ -123,6 +123,10 @@ pub struct Index {
     /// `root` → [`ImageEntry`], and `pulled (8 bytes big-endian) root` in pull order.
     images: sled::Tree,
     by_age: sled::Tree,
+    /// `manifest` → the digests it names, `\n`-separated: what the bucket evictor learned
+    /// from the shared bucket's manifests, kept across restarts so a pass does not read every
+    /// manifest again. Only a memo of immutable content: losing it costs reads, nothing else.
+    bucket_children: sled::Tree,
 }
 
 impl Index {
@@ -178,8 +182,70 @@ impl Index {
             owners: db.open_tree("owners")?,
             images: db.open_tree("images")?,
             by_age: db.open_tree("by_age")?,
+            bucket_children: db.open_tree("bucket_children")?,
             db,
         })
+    }
+
+    /// What the bucket's manifests among `manifests` name, as far as an earlier pass learned
+    /// it: `None` for one never read. A value that does not parse counts as never read.
+    pub fn bucket_children(
+        &self,
+        manifests: &[Digest],
+    ) -> Result<Vec<Option<Vec<Digest>>>, IndexError> {
+        let mut out = Vec::with_capacity(manifests.len());
+        for manifest in manifests {
+            let known = self
+                .bucket_children
+                .get(manifest.as_str())?
+                .and_then(|value| {
+                    std::str::from_utf8(&value)
+                        .ok()?
+                        .split_terminator('\n')
+                        .map(|d| d.parse().ok())
+                        .collect::<Option<Vec<Digest>>>()
+                });
+            out.push(known);
+        }
+        Ok(out)
+    }
+
+    /// Remembers what bucket manifests name (see [`Index::bucket_children`]).
+    pub fn put_bucket_children(&self, learned: &[(Digest, Vec<Digest>)]) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for (manifest, children) in learned {
+            let mut value = String::with_capacity(children.len() * 72);
+            for child in children {
+                value.push_str(child.as_str());
+                value.push('\n');
+            }
+            batch.insert(manifest.as_str(), value.as_bytes());
+        }
+        self.bucket_children.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Forgets what bucket manifests no longer listed named: those for which `listed` is false.
+    /// Returns how many it forgot.
+    pub fn retain_bucket_children(
+        &self,
+        listed: impl Fn(&Digest) -> bool,
+    ) -> Result<usize, IndexError> {
+        let mut batch = sled::Batch::default();
+        let mut forgotten = 0;
+        for item in self.bucket_children.iter().keys() {
+            let key = item?;
+            let keep = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| k.parse::<Digest>().ok())
+                .is_some_and(|d| listed(&d));
+            if !keep {
+                batch.remove(key);
+                forgotten += 1;
+            }
+        }
+        self.bucket_children.apply_batch(batch)?;
+        Ok(forgotten)
     }
 
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<BlobEntry>, IndexError> {
@@ -822,6 +888,36 @@ mod tests {
 
     fn digest(n: u8) -> Digest {
         Digest::sha256_of(&[n])
+    }
+
+    #[test]
+    fn bucket_children_survive_a_reopen_and_go_with_their_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let index = Index::open(dir.path()).unwrap();
+            index
+                .put_bucket_children(&[
+                    (digest(1), vec![digest(2), digest(3)]),
+                    (digest(4), vec![]),
+                ])
+                .unwrap();
+            index.flush().unwrap();
+        }
+        let index = Index::open(dir.path()).unwrap();
+        assert_eq!(
+            index
+                .bucket_children(&[digest(1), digest(4), digest(5)])
+                .unwrap(),
+            vec![Some(vec![digest(2), digest(3)]), Some(vec![]), None]
+        );
+        assert_eq!(
+            index.retain_bucket_children(|d| *d == digest(4)).unwrap(),
+            1
+        );
+        assert_eq!(
+            index.bucket_children(&[digest(1), digest(4)]).unwrap(),
+            vec![None, Some(vec![])]
+        );
     }
 
     #[test]
