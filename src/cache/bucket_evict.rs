@@ -36,6 +36,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, Registry};
 use tracing::{info, warn};
 
+use super::evict::{EvictPolicy, Verdict};
 use super::Cache;
 use crate::cluster::{Cluster, Owner};
 use crate::oci::{media_type, Digest};
@@ -53,6 +54,9 @@ const PASS_EVERY: Duration = Duration::from_secs(60);
 const MIN_GAP: Duration = Duration::from_secs(10);
 /// An index names manifests which name blobs: three levels; more is a loop or abuse.
 const MAX_DEPTH: u8 = 3;
+/// What manifests name is written to the index this many manifests at a time: a first pass
+/// over a large bucket holds no more than this in a batch.
+const REMEMBER_BATCH: usize = 1000;
 /// Pulls remembered per replica before the oldest are forgotten (then written again).
 const MAX_TOUCHED: usize = 100_000;
 
@@ -73,6 +77,13 @@ pub struct Bound {
     /// redirects): one handed out just before the tags were dropped must not outlive the
     /// content.
     pub redirect_ttl: Duration,
+}
+
+impl Bound {
+    /// The eviction policy both tiers share, with the bucket's bounds.
+    fn policy(&self) -> EvictPolicy {
+        EvictPolicy::new(self.max_size, self.low_watermark_percent, self.max_age)
+    }
 }
 
 /// What one pass saw and did.
@@ -342,7 +353,7 @@ impl Cache {
             return;
         }
         let before = state.estimate.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > state.bound.max_size {
+        if state.bound.policy().over(before.saturating_add(bytes)) {
             state.wake.notify_one();
         }
     }
@@ -355,7 +366,8 @@ impl Cache {
             return Ok(done);
         };
         let bound = self.shared.evict.bound;
-        if bound.max_size == 0 && bound.max_age.is_zero() {
+        let policy = bound.policy();
+        if !policy.bounded() {
             return Ok(done);
         }
         let now = self.clock.now();
@@ -417,7 +429,6 @@ impl Cache {
             .evict
             .estimate
             .store(done.total, Ordering::Relaxed);
-        let low = bound.max_size / 100 * u64::from(bound.low_watermark_percent);
         // Over the bound, every replica evicts down to the low watermark. The first pass to see
         // the bucket over says so in the bucket: a replica whose pass comes after the others
         // removed their share (the bucket under `max_size` by then, not yet under the low
@@ -425,12 +436,12 @@ impl Cache {
         let mut over = false;
         if bound.max_size > 0 {
             let marked = bucket.evicting().await.unwrap_or(false);
-            if done.total > bound.max_size {
+            if policy.over(done.total) {
                 over = true;
                 if !marked {
                     bucket.set_evicting(Some(now)).await?;
                 }
-            } else if done.total > low {
+            } else if policy.over_low(done.total) {
                 over = marked;
             } else if marked {
                 bucket.set_evicting(None).await?;
@@ -498,20 +509,15 @@ impl Cache {
                 *holders.entry(member).or_default() += 1;
             }
         }
-        let max_age = millis(bound.max_age);
         let mut cut: Vec<usize> = Vec::new();
         let mut dead: HashSet<Digest> = HashSet::new();
         for (i, unit) in units.iter().enumerate() {
-            let aged = max_age > 0 && now.saturating_sub(unit.last_pull) > max_age;
-            let needed = over && done.total.saturating_sub(done.planned) > low;
-            if !aged && !needed {
-                // Oldest first: nothing after this one is older.
-                break;
+            let remaining = done.total.saturating_sub(done.planned);
+            match policy.verdict(unit.last_pull, unit.pinned, now, over, remaining) {
+                Verdict::Stop => break,
+                Verdict::Spare => continue,
+                Verdict::Cut => cut.push(i),
             }
-            if unit.pinned {
-                continue;
-            }
-            cut.push(i);
             for member in &unit.members {
                 if let Some(count) = holders.get_mut(member) {
                     *count = count.saturating_sub(1);
@@ -865,6 +871,9 @@ impl Cache {
                             .map(|(d, _)| d)
                             .collect();
                         learned.push((digest.clone(), kids.clone()));
+                        if learned.len() >= REMEMBER_BATCH {
+                            self.remember_children(std::mem::take(&mut learned)).await;
+                        }
                         kids
                     }
                     // Gone since the listing: nothing to keep for it this pass, and nothing
@@ -880,15 +889,21 @@ impl Cache {
             out.insert(digest, kids);
         }
         if !learned.is_empty() {
-            let store = self.store.clone();
-            let written =
-                tokio::task::spawn_blocking(move || store.index().put_bucket_children(&learned))
-                    .await;
-            if !matches!(written, Ok(Ok(()))) {
-                warn!("could not write down what bucket manifests name; the next start reads them again");
-            }
+            self.remember_children(learned).await;
         }
         Ok(out)
+    }
+
+    /// Writes down what bucket manifests name, for the next start.
+    async fn remember_children(&self, learned: Vec<(Digest, Vec<Digest>)>) {
+        let store = self.store.clone();
+        let written =
+            tokio::task::spawn_blocking(move || store.index().put_bucket_children(&learned)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            warn!(
+                "could not write down what bucket manifests name; the next start reads them again"
+            );
+        }
     }
 
     /// Forgets what manifests the bucket no longer holds named, in memory and in the index.

@@ -73,6 +73,91 @@ impl Drop for ReadGuard {
 
 pub use crate::clock::Clock;
 
+/// The one eviction policy, applied to each tier: the hot tier here, the shared bucket in
+/// `bucket_evict.rs`. Images are considered least recently pulled first; one not pulled
+/// within `max_age` goes, and while the tier was over `max_size` when the pass began, images
+/// go until it is under the low watermark; a pinned image is spared either way. The tiers
+/// differ only in what they list, how an image's size is known and how it goes (at once here;
+/// marked, then deleted after a grace, in the bucket).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictPolicy {
+    /// Bytes above which the tier shrinks (0: unbounded).
+    high: u64,
+    /// Bytes it shrinks down to.
+    low: u64,
+    /// Milliseconds without a pull after which an image goes (0: never).
+    max_age: u64,
+}
+
+/// What the policy says of the next image, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Neither aged nor needed: nothing after it is older, the pass is done.
+    Stop,
+    /// Pinned: kept, and the pass goes on.
+    Spare,
+    /// Goes.
+    Cut,
+}
+
+impl EvictPolicy {
+    pub fn new(max_size: u64, low_watermark_percent: u8, max_age: Duration) -> EvictPolicy {
+        EvictPolicy {
+            high: max_size,
+            low: max_size / 100 * u64::from(low_watermark_percent),
+            max_age: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Whether the tier bounds anything at all.
+    pub fn bounded(&self) -> bool {
+        self.high > 0 || self.max_age > 0
+    }
+
+    /// Whether images can age out (`max_age` set).
+    pub fn ages(&self) -> bool {
+        self.max_age > 0
+    }
+
+    /// Whether `used` bytes are over the high watermark.
+    pub fn over(&self, used: u64) -> bool {
+        self.high > 0 && used > self.high
+    }
+
+    /// Whether `used` bytes are over the low watermark.
+    pub fn over_low(&self, used: u64) -> bool {
+        self.high > 0 && used > self.low
+    }
+
+    /// Whether one blob of `size` bytes may be kept at all: not if it alone would take the tier
+    /// past its low watermark.
+    pub fn fits(&self, size: u64) -> bool {
+        self.high == 0 || size <= self.low
+    }
+
+    /// The verdict on an image last pulled at `last_pull`, the next oldest: `shrinking` says
+    /// the tier was over its bound when the pass began, `remaining` what it holds after the
+    /// cuts so far.
+    pub fn verdict(
+        &self,
+        last_pull: u64,
+        pinned: bool,
+        now: u64,
+        shrinking: bool,
+        remaining: u64,
+    ) -> Verdict {
+        let aged = self.max_age > 0 && now.saturating_sub(last_pull) > self.max_age;
+        let needed = shrinking && self.over_low(remaining);
+        if !aged && !needed {
+            Verdict::Stop
+        } else if pinned {
+            Verdict::Spare
+        } else {
+            Verdict::Cut
+        }
+    }
+}
+
 /// What one pass removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Evicted {
@@ -90,12 +175,7 @@ pub struct Evictor {
     readers: Arc<Readers>,
     metrics: Arc<Metrics>,
     clock: Arc<Clock>,
-    /// Bytes above which a pass starts (0: unbounded).
-    high: u64,
-    /// Bytes a pass evicts down to.
-    low: u64,
-    /// Images not pulled for this long are removed (0: never).
-    max_age: u64,
+    policy: EvictPolicy,
     /// Roots of pinned images: never evicted, never aged out.
     pinned: Mutex<HashSet<Digest>>,
     wake: Notify,
@@ -116,9 +196,7 @@ impl Evictor {
             readers,
             metrics,
             clock,
-            high: max_size,
-            low: max_size / 100 * u64::from(low_watermark_percent),
-            max_age: u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
+            policy: EvictPolicy::new(max_size, low_watermark_percent, max_age),
             pinned: Mutex::default(),
             wake: Notify::new(),
         }
@@ -126,12 +204,12 @@ impl Evictor {
 
     /// Whether a blob of `size` bytes can be cached at all.
     pub fn fits(&self, size: u64) -> bool {
-        self.high == 0 || size <= self.low
+        self.policy.fits(size)
     }
 
     /// Called after a commit: wakes the background task if the store went over its limit.
     pub fn committed(&self) {
-        if self.high > 0 && self.store.used_bytes() > self.high {
+        if self.policy.over(self.store.used_bytes()) {
             self.wake.notify_one();
         }
     }
@@ -158,15 +236,15 @@ impl Evictor {
     pub fn run_once(&self) -> Evicted {
         let mut evicted = Evicted::default();
         let now = self.clock.now();
-        let shrinking = self.high > 0 && self.store.used_bytes() > self.high;
-        if !shrinking && self.max_age == 0 {
+        let shrinking = self.policy.over(self.store.used_bytes());
+        if !shrinking && !self.policy.ages() {
             return evicted;
         }
         self.pass(now, shrinking, &mut evicted);
         // Still over with every image considered: stored content no image holds (files adopted
         // at start-up, an index from before images) becomes images of its own, and one more
         // pass considers them.
-        if shrinking && self.store.used_bytes() > self.low {
+        if shrinking && self.policy.over_low(self.store.used_bytes()) {
             let adopted = self.adopt_strays();
             if adopted > 0 {
                 info!(adopted, "content no image held became images of its own");
@@ -196,14 +274,12 @@ impl Evictor {
             }
         };
         for (pulled, root) in images {
-            let aged = self.max_age > 0 && now.saturating_sub(pulled) > self.max_age;
-            let over = shrinking && self.store.used_bytes() > self.low;
-            if !aged && !over {
-                // Oldest first: nothing after this one is older.
-                break;
-            }
-            if self.is_pinned(&root) {
-                continue;
+            let pinned = self.is_pinned(&root);
+            let used = self.store.used_bytes();
+            match self.policy.verdict(pulled, pinned, now, shrinking, used) {
+                Verdict::Stop => break,
+                Verdict::Spare => continue,
+                Verdict::Cut => {}
             }
             if let Err(error) = self.remove_image(&root, evicted) {
                 warn!(%error, %root, "eviction could not remove an image");
@@ -264,5 +340,42 @@ impl Evictor {
             let this = self.clone();
             let _ = tokio::task::spawn_blocking(move || this.run_once()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_cuts_oldest_first_down_to_the_low_watermark_and_spares_pins() {
+        let minute = Duration::from_secs(60);
+        let policy = EvictPolicy::new(1000, 80, minute * 10);
+        let now = 100 * 60_000;
+        let recent = now - 60_000;
+        // Under its bound and nothing aged: the pass stops at the oldest image.
+        assert_eq!(
+            policy.verdict(recent, false, now, false, 900),
+            Verdict::Stop
+        );
+        // Shrinking: images go until the tier is at the low watermark (800).
+        assert_eq!(policy.verdict(recent, false, now, true, 1001), Verdict::Cut);
+        assert_eq!(policy.verdict(recent, false, now, true, 801), Verdict::Cut);
+        assert_eq!(policy.verdict(recent, false, now, true, 800), Verdict::Stop);
+        // Pinned images are spared, and the pass goes on past them.
+        assert_eq!(
+            policy.verdict(recent, true, now, true, 1001),
+            Verdict::Spare
+        );
+        // Not pulled within max_age: goes even under the bound, unless pinned.
+        let old = now - 11 * 60_000;
+        assert_eq!(policy.verdict(old, false, now, false, 10), Verdict::Cut);
+        assert_eq!(policy.verdict(old, true, now, false, 10), Verdict::Spare);
+        // No bound, no age: nothing ever goes; a pull stamped in the future is not aged.
+        let none = EvictPolicy::new(0, 80, Duration::ZERO);
+        assert!(!none.bounded() && !none.over(u64::MAX) && none.fits(u64::MAX));
+        assert_eq!(none.verdict(0, false, now, true, u64::MAX), Verdict::Stop);
+        assert_eq!(policy.verdict(now + 1, false, now, false, 0), Verdict::Stop);
+        assert!(policy.fits(800) && !policy.fits(801));
     }
 }
