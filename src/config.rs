@@ -603,6 +603,29 @@ pub struct ClusterConfig {
     /// (default 2). A member never probed before is up at its first answer.
     #[serde(default = "defaults::cluster_up_after")]
     pub up_after: u32,
+    /// Mutual TLS on the peer channel, in addition to the signatures: the listener serves
+    /// `https` and accepts only clients whose certificate chains to `ca`, and this replica
+    /// speaks `https` to its peers, presenting `cert` and trusting only `ca`. Unset: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<ClusterTlsConfig>,
+}
+
+/// `cluster.tls`: one certificate per replica, used both ways, and the CA of the cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsConfig {
+    /// PEM certificate chain of this replica, leaf first: served on `cluster.listen` and
+    /// presented to peers. It must allow TLS server and client authentication (extended key
+    /// usages `serverAuth` and `clientAuth`, or none) and name the host its peers reach it
+    /// by: the host of its `peers` entry, or with `dns`, the address the name resolves to.
+    /// The listener re-reads it when it changes; what this replica presents to its peers is
+    /// read at start-up (restart after a rotation).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`; re-read with it.
+    pub key: PathBuf,
+    /// PEM certificates of the CA(s) the replicas' certificates chain to: the only roots
+    /// trusted for peers, both ways (no system roots).
+    pub ca: PathBuf,
 }
 
 /// The secret stays out of logs and `Debug` output.
@@ -617,6 +640,8 @@ impl fmt::Debug for ClusterConfig {
             .field("refresh", &self.refresh)
             .field("down_after", &self.down_after)
             .field("up_after", &self.up_after)
+            // Paths only: the key's content is never read into the config.
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -1563,6 +1588,26 @@ mod tests {
         let text = format!("{SHARED}cluster: {{ dns: 'a:1', secret_file: /s, peer: [] }}\n");
         let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
         assert!(err.contains("cluster") && err.contains("peer"), "{err}");
+    }
+
+    #[test]
+    fn cluster_tls_takes_three_paths() {
+        let text = format!(
+            "{SHARED}cluster: {{ dns: 'a:1', secret_file: /s, tls: {{ cert: /t/peer.crt, key: /t/peer.key, ca: /t/ca.crt }} }}\n"
+        );
+        let cluster = Config::parse(&text, "t.yml").unwrap().cluster.unwrap();
+        let tls = cluster.tls.as_ref().unwrap();
+        assert_eq!(tls.key, PathBuf::from("/t/peer.key"));
+        assert!(format!("{cluster:?}").contains("/t/peer.key"));
+        for section in [
+            "{ cert: /c, key: /k }",
+            "{ cert: /c, key: /k, ca: /a, client_ca: /a }",
+        ] {
+            let text =
+                format!("{SHARED}cluster: {{ dns: 'a:1', secret_file: /s, tls: {section} }}\n");
+            let err = Config::parse(&text, "t.yml").unwrap_err().to_string();
+            assert!(err.contains("cluster.tls"), "{section}: {err}");
+        }
     }
 
     #[test]

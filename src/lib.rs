@@ -207,6 +207,18 @@ pub fn check(config: &Config) -> Result<(), RunError> {
         if let Err(problem) = cluster.load_secret() {
             problems.push(problem);
         }
+        if let Some(tls) = &cluster.tls {
+            // Both sides read the same files; the client side is checked only when the
+            // listener's side passed, so one bad file is reported once.
+            match server::tls::Reloader::peers(tls) {
+                Err(problem) => problems.push(problem),
+                Ok(_) => {
+                    if let Err(problem) = cluster::tls::client_config(tls) {
+                        problems.push(problem);
+                    }
+                }
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())
@@ -339,13 +351,20 @@ pub async fn run(
         tokio::spawn(access.reload_loop(until_stopped(stopped.clone())));
     }
     if let (Some(cluster), Some(cluster_config)) = (state.cache.cluster(), &config.cluster) {
+        let tls = match &cluster_config.tls {
+            Some(tls) => Some(Arc::new(
+                server::tls::Reloader::peers(tls).map_err(RunError::Security)?,
+            )),
+            None => None,
+        };
         let addr = cluster_config.listen;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Listen { addr, source })?;
         let addr = listener.local_addr().map_err(RunError::Serve)?;
-        tracing::info!(%addr, "peer channel listening");
-        let listener = server::Listener::new(listener, None).map_err(RunError::Serve)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "peer channel listening");
+        let listener = server::Listener::new(listener, tls).map_err(RunError::Serve)?;
         let router = api::peer::router(state.clone(), cluster.clone());
         let server_config = config.server.clone();
         let stop = until_stopped(stopped.clone());

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod rendezvous;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -70,10 +71,11 @@ pub struct Member {
 }
 
 impl Member {
-    fn new(address: &str) -> Member {
+    /// `scheme` is `https` with `cluster.tls`, else `http`: the same for every member.
+    fn new(address: &str, scheme: &str) -> Member {
         Member {
             address: address.into(),
-            base_url: format!("http://{address}").into(),
+            base_url: format!("{scheme}://{address}").into(),
         }
     }
 
@@ -82,7 +84,7 @@ impl Member {
         &self.address
     }
 
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` (`https://` with `cluster.tls`), no trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -229,6 +231,8 @@ pub struct Cluster {
     down_after: u32,
     up_after: u32,
     client: reqwest::Client,
+    /// `https` with `cluster.tls`, else `http`.
+    scheme: &'static str,
     metrics: Arc<Metrics>,
     view: RwLock<Arc<View>>,
 }
@@ -255,7 +259,18 @@ impl Cluster {
         };
         // rustls needs a process-wide provider even for a client that only speaks plain HTTP.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        let scheme = match &config.tls {
+            Some(tls) => {
+                builder = builder
+                    .tls_backend_preconfigured(tls::client_config(tls)?)
+                    // Never fall back to plain HTTP, whatever URL a bug might build.
+                    .https_only(true);
+                "https"
+            }
+            None => "http",
+        };
+        let client = builder
             .user_agent(concat!("regmirror-peer/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
@@ -279,6 +294,7 @@ impl Cluster {
             down_after: config.down_after.max(1),
             up_after: config.up_after.max(1),
             client,
+            scheme,
             metrics,
             view: RwLock::new(Arc::new(View::default())),
         }))
@@ -347,7 +363,7 @@ impl Cluster {
                 Some(p) => p.member.clone(),
                 None => {
                     self.metrics.cluster_peer_joined(address);
-                    Member::new(address)
+                    Member::new(address, self.scheme)
                 }
             };
             let last_ok = if ok {
@@ -489,7 +505,7 @@ impl Cluster {
             timed_out: false,
             text,
         };
-        let url = format!("http://{address}{HEALTH_PATH}");
+        let url = format!("{}://{address}{HEALTH_PATH}", self.scheme);
         // The probe is for whoever answers at the address: its id is what we learn here.
         let (name, value, nonce) = self
             .sign("GET", HEALTH_PATH, "")
@@ -783,6 +799,7 @@ mod tests {
             // Without hysteresis, so one pass shows each change; the hysteresis has its own test.
             down_after: 1,
             up_after: 1,
+            tls: None,
         }
     }
 
@@ -1146,7 +1163,7 @@ mod tests {
         let second = TestPeer::start(l0, "id-after".to_owned(), verifier).await;
         let path = "/_regmirror/peer/blobs/sha256:ab?upstream=docker.io&repository=library/x";
         let body = cluster
-            .get(&Member::new(&address), path, 0)
+            .get(&Member::new(&address, "http"), path, 0)
             .await
             .expect("signed again for the new instance")
             .text()
@@ -1188,7 +1205,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let cluster =
             new_cluster(&config(vec![peer.address.clone()], SECRET), metrics.clone()).unwrap();
-        let member = Member::new(&peer.address);
+        let member = Member::new(&peer.address, "http");
         assert_eq!(member.base_url(), format!("http://{}", peer.address));
 
         let path = "/_regmirror/peer/blobs/sha256:ab?upstream=docker.io&repository=library/x";

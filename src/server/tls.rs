@@ -1,23 +1,49 @@
 //! The mirror's own TLS: a rustls server configuration built from `tls.cert`, `tls.key` and the
-//! optional `tls.client_ca`, rebuilt when those files change so a rotated certificate (by
-//! cert-manager or certbot) is served without a restart.
+//! optional `tls.client_ca` (or, for the peer channel, `cluster.tls.cert`, `key` and `ca`),
+//! rebuilt when those files change so a rotated certificate (by cert-manager or certbot) is
+//! served without a restart.
 //!
 //! A reload that fails (a half-written file, a key that does not match the certificate) keeps
 //! the configuration in use and says why in the log. This module knows nothing of HTTP.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::TlsConfig;
+use crate::config::{ClusterTlsConfig, TlsConfig};
+
+/// How often the peer channel's files are checked for changes (`tls.reload_interval`'s
+/// default; `cluster.tls` has no setting of its own).
+const PEER_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The files of one TLS listener, and the configuration keys that name them in messages.
+#[derive(Debug, Clone)]
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    /// When set, clients must present a certificate that chains to it.
+    client_ca: Option<PathBuf>,
+    interval: Duration,
+    /// `tls` or `cluster.tls`.
+    section: &'static str,
+    /// The key of `client_ca` within `section`.
+    ca_key: &'static str,
+}
+
+impl Files {
+    fn name(&self, key: &str) -> String {
+        format!("{}.{key}", self.section)
+    }
+}
 
 /// The server configuration in force, and how to notice that its files changed.
 pub struct Reloader {
-    config: TlsConfig,
+    config: Files,
     current: RwLock<Arc<ServerConfig>>,
     stamps: Mutex<Vec<Option<Stamp>>>,
 }
@@ -42,20 +68,44 @@ fn stamp(path: &Path) -> Option<Stamp> {
 }
 
 impl Reloader {
-    /// Loads the files once; failure is a start-up error.
+    /// The public listener's (`tls`). Loads the files once; failure is a start-up error.
     pub fn new(config: &TlsConfig) -> Result<Reloader, String> {
-        let stamps = stamps(config);
-        let server = load(config)?;
+        Reloader::with_files(Files {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            client_ca: config.client_ca.clone(),
+            interval: config.reload_interval.0,
+            section: "tls",
+            ca_key: "client_ca",
+        })
+    }
+
+    /// The peer channel's (`cluster.tls`): a client certificate that chains to `ca` is
+    /// required. Loads the files once; failure is a start-up error.
+    pub fn peers(config: &ClusterTlsConfig) -> Result<Reloader, String> {
+        Reloader::with_files(Files {
+            cert: config.cert.clone(),
+            key: config.key.clone(),
+            client_ca: Some(config.ca.clone()),
+            interval: PEER_RELOAD_INTERVAL,
+            section: "cluster.tls",
+            ca_key: "ca",
+        })
+    }
+
+    fn with_files(config: Files) -> Result<Reloader, String> {
+        let stamps = stamps(&config);
+        let server = load(&config)?;
         Ok(Reloader {
-            config: config.clone(),
+            config,
             current: RwLock::new(Arc::new(server)),
             stamps: Mutex::new(stamps),
         })
     }
 
     /// How often the files are checked for changes.
-    pub fn interval(&self) -> std::time::Duration {
-        self.config.reload_interval.0
+    pub fn interval(&self) -> Duration {
+        self.config.interval
     }
 
     /// The configuration new handshakes use.
@@ -87,55 +137,64 @@ impl Reloader {
                     .stamps
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
-                tracing::info!(cert = %self.config.cert.display(), "TLS certificate reloaded");
+                tracing::info!(section = self.config.section, cert = %self.config.cert.display(), "TLS certificate reloaded");
                 true
             }
             Err(error) => {
                 // The stamps stay old, so the next check tries again (the other file of a
                 // pair may still be on its way).
-                tracing::warn!(%error, "TLS files changed but cannot be loaded; keeping the current certificate");
+                tracing::warn!(section = self.config.section, %error, "TLS files changed but cannot be loaded; keeping the current certificate");
                 false
             }
         }
     }
 }
 
-fn stamps(config: &TlsConfig) -> Vec<Option<Stamp>> {
+fn stamps(config: &Files) -> Vec<Option<Stamp>> {
     let mut files: Vec<&PathBuf> = vec![&config.cert, &config.key];
     files.extend(config.client_ca.as_ref());
     files.into_iter().map(|p| stamp(p)).collect()
 }
 
 /// Builds the rustls configuration from the files: HTTP/2 and HTTP/1.1 by ALPN, client
-/// certificates required when `client_ca` is set.
-pub fn load(config: &TlsConfig) -> Result<ServerConfig, String> {
-    let certs = read_certs(&config.cert).map_err(|e| format!("tls.cert: {e}"))?;
+/// certificates required when a client CA is set.
+fn load(config: &Files) -> Result<ServerConfig, String> {
+    let certs = read_certs(&config.cert).map_err(|e| format!("{}: {e}", config.name("cert")))?;
     let key_bytes = std::fs::read(&config.key)
-        .map_err(|e| format!("tls.key: {}: {e}", config.key.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes)
-        .map_err(|_| format!("tls.key: {}: no PEM private key", config.key.display()))?;
+        .map_err(|e| format!("{}: {}: {e}", config.name("key"), config.key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|_| {
+        format!(
+            "{}: {}: no PEM private key",
+            config.name("key"),
+            config.key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls: {e}"))?;
+        .map_err(|e| format!("{}: {e}", config.section))?;
     let builder = match &config.client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
+            let key = config.name(config.ca_key);
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(path).map_err(|e| format!("tls.client_ca: {e}"))? {
+            for cert in read_certs(path).map_err(|e| format!("{key}: {e}"))? {
                 roots
                     .add(cert)
-                    .map_err(|e| format!("tls.client_ca: {}: {e}", path.display()))?;
+                    .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
             }
+            // Anonymous clients are refused at the handshake (the builder's default).
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("tls.client_ca: {}: {e}", path.display()))?;
+                .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut server = builder.with_single_cert(certs, key).map_err(|e| {
         format!(
-            "tls.cert and tls.key: {} and {}: {e}",
+            "{} and {}: {} and {}: {e}",
+            config.name("cert"),
+            config.name("key"),
             config.cert.display(),
             config.key.display()
         )

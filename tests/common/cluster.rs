@@ -42,7 +42,20 @@ impl Replica {
         refresh: &str,
     ) -> Replica {
         let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        Replica::start_with(upstream, s3, &peers, peer_port, refresh, "").await
+        Replica::start_with(upstream, s3, &peers, peer_port, refresh, "", "").await
+    }
+
+    /// [`Replica::start`] with more keys in the `cluster` section (a YAML flow mapping's
+    /// entries, e.g. `tls: {...}`).
+    pub async fn start_clustered(
+        upstream: &str,
+        s3: &str,
+        peers: &[u16],
+        peer_port: u16,
+        cluster: &str,
+    ) -> Replica {
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Replica::start_with(upstream, s3, &peers, peer_port, "500ms", cluster, "").await
     }
 
     /// [`Replica::start`] with the peer list as written (`host:port`), e.g. to name a replica
@@ -54,7 +67,7 @@ impl Replica {
         peer_port: u16,
         extra: &str,
     ) -> Replica {
-        Replica::start_with(upstream, s3, peers, peer_port, "500ms", extra).await
+        Replica::start_with(upstream, s3, peers, peer_port, "500ms", "", extra).await
     }
 
     async fn start_with(
@@ -63,8 +76,14 @@ impl Replica {
         peers: &[String],
         peer_port: u16,
         refresh: &str,
+        cluster: &str,
         extra: &str,
     ) -> Replica {
+        let cluster = if cluster.is_empty() {
+            String::new()
+        } else {
+            format!(", {cluster}")
+        };
         // `extra` may set its own `cache:` section.
         let cache = if extra.contains("cache:") {
             ""
@@ -76,7 +95,7 @@ impl Replica {
              storage: {{ root: @ROOT@, s3: {s3} }}\n\
              {cache}default_upstream: docker.io\n\
              upstreams:\n  docker.io: {{ url: \"{upstream}\" }}\n\
-             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: {refresh} }}\n\
+             cluster: {{ peers: [{}], listen: \"127.0.0.1:{peer_port}\", secret: \"{SECRET}\", refresh: {refresh}{cluster} }}\n\
              log: {{ level: debug, format: text }}\n{extra}",
             peers.join(", ")
         );

@@ -83,6 +83,16 @@ impl Ca {
         )
     }
 
+    /// A replica's peer-channel certificate, used both ways: server and client authentication,
+    /// for 127.0.0.1 and localhost, `<name>.crt`/`<name>.key`.
+    pub fn peer(&self, name: &str) -> Issued {
+        self.issue(
+            name,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+            "crt",
+        )
+    }
+
     /// A client certificate, `<name>.cert`/`<name>.key` (Docker's certs.d naming).
     pub fn client(&self, name: &str) -> Issued {
         self.issue(name, "extendedKeyUsage=clientAuth\n", "cert")
