@@ -14,7 +14,6 @@
 //! runs this target without `--bench`: it then only checks its arguments and exits.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeMap;

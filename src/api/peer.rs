@@ -115,7 +115,7 @@ async fn answer(state: &PeerState, parts: &axum::http::request::Parts) -> Respon
         };
         match app.cache.peer_manifest(&upstream, &repo, &reference).await {
             Ok((manifest, outcome)) => {
-                manifest_response(app, &upstream, &repo, &reference, manifest, outcome)
+                manifest_response(app, &upstream, &repo, &reference, manifest, outcome).await
             }
             Err(err) => return relay(err),
         }
@@ -141,7 +141,7 @@ fn relay(err: crate::cache::Error) -> Response {
     response
 }
 
-fn manifest_response(
+async fn manifest_response(
     app: &AppState,
     upstream: &Arc<crate::upstream::Upstream>,
     repo: &RepoName,
@@ -160,7 +160,7 @@ fn manifest_response(
         .header("x-regmirror-cache", outcome.as_str());
     if let Reference::Tag(tag) = reference {
         // When the upstream last confirmed the tag: a stale answer stays stale on the peer.
-        if let Some(confirmed) = app.cache.tag_confirmed(upstream, repo, tag.as_str()) {
+        if let Some(confirmed) = app.cache.tag_confirmed(upstream, repo, tag.as_str()).await {
             builder = builder.header(crate::cache::CONFIRMED_HEADER, confirmed);
         }
     }

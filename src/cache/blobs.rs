@@ -16,8 +16,83 @@ use super::chain::{Answer, Link};
 use super::flight::{FlightReader, Joined, Source};
 use super::{blob_error, file_stream, passthrough, Cache, Error, Outcome, ReadGuard};
 use crate::oci::{Digest, RepoName};
-use crate::storage;
+use crate::storage::{self, Scope, Store};
 use crate::upstream::{self, Upstream};
+
+/// What the store holds of a blob for one repository.
+enum Held {
+    /// Not stored, or stored damaged (then dropped just now).
+    No,
+    /// Stored whole and linked to the repository: its size, and its file when asked for.
+    Linked(u64, Option<File>),
+    /// Stored whole, but for other repositories as far as this replica's index knows.
+    Unlinked,
+}
+
+/// Looks a blob up in the store, blocking (index, file system): its index entry, its file
+/// (opened when `open`, else only its size read), the repository's link. A file missing or
+/// of another size than its entry is dropped (fetched again) and reads as not held. A file
+/// opened for a client is a pull of the blob's own image if it is one (fetched by digest
+/// alone); a layer's image is touched through its manifest.
+fn look_up(
+    store: &Store,
+    upstream: &str,
+    repo: &str,
+    digest: &Digest,
+    open: bool,
+    now: u64,
+) -> Result<Held, storage::Error> {
+    let Some(entry) = store.stat(digest)? else {
+        return Ok(Held::No);
+    };
+    let (len, file) = if open {
+        // The filesystem backend hands out files, which sendfile needs; the only backend
+        // today, so a store without them is a configuration that cannot be.
+        match store.blobs().file(digest) {
+            None => {
+                return Err(storage::Error::Io(std::io::Error::other(
+                    "store backend without file handles",
+                )))
+            }
+            Some(Ok(file)) => (file.metadata().map(|m| m.len()), Some(file)),
+            Some(Err(err)) => (Err(err), None),
+        }
+    } else {
+        (store.blobs().stat(digest), None)
+    };
+    match len {
+        Ok(len) if len == entry.size => {}
+        Ok(len) => {
+            forget_damaged(store, digest, Some(len), entry.size);
+            return Ok(Held::No);
+        }
+        // Evicted between the look-up and the open (then the entry is already gone), or
+        // deleted behind our back: fetched again.
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            forget_damaged(store, digest, None, entry.size);
+            return Ok(Held::No);
+        }
+        Err(err) => return Err(err.into()),
+    }
+    if !store.index().is_linked(upstream, repo, digest)? {
+        return Ok(Held::Unlinked);
+    }
+    if open {
+        let _ = store
+            .index()
+            .touch_image(digest, now, super::TOUCH_GRANULARITY_MS);
+    }
+    Ok(Held::Linked(entry.size, file))
+}
+
+/// Drops a stored blob whose file is gone or does not have the size it was committed with
+/// (truncated by a disk error, an operator, a bad restore): it is fetched again. Blocking.
+pub(super) fn forget_damaged(store: &Store, digest: &Digest, found: Option<u64>, indexed: u64) {
+    warn!(%digest, indexed, found = ?found, "stored blob damaged or missing, dropping it to fetch it again");
+    if let Err(err) = store.remove(digest) {
+        warn!(%digest, error = %err, "could not drop a damaged blob");
+    }
+}
 
 /// A blob ready to be streamed.
 pub struct Blob {
@@ -97,61 +172,70 @@ impl Cache {
     }
 
     /// The size of a blob we may serve under this repository from the store; `None` if we do
-    /// not hold it whole. A blob held for another repository is checked with this repository's
-    /// upstream (a HEAD, no download) before it is served under its name.
+    /// not hold it whole.
     async fn linked_blob_size(
         &self,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>, Error> {
-        let Some(entry) = self.store.stat(digest)? else {
-            return Ok(None);
-        };
-        match self.store.blobs().stat(digest) {
-            Ok(len) if len == entry.size => {}
-            Ok(len) => {
-                self.forget_damaged(digest, Some(len), entry.size);
-                return Ok(None);
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                self.forget_damaged(digest, None, entry.size);
-                return Ok(None);
-            }
-            Err(err) => return Err(storage::Error::from(err).into()),
-        }
-        if self
-            .store
-            .index()
-            .is_linked(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?
-        {
-            return Ok(Some(entry.size));
-        }
-        let linked_in_bucket = match self.shared.bucket() {
-            Some(bucket) => bucket
-                .is_linked(&upstream.name, repo.as_str(), digest)
-                .await
-                .unwrap_or(false),
-            None => false,
-        };
-        if !linked_in_bucket {
-            upstream.head_blob(repo, digest).await.map_err(blob_error)?;
-        }
-        self.store
-            .index()
-            .link(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?;
-        Ok(Some(entry.size))
+        Ok(self
+            .held_blob(upstream, repo, digest, false)
+            .await?
+            .map(|(size, _)| size))
     }
 
-    /// Drops a stored blob whose file is gone or does not have the size it was committed
-    /// with (truncated by a disk error, an operator, a bad restore): it is fetched again.
-    pub(super) fn forget_damaged(&self, digest: &Digest, found: Option<u64>, indexed: u64) {
-        warn!(%digest, indexed, found = ?found, "stored blob damaged or missing, dropping it to fetch it again");
-        if let Err(err) = self.store.remove(digest) {
-            warn!(%digest, error = %err, "could not drop a damaged blob");
+    /// A blob the store holds whole for this repository: its size, and its open file when
+    /// `open`. A blob held for another repository is checked first: the bucket's link, else
+    /// this repository's upstream (a HEAD, no download), before it is served under this name.
+    async fn held_blob(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        open: bool,
+    ) -> Result<Option<(u64, Option<File>)>, Error> {
+        match self.look_up_blob(upstream, repo, digest, open).await? {
+            Held::No => return Ok(None),
+            Held::Linked(size, file) => return Ok(Some((size, file))),
+            Held::Unlinked => {}
         }
+        if !self
+            .facts
+            .is_linked(&upstream.name, repo.as_str(), digest)
+            .await?
+        {
+            upstream.head_blob(repo, digest).await.map_err(blob_error)?;
+            self.facts
+                .link(
+                    &upstream.name,
+                    repo.as_str(),
+                    vec![digest.clone()],
+                    Scope::Here,
+                )
+                .await?;
+        }
+        match self.look_up_blob(upstream, repo, digest, open).await? {
+            Held::Linked(size, file) => Ok(Some((size, file))),
+            // Evicted meanwhile: fetched again.
+            Held::No | Held::Unlinked => Ok(None),
+        }
+    }
+
+    /// One trip to the blocking pool: see [`look_up`].
+    async fn look_up_blob(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        open: bool,
+    ) -> Result<Held, Error> {
+        let (up, repo, digest) = (upstream.name.clone(), repo.to_string(), digest.clone());
+        let now = self.clock.now();
+        Ok(self
+            .facts
+            .local(move |store| look_up(store, &up, &repo, &digest, open, now))
+            .await?)
     }
 
     /// A blob to stream: from the store, or joined to (or starting) its single download,
@@ -200,41 +284,15 @@ impl Cache {
         // Twice at most: a download that commits between our look-up and our joining is served
         // from the store on the second round.
         for _ in 0..2 {
-            if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
-                // The filesystem backend hands out files, which sendfile needs; the only
-                // backend today, so a store without them is a configuration that cannot be.
-                let Some(opened) = self.store.blobs().file(digest) else {
-                    return Err(Error::Internal("store backend without file handles".into()));
-                };
-                match opened {
-                    Ok(file) => {
-                        let len = file.metadata().map_err(storage::Error::from)?.len();
-                        if len == size {
-                            // A pull of this blob's own image if it is one (fetched by digest
-                            // alone); a layer's image is touched through its manifest.
-                            let _ = self.store.index().touch_image(
-                                digest,
-                                self.clock.now(),
-                                super::TOUCH_GRANULARITY_MS,
-                            );
-                            self.metrics.cache_outcome("blob", Outcome::Hit);
-                            self.metrics.hot_tier_found();
-                            self.shared.hot_tier_hit();
-                            return Ok(Blob {
-                                size,
-                                outcome: Outcome::Hit,
-                                body: BlobBody::Stored(Arc::new(file), self.readers.pin(digest)),
-                            });
-                        }
-                        self.forget_damaged(digest, Some(len), size);
-                    }
-                    // Evicted between the look-up and the open (then the entry is already
-                    // gone), or deleted behind our back: fetch it again.
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                        self.forget_damaged(digest, None, size);
-                    }
-                    Err(err) => return Err(storage::Error::from(err).into()),
-                }
+            if let Some((size, Some(file))) = self.held_blob(upstream, repo, digest, true).await? {
+                self.metrics.cache_outcome("blob", Outcome::Hit);
+                self.metrics.hot_tier_found();
+                self.shared.hot_tier_hit();
+                return Ok(Blob {
+                    size,
+                    outcome: Outcome::Hit,
+                    body: BlobBody::Stored(Arc::new(file), self.readers.pin(digest)),
+                });
             }
             if let (true, Some(ttl), Some(bucket)) =
                 (forward, self.shared.redirect(), self.shared.bucket())

@@ -272,23 +272,22 @@ impl Cache {
         let Some(bucket) = self.shared.bucket() else {
             return;
         };
-        let now = self.clock.now();
-        let state = &self.shared.evict;
-        let roots: Vec<Digest> = self
-            .store
-            .index()
-            .owners(digest)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|root| state.should_touch(root, now))
-            .collect();
-        if roots.is_empty() {
+        let Some(this) = self.me.upgrade() else {
             return;
-        }
-        let bucket = bucket.clone();
-        let pending = state.pending();
+        };
+        let now = self.clock.now();
+        let (bucket, digest) = (bucket.clone(), digest.clone());
+        let pending = self.shared.evict.pending();
         tokio::spawn(async move {
             let _pending = pending;
+            let roots: Vec<Digest> = this
+                .facts
+                .local(move |store| Ok(store.index().owners(&digest)?))
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|root| this.shared.evict.should_touch(root, now))
+                .collect();
             let image = SharedImage { last_pull: now };
             for root in roots {
                 if let Err(error) = bucket.put_image(&root, &image).await {

@@ -147,21 +147,29 @@ impl Cache {
                 return;
             }
             Ok(Fetched::Uncached(total)) => {
-                self.store.blobs().abort(download.tmp_path());
+                self.abort_tmp(download.tmp_path());
                 self.metrics.passthrough();
                 Progress::Done { total }
             }
             Ok(Fetched::PassThrough { valid }) => {
-                self.store.blobs().abort(download.tmp_path());
+                self.abort_tmp(download.tmp_path());
                 Progress::PassThrough { valid }
             }
             Err(err) => {
                 warn!(upstream = %upstream.name, repository = %repo, %digest, error = %err, "blob download failed, nothing cached");
-                self.store.blobs().abort(download.tmp_path());
+                self.abort_tmp(download.tmp_path());
                 Progress::Failed(err)
             }
         };
         download.finish(progress);
+    }
+
+    /// Removes a download's temporary file, on the blocking pool.
+    fn abort_tmp(&self, tmp: &std::path::Path) {
+        let (store, tmp) = (self.store.clone(), tmp.to_owned());
+        drop(tokio::task::spawn_blocking(move || {
+            store.blobs().abort(&tmp)
+        }));
     }
 
     /// Why the store will not take `bytes` more of a blob that will then be `size` bytes
@@ -461,12 +469,21 @@ impl Cache {
             }
             Err(err) => return Err(err.into()),
         }
-        self.store.record(digest, written, None)?;
-        let index = self.store.index();
-        index
-            .link(&upstream.name, repo.as_str(), digest)
-            .and_then(|()| index.own(digest, self.clock.now()))
-            .map_err(storage::Error::from)?;
+        let (up, repository, target, now) = (
+            upstream.name.clone(),
+            repo.to_string(),
+            digest.clone(),
+            self.clock.now(),
+        );
+        self.facts
+            .local(move |store| {
+                store.record(&target, written, None)?;
+                let index = store.index();
+                index.link(&up, &repository, &target)?;
+                index.own(&target, now)?;
+                Ok(())
+            })
+            .await?;
         self.persist().await?;
         debug!(upstream = %upstream.name, repository = %repo, %digest, origin = origin.name(), bytes = written, seconds = started.elapsed().as_secs_f64(), "blob cached");
         if matches!(origin, Origin::Bucket) {

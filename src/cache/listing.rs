@@ -51,10 +51,22 @@ impl Cache {
         digest: &Digest,
         query: &str,
     ) -> Result<(Bytes, Outcome), Error> {
-        let index = &self.store.index();
-        let cached = index
-            .get_referrers(&upstream.name, repo.as_str(), digest, query)
-            .map_err(storage::Error::from)?;
+        let key = (
+            upstream.name.clone(),
+            repo.to_string(),
+            digest.clone(),
+            query.to_owned(),
+        );
+        let cached = {
+            let (up, repository, subject, query) = key.clone();
+            self.facts
+                .local(move |store| {
+                    Ok(store
+                        .index()
+                        .get_referrers(&up, &repository, &subject, &query)?)
+                })
+                .await?
+        };
         if let Some(entry) = &cached {
             let age = self.clock.now().saturating_sub(entry.confirmed);
             if Duration::from_millis(age) < self.policy.tag_ttl {
@@ -63,7 +75,7 @@ impl Cache {
         }
         match upstream.referrers(repo, digest, query).await {
             Ok(body) => {
-                self.keep_referrers(upstream, repo, digest, query, &body)?;
+                self.keep_referrers(key, &body).await?;
                 Ok((body, Outcome::Miss))
             }
             Err(err) if err.is_unavailable() && self.policy.serve_stale && cached.is_some() => {
@@ -74,9 +86,17 @@ impl Cache {
             Err(err) => {
                 if cached.is_some() && err == upstream::Error::NotFound {
                     // The upstream no longer answers for it: neither do we.
-                    index
-                        .remove_referrers(&upstream.name, repo.as_str(), digest, query)
-                        .map_err(storage::Error::from)?;
+                    let (up, repository, subject, query) = key;
+                    self.facts
+                        .local(move |store| {
+                            Ok(store.index().remove_referrers(
+                                &up,
+                                &repository,
+                                &subject,
+                                &query,
+                            )?)
+                        })
+                        .await?;
                 }
                 Err(manifest_error(err))
             }
@@ -85,45 +105,33 @@ impl Cache {
 
     /// Records the upstream's referrers answer, if its subject is in the store and the body is
     /// text (a referrers index is JSON; anything else is passed on but not kept).
-    fn keep_referrers(
+    async fn keep_referrers(
         &self,
-        upstream: &Upstream,
-        repo: &RepoName,
-        digest: &Digest,
-        query: &str,
+        (up, repository, subject, query): (String, String, Digest, String),
         body: &Bytes,
     ) -> Result<(), Error> {
-        if self.store.stat(digest)?.is_none() {
-            return Ok(());
-        }
         let Ok(text) = std::str::from_utf8(body) else {
             return Ok(());
         };
         // Filters are chosen by clients: a few per subject are kept, not one per made-up value.
         const MAX_REFERRERS_QUERIES: usize = 8;
-        let index = &self.store.index();
-        let (name, repository) = (&upstream.name, repo.as_str());
-        if index
-            .get_referrers(name, repository, digest, query)
-            .map_err(storage::Error::from)?
-            .is_none()
-            && index
-                .referrers_queries(name, repository, digest)
-                .map_err(storage::Error::from)?
-                >= MAX_REFERRERS_QUERIES
-        {
-            return Ok(());
-        }
-        self.store
-            .index()
-            .put_referrers(
-                &upstream.name,
-                repo.as_str(),
-                digest,
-                query,
-                text.to_owned(),
-                self.clock.now(),
-            )
-            .map_err(|e| storage::Error::from(e).into())
+        let (text, now) = (text.to_owned(), self.clock.now());
+        self.facts
+            .local(move |store| {
+                if store.stat(&subject)?.is_none() {
+                    return Ok(());
+                }
+                let index = store.index();
+                if index
+                    .get_referrers(&up, &repository, &subject, &query)?
+                    .is_none()
+                    && index.referrers_queries(&up, &repository, &subject)? >= MAX_REFERRERS_QUERIES
+                {
+                    return Ok(());
+                }
+                Ok(index.put_referrers(&up, &repository, &subject, &query, text, now)?)
+            })
+            .await?;
+        Ok(())
     }
 }

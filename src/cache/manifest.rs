@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 
+use super::blobs::forget_damaged;
 use super::chain::{Answer, Link};
 use super::{manifest_error, Cache, Error, Manifest, ManifestKey, Outcome, TOUCH_GRANULARITY_MS};
 use crate::oci::{media_type, Digest, Reference, RepoName};
-use crate::storage;
+use crate::storage::{self, Scope};
 use crate::upstream::{self, Upstream};
 
 impl Cache {
@@ -56,11 +57,21 @@ impl Cache {
         if let Ok((manifest, outcome)) = &result {
             self.metrics.cache_outcome("manifest", *outcome);
             // A pull of every image holding this manifest, for eviction order and `max_age`.
-            let _ = self.store.index().touch_owners(
-                &manifest.digest,
+            let (digest, now, facts) = (
+                manifest.digest.clone(),
                 self.clock.now(),
-                TOUCH_GRANULARITY_MS,
+                self.facts.clone(),
             );
+            // Off the response's path: a pull record that lands a moment later changes nothing.
+            tokio::spawn(async move {
+                let _ = facts
+                    .local(move |store| {
+                        Ok(store
+                            .index()
+                            .touch_owners(&digest, now, TOUCH_GRANULARITY_MS)?)
+                    })
+                    .await;
+            });
             self.touch_shared(&manifest.digest);
         }
         result
@@ -74,10 +85,9 @@ impl Cache {
         forward: bool,
     ) -> Result<(Manifest, Outcome), Error> {
         if self
-            .store
-            .index()
-            .is_linked(&upstream.name, repo.as_str(), digest)
-            .map_err(storage::Error::from)?
+            .facts
+            .is_linked_here(&upstream.name, repo.as_str(), digest)
+            .await?
         {
             if let Some(manifest) = self.stored_manifest(digest).await? {
                 return Ok((manifest, Outcome::Hit));
@@ -267,13 +277,6 @@ impl Cache {
             Err(err) => return Err(err.into()),
         }
         let digest = &manifest.digest;
-        let index = self.store.index();
-        let link = |d: &Digest| {
-            index
-                .link(&upstream.name, repo.as_str(), d)
-                .map_err(storage::Error::from)
-        };
-        link(digest)?;
         // A manifest from this repository vouches for the blobs it names as its content, so
         // those already in the store (shared base layers) are served without asking the
         // upstream again. Its `subject` vouches for nothing: registries accept any digest there.
@@ -281,22 +284,26 @@ impl Cache {
             .into_iter()
             .map(|(referenced, _)| referenced)
             .collect();
-        for referenced in &children {
-            link(referenced)?;
-        }
-        index
-            .set_children(digest, &children)
-            .map_err(storage::Error::from)?;
-        let mut roots = index.owners(digest).map_err(storage::Error::from)?;
-        if roots.is_empty() || (tagged && !roots.contains(digest)) {
-            roots.push(digest.clone());
-        }
-        let now = self.clock.now();
-        for root in &roots {
-            index
-                .add_member(root, digest, now)
-                .map_err(storage::Error::from)?;
-        }
+        let mut links = children.clone();
+        links.push(digest.clone());
+        self.facts
+            .link(&upstream.name, repo.as_str(), links, Scope::Here)
+            .await?;
+        let (member, now) = (digest.clone(), self.clock.now());
+        self.facts
+            .local(move |store| {
+                let index = store.index();
+                index.set_children(&member, &children)?;
+                let mut roots = index.owners(&member)?;
+                if roots.is_empty() || (tagged && !roots.contains(&member)) {
+                    roots.push(member.clone());
+                }
+                for root in &roots {
+                    index.add_member(root, &member, now)?;
+                }
+                Ok(())
+            })
+            .await?;
         self.manifests.insert(&manifest);
         self.evictor.committed();
         debug!(upstream = %upstream.name, repository = %repo, %digest, "manifest cached");
@@ -306,7 +313,8 @@ impl Cache {
     /// A manifest from the store, if we hold it with its media type: from memory when it is
     /// there, else read and hashed on the blocking pool.
     pub(super) async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, Error> {
-        let Some(entry) = self.store.stat(digest)? else {
+        let wanted = digest.clone();
+        let Some(entry) = self.facts.local(move |store| store.stat(&wanted)).await? else {
             return Ok(None);
         };
         let Some(media_type) = entry.media_type else {
@@ -315,36 +323,32 @@ impl Cache {
         if let Some(manifest) = self.manifests.get(digest) {
             return Ok(Some(manifest));
         }
-        let (store, wanted) = (self.store.clone(), digest.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            store
-                .blobs()
-                .read(&wanted)
-                .map(|bytes| (Digest::sha256_of(&bytes) == wanted, bytes))
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
-        match read {
-            // Small enough to hash on every read: a damaged file is dropped and fetched again,
-            // never served under the digest it no longer has.
-            Ok((false, bytes)) => {
-                self.forget_damaged(digest, Some(bytes.len() as u64), entry.size);
-                Ok(None)
-            }
-            Ok((true, bytes)) => {
-                let manifest = Manifest {
-                    bytes: bytes.into(),
-                    digest: digest.clone(),
-                    media_type,
-                };
-                self.manifests.insert(&manifest);
-                Ok(Some(manifest))
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                self.forget_damaged(digest, None, entry.size);
-                Ok(None)
-            }
-            Err(err) => Err(storage::Error::from(err).into()),
-        }
+        let (wanted, size) = (digest.clone(), entry.size);
+        let read = self
+            .facts
+            .local(move |store| match store.blobs().read(&wanted) {
+                Ok(bytes) if Digest::sha256_of(&bytes) == wanted => Ok(Some(bytes)),
+                // Small enough to hash on every read: a damaged file is dropped and fetched
+                // again, never served under the digest it no longer has.
+                Ok(bytes) => {
+                    forget_damaged(store, &wanted, Some(bytes.len() as u64), size);
+                    Ok(None)
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    forget_damaged(store, &wanted, None, size);
+                    Ok(None)
+                }
+                Err(err) => Err(err.into()),
+            })
+            .await?;
+        Ok(read.map(|bytes| {
+            let manifest = Manifest {
+                bytes: bytes.into(),
+                digest: digest.clone(),
+                media_type,
+            };
+            self.manifests.insert(&manifest);
+            manifest
+        }))
     }
 }

@@ -151,6 +151,8 @@ pub struct Cache {
     /// This cache, for work spawned from a `&self` method (write-through to the bucket).
     me: std::sync::Weak<Cache>,
     store: Arc<Store>,
+    /// Links, tags and image membership: the local index in front of the bucket's records.
+    facts: storage::Facts,
     upstreams: Arc<Upstreams>,
     policy: Policy,
     metrics: Arc<Metrics>,
@@ -229,9 +231,11 @@ impl Cache {
         };
         let (fetch_slots, manifest_slots) = (slots(), slots());
         let not_found = negative::NotFound::new(policy.negative_ttl);
+        let facts = storage::Facts::new(store.clone(), shared.bucket().cloned());
         Arc::new_cyclic(|me| Cache {
             me: me.clone(),
             store,
+            facts,
             upstreams,
             policy,
             metrics,
@@ -292,8 +296,13 @@ impl Cache {
     }
 
     /// When the upstream last confirmed a tag we hold (unix ms), for a peer asking its owner.
-    pub fn tag_confirmed(&self, upstream: &Upstream, repo: &RepoName, tag: &str) -> Option<u64> {
-        let entry = self.cached_tag(upstream, repo, tag).ok()??;
+    pub async fn tag_confirmed(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        tag: &str,
+    ) -> Option<u64> {
+        let entry = self.cached_tag(upstream, repo, tag).await.ok()??;
         Some(entry.confirmed)
     }
 

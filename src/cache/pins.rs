@@ -17,6 +17,7 @@ use super::{Cache, Error, Manifest};
 use crate::config::Pin;
 use crate::oci::{media_type, Digest, Reference, RepoName};
 use crate::outcome::Outcome;
+use crate::storage::Store;
 use crate::upstream::Upstream;
 
 /// What pins hold now: `upstream/repository:tag` → root digest.
@@ -76,7 +77,12 @@ impl Cache {
                 }
             }
         }
-        self.stored_sizes(pass.pinned.values(), &mut sizes);
+        let roots: Vec<Digest> = pass.pinned.values().cloned().collect();
+        sizes = self
+            .facts
+            .local(move |store| Ok(stored_sizes(store, &roots, sizes)))
+            .await
+            .unwrap_or_default();
         pass.bytes = sizes
             .values()
             .fold(0u64, |sum, size| sum.saturating_add(*size));
@@ -159,25 +165,26 @@ impl Cache {
         }
         Ok(root.digest)
     }
+}
 
-    /// Adds the stored sizes of what the images rooted at `roots` hold (pins kept from an
-    /// earlier pass were not fetched in this one).
-    fn stored_sizes<'a>(
-        &self,
-        roots: impl Iterator<Item = &'a Digest>,
-        sizes: &mut HashMap<Digest, u64>,
-    ) {
-        let index = self.store.index();
-        for root in roots {
-            for member in index.members(root).unwrap_or_default() {
-                if let std::collections::hash_map::Entry::Vacant(slot) = sizes.entry(member) {
-                    if let Ok(Some(entry)) = index.get_blob(slot.key()) {
-                        slot.insert(entry.size);
-                    }
+/// Adds the stored sizes of what the images rooted at `roots` hold (pins kept from an earlier
+/// pass were not fetched in this one). Blocking.
+fn stored_sizes(
+    store: &Store,
+    roots: &[Digest],
+    mut sizes: HashMap<Digest, u64>,
+) -> HashMap<Digest, u64> {
+    let index = store.index();
+    for root in roots {
+        for member in index.members(root).unwrap_or_default() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = sizes.entry(member) {
+                if let Ok(Some(entry)) = index.get_blob(slot.key()) {
+                    slot.insert(entry.size);
                 }
             }
         }
     }
+    sizes
 }
 
 /// Runs pin passes at start-up and every `every` until `shutdown`. When the first pass finds

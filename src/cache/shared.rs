@@ -24,6 +24,7 @@ use crate::cluster::{Cluster, Member, Owner, PeerError};
 use crate::oci::media_type::is_valid_header_value;
 use crate::oci::{Digest, RepoName};
 use crate::storage::s3::Bucket;
+use crate::storage::Scope;
 use crate::upstream::{self, Upstream};
 
 pub const HOT_TIER: &str = "regmirror_hot_tier_total";
@@ -330,24 +331,20 @@ impl Cache {
                 return Answer::Unavailable(err.into());
             }
         };
-        let index = self.store.index();
-        if index
-            .is_linked(&upstream.name, repo.as_str(), digest)
-            .unwrap_or(false)
-        {
-            return Answer::Found(size);
-        }
-        if bucket
+        if self
+            .facts
             .is_linked(&upstream.name, repo.as_str(), digest)
             .await
             .unwrap_or(false)
         {
-            let _ = index.link(&upstream.name, repo.as_str(), digest);
             return Answer::Found(size);
         }
         if upstream.head_blob(repo, digest).await.is_ok() {
-            let _ = index.link(&upstream.name, repo.as_str(), digest);
-            let _ = bucket.put_link(&upstream.name, repo.as_str(), digest).await;
+            let link = vec![digest.clone()];
+            let _ = self
+                .facts
+                .link(&upstream.name, repo.as_str(), link, Scope::Shared)
+                .await;
             return Answer::Found(size);
         }
         // Held, but not for this repository as far as anyone can show: not this source's.
@@ -368,21 +365,30 @@ impl Cache {
         else {
             return;
         };
-        let held: Vec<(Digest, Option<String>)> =
-            crate::oci::media_type::referenced_digests(&manifest.bytes)
-                .into_iter()
-                .filter_map(|(child, _)| {
-                    let entry = self.store.stat(&child).ok()??;
-                    Some((child, entry.media_type))
-                })
-                .collect();
-        if held.is_empty() {
+        let children: Vec<Digest> = crate::oci::media_type::referenced_digests(&manifest.bytes)
+            .into_iter()
+            .map(|(child, _)| child)
+            .collect();
+        if children.is_empty() {
             return;
         }
         let (upstream, repo) = (upstream.clone(), repo.clone());
         let pending = self.shared.evict.pending();
         tokio::spawn(async move {
             let _pending = pending;
+            let held: Vec<(Digest, Option<String>)> = this
+                .facts
+                .local(move |store| {
+                    Ok(children
+                        .into_iter()
+                        .filter_map(|child| {
+                            let entry = store.stat(&child).ok()??;
+                            Some((child, entry.media_type))
+                        })
+                        .collect())
+                })
+                .await
+                .unwrap_or_default();
             for (digest, media_type) in held {
                 match media_type {
                     Some(media_type) => {
@@ -465,8 +471,16 @@ impl Cache {
             return;
         };
         let digest = &source.digest;
-        let file = match self.store.blobs().file(digest) {
-            Some(Ok(file)) => Arc::new(file),
+        let wanted = digest.clone();
+        let opened = self
+            .facts
+            .local(move |store| match store.blobs().file(&wanted) {
+                Some(Ok(file)) => Ok(Some(file)),
+                _ => Ok(None),
+            })
+            .await;
+        let file = match opened {
+            Ok(Some(file)) => Arc::new(file),
             // Evicted from the hot tier already: nothing to upload from.
             _ => return,
         };
@@ -524,14 +538,10 @@ impl Cache {
             }
         };
         let linked = self
-            .store
-            .index()
+            .facts
             .is_linked(&upstream.name, repo.as_str(), digest)
-            .unwrap_or(false)
-            || bucket
-                .is_linked(&upstream.name, repo.as_str(), digest)
-                .await
-                .unwrap_or(false);
+            .await
+            .unwrap_or(false);
         if !linked {
             return Answer::Absent;
         }
@@ -640,7 +650,10 @@ impl Cache {
         let now = self.clock.now();
         let confirmed = confirmed.unwrap_or(0).min(now);
         if expected.is_none() {
-            if let Err(err) = self.put_tag(upstream, repo, reference, &manifest.digest, confirmed) {
+            if let Err(err) = self
+                .put_tag(upstream, repo, reference, &manifest.digest, confirmed)
+                .await
+            {
                 return Answer::Unavailable(err);
             }
         }
@@ -692,6 +705,7 @@ impl Cache {
                         };
                         if self
                             .put_tag(upstream, repo, tag, &kept.digest, entry.confirmed)
+                            .await
                             .is_err()
                         {
                             return Ok(None);

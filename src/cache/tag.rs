@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{manifest_error, Cache, Error, Manifest, Outcome};
 use crate::oci::{Digest, RepoName};
-use crate::storage;
+use crate::storage::{self, Scope};
 use crate::upstream::{self, Upstream};
 
 impl Cache {
@@ -20,7 +20,7 @@ impl Cache {
         tag: &str,
         forward: bool,
     ) -> Result<(Manifest, Outcome), Error> {
-        let cached = self.cached_tag(upstream, repo, tag)?;
+        let cached = self.cached_tag(upstream, repo, tag).await?;
         if let Some(entry) = &cached {
             let age = self.clock.now().saturating_sub(entry.confirmed);
             if Duration::from_millis(age) < self.policy.tag_ttl {
@@ -69,7 +69,7 @@ impl Cache {
         let Error::Upstream(err) = answer else {
             return Err(answer);
         };
-        let held = match self.cached_tag(upstream, repo, tag)? {
+        let held = match self.cached_tag(upstream, repo, tag).await? {
             Some(entry) => self.stored_manifest(&entry.digest).await?,
             None => None,
         };
@@ -88,7 +88,7 @@ impl Cache {
         repo: &RepoName,
         tag: &str,
     ) -> Result<(Manifest, Outcome), Error> {
-        let cached = self.cached_tag(upstream, repo, tag)?;
+        let cached = self.cached_tag(upstream, repo, tag).await?;
         let held = match &cached {
             Some(entry) => self.stored_manifest(&entry.digest).await?,
             None => None,
@@ -223,16 +223,13 @@ impl Cache {
         Ok((held, Outcome::Stale))
     }
 
-    pub(super) fn cached_tag(
+    pub(super) async fn cached_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
         tag: &str,
     ) -> Result<Option<storage::TagEntry>, Error> {
-        self.store
-            .index()
-            .get_tag(&upstream.name, repo.as_str(), tag)
-            .map_err(|e| storage::Error::from(e).into())
+        Ok(self.facts.tag(&upstream.name, repo.as_str(), tag).await?)
     }
 
     /// Points a tag at a digest, confirmed by the upstream at `confirmed` (unix ms), here and,
@@ -246,24 +243,26 @@ impl Cache {
         confirmed: u64,
         share: bool,
     ) -> Result<(), Error> {
-        self.put_tag(upstream, repo, tag, digest, confirmed)?;
-        if let (true, Some(bucket)) = (share, self.shared.bucket()) {
-            let entry = storage::s3::SharedTag {
-                digest: digest.clone(),
+        let scope = if share { Scope::Shared } else { Scope::Here };
+        self.facts
+            .put_tag(
+                &upstream.name,
+                repo.as_str(),
+                tag,
+                digest,
                 confirmed,
-            };
-            if let Err(err) = bucket
-                .put_tag(&upstream.name, repo.as_str(), tag, &entry)
-                .await
-            {
-                warn!(upstream = %upstream.name, repository = %repo, tag, error = %err, "could not record the tag in the bucket");
-            }
+                self.clock.now(),
+                scope,
+            )
+            .await?;
+        if share {
             self.share_tag_ref(&upstream.name, repo.as_str(), tag, digest);
         }
         Ok(())
     }
 
-    pub(super) fn put_tag(
+    /// Points a tag at a digest on this replica only (what the bucket or the owner said).
+    pub(super) async fn put_tag(
         &self,
         upstream: &Upstream,
         repo: &RepoName,
@@ -271,11 +270,17 @@ impl Cache {
         digest: &Digest,
         confirmed: u64,
     ) -> Result<(), Error> {
-        let index = self.store.index();
-        // A tag always names an image: what it names is evicted as one.
-        index
-            .add_member(digest, digest, self.clock.now())
-            .and_then(|()| index.put_tag(&upstream.name, repo.as_str(), tag, digest, confirmed))
-            .map_err(|e| storage::Error::from(e).into())
+        self.facts
+            .put_tag(
+                &upstream.name,
+                repo.as_str(),
+                tag,
+                digest,
+                confirmed,
+                self.clock.now(),
+                Scope::Here,
+            )
+            .await?;
+        Ok(())
     }
 }

@@ -15,6 +15,7 @@
 //! never waits for hashing a large store.
 
 mod blobs;
+mod facts;
 mod index;
 pub mod s3;
 pub mod scrub;
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use blobs::{BlobStore, Blobs};
+pub use facts::{Facts, Scope};
 pub use index::{
     blob_entry, BlobEntry, ImageEntry, Index, IndexError, TagEntry, DEFAULT_CACHE_BYTES, FORMAT,
 };
