@@ -1,5 +1,8 @@
-//! Issue 12 item 5: the shared bucket stays within `storage.max_size` and `cache.max_age`, by
-//! image, with each replica removing only the images it owns, and pins holding cluster-wide.
+//! The shared bucket's records and bounds. Issue 12 item 5: the bucket stays within
+//! `storage.max_size` and `cache.max_age`, by image, with each replica removing only the images
+//! it owns, and pins holding cluster-wide. Issue 18: eviction marks before it deletes, passes
+//! reuse what they learned across restarts, and a replica's index is a cache in front of the
+//! bucket's records.
 //!
 //! Real programs: Garage (the bucket), distribution (the upstream), skopeo (the client). The
 //! replicas run in-process through the production server path, so a test drives one pass at a
@@ -764,5 +767,50 @@ async fn a_restarted_replica_reads_no_manifest_again_to_know_what_images_hold() 
         restarted.s3_requests("get_manifest"),
         0,
         "the restarted replica knows what every manifest names"
+    );
+}
+
+/// Issue 18 item 1: a replica's index is a cache in front of the bucket's records. A blob
+/// another replica fetched is vouched for by the bucket's link the first time this replica
+/// is asked for it under that repository, and by its own index after that: the second `HEAD`
+/// asks the bucket for no link, and the upstream is asked nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_read_from_the_bucket_is_remembered_by_the_replica() {
+    let garage = Garage::single().await;
+    let dist = Distribution::start().await;
+    let pusher = Pusher::new(&dist.url());
+    let image = pusher
+        .push_image("library/b", "v1", &ImageSpec::new(&[2048, 4096]).seed(5))
+        .await;
+    let storage = "max_size: 1GiB";
+    let first = replica(&dist.url(), &garage, storage, "").await;
+    first.pull("library/b").await.assert_success();
+    let before = dist.requests().await.len();
+
+    let second = replica(&dist.url(), &garage, storage, "").await;
+    let client = reqwest::Client::new();
+    let (layer, size) = (&image.layer_digests[1], image.layer_sizes[1].to_string());
+    let head = || async {
+        let url = format!("{}/v2/library/b/blobs/{layer}", second.url);
+        let response = client.head(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(response.headers()["content-length"], size.as_str());
+    };
+    head().await;
+    assert_eq!(
+        second.s3_requests("head_link"),
+        1,
+        "the first HEAD reads the bucket's link"
+    );
+    head().await;
+    assert_eq!(
+        second.s3_requests("head_link"),
+        1,
+        "the second is vouched for by the replica's own index"
+    );
+    assert_eq!(
+        dist.requests().await.len(),
+        before,
+        "the upstream was asked nothing"
     );
 }
