@@ -6,9 +6,9 @@
 //! A single-node Garage is filled with `--images` images of one manifest, `--layers` blobs
 //! and a pull record each (100,000 objects by default), written straight to the bucket. The
 //! replica runs in-process through `regmirror::state`, bounded far above what the bucket
-//! holds, so each pass lists, learns and decides, and cuts nothing. Peak memory is the
-//! process's high-water mark (`VmHWM`, reset through `/proc/self/clear_refs` before each
-//! pass) above its resident size before the pass.
+//! holds, so each pass lists, learns and decides, and cuts nothing. Peak memory is the most
+//! heap the process held during the pass above what it held when the pass began, counted by
+//! this binary's allocator (resident size would hide memory freed earlier and reused).
 //!
 //! `cargo bench --bench bucket_pass [-- --images N --layers L]`. `cargo test --all-targets`
 //! runs this target without `--bench`: it then only checks its arguments and exits.
@@ -16,7 +16,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +29,31 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use regmirror::oci::Digest;
 use regmirror::storage::s3::S3_REQUESTS;
+
+/// The system allocator, counting the bytes held and the most held since the last reset.
+struct Counting;
+
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let held = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(held, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 struct Options {
     images: usize,
@@ -65,18 +92,6 @@ fn parse(args: &[String]) -> Options {
     o
 }
 
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// S3 requests by operation, from the replica's own counters.
 fn requests(state: &regmirror::AppState) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
@@ -107,8 +122,8 @@ fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> Strin
 
 async fn pass(label: &str, state: &regmirror::AppState) {
     let before = requests(state);
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let rss = status_kib("VmRSS:");
+    let held = HELD.load(Ordering::Relaxed);
+    PEAK.store(held, Ordering::Relaxed);
     let started = Instant::now();
     let done = state
         .cache
@@ -116,13 +131,13 @@ async fn pass(label: &str, state: &regmirror::AppState) {
         .await
         .expect("the pass completes");
     let took = started.elapsed();
-    let peak = status_kib("VmHWM:").saturating_sub(rss);
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(held);
     let after = requests(state);
     let total: u64 = after.values().sum::<u64>() - before.values().sum::<u64>();
     println!(
         "| {label} | {:.2} s | {:.1} MiB | {total} ({}) | {} KiB listed, {} cut |",
         took.as_secs_f64(),
-        peak as f64 / 1024.0,
+        peak as f64 / (1024.0 * 1024.0),
         delta(&after, &before),
         done.total >> 10,
         done.cut,

@@ -471,34 +471,37 @@ impl Cache {
                 roots.insert(digest.clone());
             }
         }
-        let mut units: Vec<Unit> = Vec::new();
-        let mut held: HashSet<Digest> = HashSet::new();
-        for root in roots {
-            let members = closure(&root, &children, &sizes);
-            held.extend(members.iter().cloned());
-            let last_pull = images
-                .get(&root)
-                .copied()
-                .unwrap_or_else(|| sizes.get(&root).map_or(0, |(_, modified, _)| *modified));
-            units.push(Unit {
-                pinned: pinned.contains(&root),
-                root,
-                last_pull,
-                members,
-            });
-        }
+        let mut units: Vec<Unit> = roots
+            .into_iter()
+            .map(|root| {
+                let last_pull = images
+                    .get(&root)
+                    .copied()
+                    .unwrap_or_else(|| sizes.get(&root).map_or(0, |(_, modified, _)| *modified));
+                Unit {
+                    pinned: pinned.contains(&root),
+                    members: closure(&root, &children, &sizes),
+                    root,
+                    last_pull,
+                }
+            })
+            .collect();
         // Content no image names (fetched by digest alone, or left by a crash) is a unit of
         // its own, dated by its upload.
-        for (digest, (_, modified, _)) in &sizes {
-            if !held.contains(digest) {
-                units.push(Unit {
+        let strays: Vec<Unit> = {
+            let held: HashSet<&Digest> = units.iter().flat_map(|u| u.members.iter()).collect();
+            sizes
+                .iter()
+                .filter(|(digest, _)| !held.contains(digest))
+                .map(|(digest, (_, modified, _))| Unit {
                     root: digest.clone(),
                     last_pull: *modified,
                     members: vec![digest.clone()],
                     pinned: false,
-                });
-            }
-        }
+                })
+                .collect()
+        };
+        units.extend(strays);
         units.sort_by(|a, b| (a.last_pull, &a.root).cmp(&(b.last_pull, &b.root)));
 
         // The global decision: the same on every replica that listed the same bucket.
