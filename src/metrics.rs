@@ -366,7 +366,7 @@ impl Metrics {
 
     pub fn register_upstream(&self, upstream: &str) {
         self.upstream_bytes.with_label_values(&[upstream]);
-        for reason in ["rate_limited", "not_found"] {
+        for reason in ["rate_limited", "not_found", "answered"] {
             self.upstream_spared.with_label_values(&[upstream, reason]);
         }
         for result in ["ok", "error"] {

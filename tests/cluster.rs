@@ -440,6 +440,49 @@ async fn only_a_tags_owner_revalidates_it_and_a_stale_answer_stays_stale() {
 /// Upstream etiquette across the fleet (issue 18): what the owner's upstream answered (a 404,
 /// a 429 with its Retry-After) is final for every replica, never a reason for each to ask the
 /// upstream itself. 9 clients over 3 replicas: one upstream request each time.
+/// Issue 18 item 1: a blob `HEAD` walks the same chain as a `GET` (store, bucket, owner,
+/// upstream): 9 concurrent `HEAD`s of a cold blob over 3 replicas make one upstream `HEAD`, and
+/// so do 9 of a blob the upstream lacks (its 404 is the owner's final answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_head_is_asked_of_the_upstream_once_for_the_fleet() {
+    let garage = Garage::single().await;
+    let upstream = fake::Fake::start().await;
+    let image = upstream.put_image("team/app", "v1", &[300_000], 12);
+    let replicas = cluster(3, &upstream.url(), &garage, "").await;
+    let (layer, bytes) = image.layers[0].clone();
+    let missing = ::regmirror::oci::Digest::sha256_of(b"nobody has this");
+    for (digest, status) in [(layer.to_string(), 200), (missing.to_string(), 404)] {
+        let heads = (0..9).map(|i| {
+            let url = format!(
+                "{}/v2/team/app/blobs/{digest}",
+                replicas[i % 3].mirror.url()
+            );
+            async move {
+                let r = http().head(url).send().await.unwrap();
+                let length = r
+                    .headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+                (r.status().as_u16(), length)
+            }
+        });
+        for (got, length) in futures_util::future::join_all(heads).await {
+            assert_eq!(got, status, "{digest}");
+            if status == 200 {
+                assert_eq!(length, Some(bytes.len()));
+            }
+        }
+        assert_eq!(
+            upstream.counters.count("HEAD", &digest),
+            1,
+            "one upstream HEAD for the fleet: {:#?}",
+            upstream.counters.requests.lock().unwrap()
+        );
+        assert_eq!(upstream.counters.count("GET", &digest), 0);
+    }
+    drop(garage);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_owners_404_and_429_are_final_for_every_replica() {
     let garage = Garage::single().await;

@@ -77,7 +77,7 @@ async fn answer(state: &PeerState, parts: &axum::http::request::Parts) -> Respon
         return ([(crate::cluster::INSTANCE_HEADER, id.clone())], id).into_response();
     }
     let (kind, reference) = match rest.split_once('/') {
-        Some((kind @ ("blobs" | "manifests"), reference)) => (kind, reference),
+        Some((kind @ ("blobs" | "sizes" | "manifests"), reference)) => (kind, reference),
         _ => return refuse(ErrorCode::UnknownEndpoint, "not a peer request"),
     };
     let query = parts.uri.query().unwrap_or_default();
@@ -100,7 +100,17 @@ async fn answer(state: &PeerState, parts: &axum::http::request::Parts) -> Respon
         return refuse(ErrorCode::NameInvalid, "invalid repository name");
     };
     let app = &state.app;
-    let answer = if kind == "blobs" {
+    let answer = if kind == "sizes" {
+        // A blob's size, for a replica answering a HEAD: the owner's flight of HEADs (or its
+        // store, or the bucket) answers it, and its upstream's errors are final.
+        let Ok(digest) = reference.parse::<Digest>() else {
+            return refuse(ErrorCode::DigestInvalid, "invalid digest");
+        };
+        return match app.cache.peer_blob_size(&upstream, &repo, &digest).await {
+            Ok((size, _)) => ([(crate::cache::SIZE_HEADER, size.to_string())], ()).into_response(),
+            Err(err) => relay(err),
+        };
+    } else if kind == "blobs" {
         let Ok(digest) = reference.parse::<Digest>() else {
             return refuse(ErrorCode::DigestInvalid, "invalid digest");
         };

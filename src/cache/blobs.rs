@@ -152,12 +152,33 @@ impl BlobBody {
 }
 
 impl Cache {
-    /// A blob's size without its body (for `HEAD`): the store, or an upstream `HEAD`.
+    /// A blob's size without its body (for `HEAD`): the store, the bucket, the owner, or an
+    /// upstream `HEAD`.
     pub async fn blob_size(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         repo: &RepoName,
         digest: &Digest,
+    ) -> Result<(u64, Outcome), Error> {
+        self.blob_size_for(upstream, repo, digest, true).await
+    }
+
+    /// A blob's size for a peer that asked this replica, its owner: never forwarded again.
+    pub async fn peer_blob_size(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(u64, Outcome), Error> {
+        self.blob_size_for(upstream, repo, digest, false).await
+    }
+
+    async fn blob_size_for(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
     ) -> Result<(u64, Outcome), Error> {
         if let Some(size) = self.linked_blob_size(upstream, repo, digest).await? {
             return Ok((size, Outcome::Hit));
@@ -165,10 +186,62 @@ impl Cache {
         if let Answer::Found(size) = self.vouched_in_bucket(upstream, repo, digest).await {
             return Ok((size, Outcome::Hit));
         }
-        match upstream.head_blob(repo, digest).await {
-            Ok(size) => Ok((size, Outcome::Miss)),
-            Err(err) => Err(blob_error(err)),
+        // One question per key on this replica, and in a cluster one for the whole cluster:
+        // the owner's, whose upstream's answer (errors included) is final.
+        // HEADs store nothing: their answers are remembered for `cache.negative_ttl`, or every
+        // replica and client asking a moment after the last flight ended would ask again.
+        let key = (upstream.name.clone(), repo.to_string(), digest.to_string());
+        if let Some(answer) = self.sizes.get(&key) {
+            self.metrics.upstream_spared(&upstream.name, "answered");
+            return answer.map(|size| (size, Outcome::Miss));
         }
+        let forward = forward && self.shared.forwards(digest.as_str());
+        let (this, upstream, repo, digest) =
+            (self.clone(), upstream.clone(), repo.clone(), digest.clone());
+        let size = self
+            .size_flights
+            .run((key.clone(), forward), move || async move {
+                let answer = this.ask_size(&upstream, &repo, &digest, forward).await;
+                // Inside the flight, so no request starts another between its end and this.
+                if matches!(answer, Ok(_) | Err(Error::BlobUnknown)) {
+                    this.sizes.answer(key, answer.clone());
+                }
+                answer
+            })
+            .await
+            .unwrap_or_else(|| Err(Error::Internal("blob size lookup panicked".into())))?;
+        Ok((size, Outcome::Miss))
+    }
+
+    /// A blob's size from the owner (when `forward` and another replica owns it), else from
+    /// the upstream.
+    async fn ask_size(
+        &self,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        forward: bool,
+    ) -> Result<u64, Error> {
+        if let Some(member) = forward
+            .then(|| self.shared.owner_peer(digest.as_str()))
+            .flatten()
+        {
+            let answer = Answer::from_owner(
+                self.shared
+                    .peer_blob_size(&member, upstream, repo, digest)
+                    .await,
+            );
+            match answer.counted(&self.metrics, Link::Owner) {
+                Answer::Found(size) => return Ok(size),
+                Answer::Final(err) => return Err(err),
+                Answer::Absent => {}
+                Answer::Unavailable(err) => {
+                    warn!(peer = member.address(), %digest, error = %err, "owner unreachable, asking the upstream here");
+                    self.shared.fell_back(&member);
+                }
+            }
+        }
+        upstream.head_blob(repo, digest).await.map_err(blob_error)
     }
 
     /// The size of a blob we may serve under this repository from the store; `None` if we do

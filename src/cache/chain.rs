@@ -65,6 +65,16 @@ impl<T> Answer<T> {
         self
     }
 
+    /// What an owner answered: its upstream's own answers (`Error::is_authoritative`) are
+    /// final; any other failure means the owner is unavailable.
+    pub(super) fn from_owner(result: Result<T, Error>) -> Answer<T> {
+        match result {
+            Ok(found) => Answer::Found(found),
+            Err(err) if err.is_authoritative() => Answer::Final(err),
+            Err(err) => Answer::Unavailable(err),
+        }
+    }
+
     /// The upstream is the last link: whatever it says ends the chain, found or not.
     pub(super) fn from_upstream(result: Result<T, Error>) -> Answer<T> {
         match result {

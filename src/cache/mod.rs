@@ -35,7 +35,7 @@ pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
 pub use flight::{file_stream, Progress, CHUNK};
 use manifests::{ManifestCache, MANIFEST_CACHE_BYTES};
-pub use shared::{Shared, CONFIRMED_HEADER};
+pub use shared::{Shared, CONFIRMED_HEADER, SIZE_HEADER};
 use single::SingleFlight;
 
 use crate::metrics::Metrics;
@@ -160,6 +160,12 @@ pub struct Cache {
     /// Manifest fetches by key and by whether they may be forwarded to the key's owner (a
     /// peer's request never joins one that forwards: see [`flight::Flights`]).
     manifest_flights: SingleFlight<(ManifestKey, bool), Result<(Manifest, Outcome), Error>>,
+    /// Blob sizes asked of the owner or the upstream (`HEAD`), by key and by whether they
+    /// forward, like manifests.
+    size_flights: SingleFlight<(ManifestKey, bool), Result<u64, Error>>,
+    /// What the owner or the upstream answered to a blob `HEAD` (its size, or that it does
+    /// not exist), for `cache.negative_ttl`.
+    sizes: negative::Remembered<Result<u64, Error>>,
     /// Manifests the upstream (or the owner, relaying it) said do not exist.
     not_found: negative::NotFound,
     /// Tag revalidations, which outlive the requests that gave up waiting for them.
@@ -231,6 +237,7 @@ impl Cache {
         };
         let (fetch_slots, manifest_slots) = (slots(), slots());
         let not_found = negative::NotFound::new(policy.negative_ttl);
+        let sizes = negative::Remembered::new(policy.negative_ttl);
         let facts = storage::Facts::new(store.clone(), shared.bucket().cloned());
         Arc::new_cyclic(|me| Cache {
             me: me.clone(),
@@ -241,6 +248,8 @@ impl Cache {
             metrics,
             blob_flights: Flights::default(),
             manifest_flights: SingleFlight::default(),
+            size_flights: SingleFlight::default(),
+            sizes,
             not_found,
             revalidations: SingleFlight::default(),
             readers,

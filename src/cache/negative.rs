@@ -3,6 +3,10 @@
 //! of a cluster asking at once then cost the upstream one request per window instead of one
 //! each (Docker Hub counts manifest GETs, 404s included).
 //!
+//! The same table remembers what the upstream answered to a blob `HEAD` (its size, or that it
+//! does not exist): `HEAD`s store nothing, so without it every replica and client asking a
+//! moment after the last one finished would ask again.
+//!
 //! In memory only, bounded: a full table stops remembering (the upstream is asked, as without
 //! it) rather than growing with what clients make up. Time is tokio's clock, so tests drive it
 //! with `tokio::time::pause`.
@@ -18,15 +22,19 @@ use super::ManifestKey;
 /// Missing manifests remembered at most; the keys are chosen by clients.
 const MAX_ENTRIES: usize = 10_000;
 
-pub struct NotFound {
+/// What the upstream said does not exist.
+pub type NotFound = Remembered<()>;
+
+/// Answers of the upstream by key, each for `ttl`.
+pub struct Remembered<V> {
     ttl: Duration,
-    entries: Mutex<HashMap<ManifestKey, Instant>>,
+    entries: Mutex<HashMap<ManifestKey, (Instant, V)>>,
 }
 
-impl NotFound {
+impl<V: Clone> Remembered<V> {
     /// Remembers for `ttl`; zero remembers nothing.
-    pub fn new(ttl: Duration) -> NotFound {
-        NotFound {
+    pub fn new(ttl: Duration) -> Remembered<V> {
+        Remembered {
             ttl,
             entries: Mutex::default(),
         }
@@ -34,37 +42,49 @@ impl NotFound {
 
     /// Whether the upstream said within `ttl` that this manifest does not exist.
     pub fn contains(&self, key: &ManifestKey) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// What the upstream answered for `key` within `ttl`.
+    pub fn get(&self, key: &ManifestKey) -> Option<V> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(key) {
-            Some(expires) if Instant::now() < *expires => true,
+            Some((expires, value)) if Instant::now() < *expires => Some(value.clone()),
             Some(_) => {
                 entries.remove(key);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
-    /// The upstream said this manifest does not exist.
-    pub fn insert(&self, key: ManifestKey) {
+    /// The upstream answered `value` for `key`.
+    pub fn answer(&self, key: ManifestKey, value: V) {
         if self.ttl.is_zero() {
             return;
         }
         let now = Instant::now();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, expires| now < *expires);
+            entries.retain(|_, (expires, _)| now < *expires);
             if entries.len() >= MAX_ENTRIES {
                 return;
             }
         }
-        entries.insert(key, now + self.ttl);
+        entries.insert(key, (now + self.ttl, value));
     }
 
     /// The manifest exists after all (fetched and verified): forget what was said.
     pub fn remove(&self, key: &ManifestKey) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.remove(key);
+    }
+}
+
+impl Remembered<()> {
+    /// The upstream said this manifest does not exist.
+    pub fn insert(&self, key: ManifestKey) {
+        self.answer(key, ());
     }
 }
 

@@ -30,6 +30,8 @@ use crate::upstream::{self, Upstream};
 pub const HOT_TIER: &str = "regmirror_hot_tier_total";
 /// On a peer's answer for a tag: when the owner's upstream last confirmed it (unix ms).
 pub const CONFIRMED_HEADER: &str = "x-regmirror-confirmed";
+/// A blob's size, in an owner's answer to a peer's `sizes/` request (sealed).
+pub const SIZE_HEADER: &str = "x-regmirror-size";
 
 /// The largest manifest a peer may send.
 const MAX_PEER_MANIFEST: usize = 4 << 20;
@@ -224,6 +226,34 @@ impl Shared {
 
     /// A manifest (by tag or digest) from its owner: its bytes and media type, unverified
     /// (the caller checks them against the digest the owner names or the one asked for).
+    /// A blob's size as its owner `member` knows it (its store, the bucket, or its flight of
+    /// upstream `HEAD`s); its upstream's errors are final.
+    pub(super) async fn peer_blob_size(
+        &self,
+        member: &Member,
+        upstream: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<u64, Error> {
+        let cluster = self
+            .cluster
+            .as_ref()
+            .ok_or_else(|| Error::Internal("peer origin without a cluster".into()))?;
+        let path = peer_path("sizes", digest.as_str(), &upstream.name, repo);
+        let response = cluster
+            .get(member, &path, 0)
+            .await
+            .map_err(|e| self.peer_error(member, upstream, e, Error::BlobUnknown))?;
+        let size = response
+            .headers()
+            .get(SIZE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| Error::Internal("peer answered a size without one".into()))?;
+        cluster.forwarded(member);
+        Ok(size)
+    }
+
     pub(super) async fn peer_manifest(
         &self,
         member: &Member,

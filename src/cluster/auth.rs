@@ -31,7 +31,7 @@ pub const HEADER: HeaderName = HeaderName::from_static("x-regmirror-peer");
 pub const SEAL: HeaderName = HeaderName::from_static("x-regmirror-peer-seal");
 
 /// The answer headers a seal covers, in this order (a missing one counts as empty).
-pub const SEALED_HEADERS: [&str; 9] = [
+pub const SEALED_HEADERS: [&str; 10] = [
     "content-type",
     "content-range",
     "docker-content-digest",
@@ -39,6 +39,7 @@ pub const SEALED_HEADERS: [&str; 9] = [
     "x-regmirror-confirmed",
     "x-regmirror-final",
     "x-regmirror-instance",
+    "x-regmirror-size",
     "retry-after",
     "www-authenticate",
 ];
