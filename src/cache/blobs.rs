@@ -357,6 +357,9 @@ impl Cache {
         // Twice at most: a download that commits between our look-up and our joining is served
         // from the store on the second round.
         for _ in 0..2 {
+            // Before the look in the store: a download committing after it is then known to
+            // `join`, which does not start it again.
+            let seen = self.blob_flights.commits();
             if let Some((size, Some(file))) = self.held_blob(upstream, repo, digest, true).await? {
                 self.metrics.cache_outcome("blob", Outcome::Hit);
                 self.metrics.hot_tier_found();
@@ -382,7 +385,6 @@ impl Cache {
                 }
             }
             self.metrics.source_answer(Link::HotTier.as_str(), "absent");
-            let store = &self.store;
             let source = Source {
                 upstream: upstream.clone(),
                 repo: repo.clone(),
@@ -390,26 +392,34 @@ impl Cache {
                 // The owner's own clients and the peers asking it share one flight.
                 forward: forward && self.shared.forwards(digest.as_str()),
             };
-            let joined = self.blob_flights.join(
-                source,
-                || store.blobs().begin(),
-                // The index, not the file, says committed: eviction drops the entry before
-                // the file, and `linked_blob_size` above reads the index too.
-                || {
-                    let stored = matches!(store.stat(digest), Ok(Some(_)));
-                    let linked = store
-                        .index()
-                        .is_linked(&upstream.name, repo.as_str(), digest);
-                    stored && linked.unwrap_or(false)
-                },
-            );
-            let joined = match joined.map_err(storage::Error::from) {
-                Ok(joined) => joined,
-                Err(err) if err.is_unwritable() => {
-                    warn!(%digest, error = %err, "store cannot take downloads, passing the blob through uncached");
-                    return self.pass_through(upstream, repo, digest).await;
+            let joined = match self.blob_flights.running(&source) {
+                Some(flight) => Some(Joined::Existing(flight)),
+                None => {
+                    // The file a new download writes is made on the blocking pool, before the
+                    // registry's lock is taken; unused (another request started first), it
+                    // goes again.
+                    let made = self.facts.local(|store| Ok(store.blobs().begin()?)).await;
+                    let mut made = match made {
+                        Ok(made) => Some(made),
+                        Err(err) if err.is_unwritable() => {
+                            warn!(%digest, error = %err, "store cannot take downloads, passing the blob through uncached");
+                            return self.pass_through(upstream, repo, digest).await;
+                        }
+                        Err(err) => return Err(err.into()),
+                    };
+                    let joined = self.blob_flights.join(
+                        source,
+                        || {
+                            made.take()
+                                .ok_or_else(|| std::io::Error::other("file taken"))
+                        },
+                        seen,
+                    );
+                    if let Some((unused, _)) = made.take() {
+                        self.abort_tmp(&unused);
+                    }
+                    joined.map_err(|e| Error::from(storage::Error::from(e)))?
                 }
-                Err(err) => return Err(err.into()),
             };
             let mut reader = match joined {
                 None => continue,
@@ -418,10 +428,10 @@ impl Cache {
                         // Started for another repository: this one's upstream must vouch for
                         // the blob before it is served under this name.
                         upstream.head_blob(repo, digest).await.map_err(blob_error)?;
-                        self.store
-                            .index()
-                            .link(&upstream.name, repo.as_str(), digest)
-                            .map_err(storage::Error::from)?;
+                        let link = vec![digest.clone()];
+                        self.facts
+                            .link(&upstream.name, repo.as_str(), link, Scope::Here)
+                            .await?;
                     }
                     self.metrics.single_flight_join();
                     flight.reader()

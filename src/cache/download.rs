@@ -138,7 +138,7 @@ impl Cache {
                 // Counted from before the readers are answered, so a test that saw its
                 // pull end also sees the upload under way.
                 let _pending = publish.then(|| self.shared.evict.pending());
-                download.finish(Progress::Done { total });
+                download.finish_committed(Progress::Done { total });
                 if publish {
                     // After the readers are answered: they read the local file, and peers
                     // asking meanwhile are served from it too.
@@ -165,7 +165,7 @@ impl Cache {
     }
 
     /// Removes a download's temporary file, on the blocking pool.
-    fn abort_tmp(&self, tmp: &std::path::Path) {
+    pub(super) fn abort_tmp(&self, tmp: &std::path::Path) {
         let (store, tmp) = (self.store.clone(), tmp.to_owned());
         drop(tokio::task::spawn_blocking(move || {
             store.blobs().abort(&tmp)
@@ -174,11 +174,17 @@ impl Cache {
 
     /// Why the store will not take `bytes` more of a blob that will then be `size` bytes
     /// long, if it will not.
-    fn refuses(&self, size: u64, bytes: u64) -> Option<&'static str> {
+    async fn refuses(&self, size: u64, bytes: u64) -> Option<&'static str> {
         if !self.evictor.fits(size) {
             return Some("blob larger than the cache may hold");
         }
-        let free = self.store.blobs().available_bytes()?;
+        // statvfs, on the blocking pool like every file-system call.
+        let free = self
+            .facts
+            .local(|store| Ok(store.blobs().available_bytes()))
+            .await
+            .ok()
+            .flatten()?;
         (free < bytes.saturating_add(self.policy.min_free)).then_some("store disk nearly full")
     }
 
@@ -319,7 +325,7 @@ impl Cache {
         let (mut origin, mut body, mut _slot) = self.open_chain(source).await?;
         let total = body.len;
         if let Some(total) = total {
-            if let Some(reason) = self.refuses(total, total) {
+            if let Some(reason) = self.refuses(total, total).await {
                 info!(%digest, bytes = total, reason, "passing the blob through uncached");
                 self.metrics.passthrough();
                 return Ok(Fetched::PassThrough { valid: 0 });
@@ -410,7 +416,7 @@ impl Cache {
                 }
                 // A body without a length (or two downloads sharing the free space) is held
                 // to the limits as it grows, not only by what it declared.
-                if let Some(reason) = self.refuses(size, len) {
+                if let Some(reason) = self.refuses(size, len).await {
                     warn!(%digest, written, reason, "store refuses the rest of the blob, passing it through");
                     self.metrics.passthrough();
                     return Ok(Fetched::PassThrough { valid: written });

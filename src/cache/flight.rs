@@ -17,6 +17,7 @@
 //! limit), the flight turns into pass-through: each reader goes on from the upstream with a
 //! `Range` request, hashing the prefix the file holds first, so its end is still verified.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -121,7 +122,22 @@ impl Flight {
 #[derive(Default)]
 pub struct Flights {
     inflight: Inflight<(Digest, bool), Arc<Flight>>,
+    /// Downloads that committed, so a request that looked in the store just before one did
+    /// does not start it again: known in memory, under no lock but its own, so nothing blocking
+    /// runs under the registry's.
+    commits: Arc<Mutex<Commits>>,
 }
+
+/// How many downloads committed, and at which count each recent digest did.
+#[derive(Default)]
+struct Commits {
+    count: u64,
+    recent: HashMap<Digest, u64>,
+}
+
+/// Commits remembered; a request that took longer than this many commits between its look in
+/// the store and its join may fetch a blob again (verified and committed like any other).
+const RECENT_COMMITS: u64 = 4096;
 
 /// What [`Flights::join`] decided.
 pub enum Joined {
@@ -132,13 +148,39 @@ pub enum Joined {
 }
 
 impl Flights {
-    /// Joins the download of `source.digest`, or registers a new one on `file`. `committed` is
-    /// asked under the lock so a download that just finished is not started again.
+    /// How many downloads have committed: read before looking in the store, and handed to
+    /// [`Flights::join`].
+    pub fn commits(&self) -> u64 {
+        self.commits.lock().unwrap_or_else(|p| p.into_inner()).count
+    }
+
+    /// The download a request for `source` would join, if one is under way.
+    pub fn running(&self, source: &Source) -> Option<Arc<Flight>> {
+        if source.forward {
+            if let Some(flight) = self.inflight.get(&(source.digest.clone(), false)) {
+                return Some(flight);
+            }
+        }
+        self.inflight.get(&(source.digest.clone(), source.forward))
+    }
+
+    fn committed_since(&self, digest: &Digest, seen: u64) -> bool {
+        self.commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recent
+            .get(digest)
+            .is_some_and(|at| *at > seen)
+    }
+
+    /// Joins the download of `source.digest`, or registers a new one on `file`, unless a
+    /// download of it committed after the caller's look in the store (`seen`, from
+    /// [`Flights::commits`] before it looked): then `None`, and the store has it.
     pub fn join(
         &self,
         source: Source,
         file: impl FnOnce() -> io::Result<(PathBuf, File)>,
-        committed: impl FnOnce() -> bool,
+        seen: u64,
     ) -> io::Result<Option<Joined>> {
         if source.forward {
             if let Some(flight) = self.inflight.get(&(source.digest.clone(), false)) {
@@ -147,7 +189,7 @@ impl Flights {
         }
         let key = (source.digest.clone(), source.forward);
         let joined = self.inflight.join(&key, || {
-            if committed() {
+            if self.committed_since(&source.digest, seen) {
                 return Ok::<_, io::Error>(None);
             }
             let (progress, _) = watch::channel(Progress::Starting);
@@ -166,6 +208,7 @@ impl Flights {
                 let download = Download {
                     flight,
                     leader: Some(leader),
+                    commits: self.commits.clone(),
                 };
                 Joined::Started(download, reader)
             }
@@ -185,11 +228,31 @@ impl Flights {
 pub struct Download {
     flight: Arc<Flight>,
     leader: Option<Leader<(Digest, bool), Arc<Flight>>>,
+    commits: Arc<Mutex<Commits>>,
 }
 
 impl Download {
     /// Ends the download; call after the commit is recorded.
     pub fn finish(mut self, progress: Progress) {
+        self.end(progress);
+    }
+
+    /// Ends a download whose blob is now in the store: noted before its key is released, so
+    /// a request that looked in the store before the commit does not start it again.
+    pub fn finish_committed(mut self, progress: Progress) {
+        {
+            let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
+            commits.count += 1;
+            let count = commits.count;
+            if commits.recent.len() as u64 >= RECENT_COMMITS {
+                commits
+                    .recent
+                    .retain(|_, at| at.saturating_add(RECENT_COMMITS / 2) > count);
+            }
+            commits
+                .recent
+                .insert(self.flight.source.digest.clone(), count);
+        }
         self.end(progress);
     }
 
