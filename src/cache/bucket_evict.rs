@@ -266,25 +266,37 @@ struct Unit {
 }
 
 impl Cache {
-    /// Records a pull of every image holding `digest` in the bucket, at most every
-    /// [`IMAGE_TOUCH`] per image on this replica, off the request's path.
-    pub(super) fn touch_shared(&self, digest: &Digest) {
-        let Some(bucket) = self.shared.bucket() else {
-            return;
-        };
+    /// Records a pull of every image holding `digest`: in the index (eviction order and
+    /// `max_age`) and, with a bucket, in the bucket at most every [`IMAGE_TOUCH`] per image on
+    /// this replica. Off the request's path: one task, one trip to the blocking pool.
+    pub(super) fn record_pull(&self, digest: &Digest) {
         let Some(this) = self.me.upgrade() else {
             return;
         };
-        let now = self.clock.now();
-        let (bucket, digest) = (bucket.clone(), digest.clone());
-        let pending = self.shared.evict.pending();
+        let (digest, now) = (digest.clone(), self.clock.now());
+        let bucket = self.shared.bucket().cloned();
+        let pending = bucket.as_ref().map(|_| self.shared.evict.pending());
+        // Off the response's path: a pull record that lands a moment later changes nothing.
         tokio::spawn(async move {
             let _pending = pending;
+            let shared = bucket.is_some();
             let roots: Vec<Digest> = this
                 .facts
-                .local(move |store| Ok(store.index().owners(&digest)?))
+                .local(move |store| {
+                    let index = store.index();
+                    let _ = index.touch_owners(&digest, now, super::TOUCH_GRANULARITY_MS);
+                    Ok(if shared {
+                        index.owners(&digest)?
+                    } else {
+                        Vec::new()
+                    })
+                })
                 .await
-                .unwrap_or_default()
+                .unwrap_or_default();
+            let Some(bucket) = bucket else {
+                return;
+            };
+            let roots: Vec<Digest> = roots
                 .into_iter()
                 .filter(|root| this.shared.evict.should_touch(root, now))
                 .collect();

@@ -23,6 +23,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -125,14 +126,15 @@ pub struct Flights {
     /// Downloads that committed, so a request that looked in the store just before one did
     /// does not start it again: known in memory, under no lock but its own, so nothing blocking
     /// runs under the registry's.
-    commits: Arc<Mutex<Commits>>,
+    commits: Arc<Commits>,
 }
 
-/// How many downloads committed, and at which count each recent digest did.
+/// How many downloads committed, and at which count each recent digest did. The count is
+/// read on every blob request, so it is an atomic; it moves only under the lock.
 #[derive(Default)]
 struct Commits {
-    count: u64,
-    recent: HashMap<Digest, u64>,
+    count: AtomicU64,
+    recent: Mutex<HashMap<Digest, u64>>,
 }
 
 /// Commits remembered; a request that took longer than this many commits between its look in
@@ -151,7 +153,7 @@ impl Flights {
     /// How many downloads have committed: read before looking in the store, and handed to
     /// [`Flights::join`].
     pub fn commits(&self) -> u64 {
-        self.commits.lock().unwrap_or_else(|p| p.into_inner()).count
+        self.commits.count.load(Ordering::Acquire)
     }
 
     /// The download a request for `source` would join, if one is under way.
@@ -166,9 +168,9 @@ impl Flights {
 
     fn committed_since(&self, digest: &Digest, seen: u64) -> bool {
         self.commits
+            .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .recent
             .get(digest)
             .is_some_and(|at| *at > seen)
     }
@@ -228,7 +230,7 @@ impl Flights {
 pub struct Download {
     flight: Arc<Flight>,
     leader: Option<Leader<(Digest, bool), Arc<Flight>>>,
-    commits: Arc<Mutex<Commits>>,
+    commits: Arc<Commits>,
 }
 
 impl Download {
@@ -241,17 +243,18 @@ impl Download {
     /// a request that looked in the store before the commit does not start it again.
     pub fn finish_committed(mut self, progress: Progress) {
         {
-            let mut commits = self.commits.lock().unwrap_or_else(|p| p.into_inner());
-            commits.count += 1;
-            let count = commits.count;
-            if commits.recent.len() as u64 >= RECENT_COMMITS {
-                commits
-                    .recent
-                    .retain(|_, at| at.saturating_add(RECENT_COMMITS / 2) > count);
-            }
-            commits
+            let mut recent = self
+                .commits
                 .recent
-                .insert(self.flight.source.digest.clone(), count);
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Noted before the count moves: a request that read the new count finds it.
+            let count = self.commits.count.load(Ordering::Relaxed).saturating_add(1);
+            if recent.len() as u64 >= RECENT_COMMITS {
+                recent.retain(|_, at| at.saturating_add(RECENT_COMMITS / 2) > count);
+            }
+            recent.insert(self.flight.source.digest.clone(), count);
+            self.commits.count.store(count, Ordering::Release);
         }
         self.end(progress);
     }

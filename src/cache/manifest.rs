@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 
 use super::blobs::forget_damaged;
 use super::chain::{Answer, Link};
-use super::{manifest_error, Cache, Error, Manifest, ManifestKey, Outcome, TOUCH_GRANULARITY_MS};
+use super::{manifest_error, Cache, Error, Manifest, ManifestKey, Outcome};
 use crate::oci::{media_type, Digest, Reference, RepoName};
 use crate::storage::{self, Scope};
 use crate::upstream::{self, Upstream};
@@ -57,22 +57,7 @@ impl Cache {
         if let Ok((manifest, outcome)) = &result {
             self.metrics.cache_outcome("manifest", *outcome);
             // A pull of every image holding this manifest, for eviction order and `max_age`.
-            let (digest, now, facts) = (
-                manifest.digest.clone(),
-                self.clock.now(),
-                self.facts.clone(),
-            );
-            // Off the response's path: a pull record that lands a moment later changes nothing.
-            tokio::spawn(async move {
-                let _ = facts
-                    .local(move |store| {
-                        Ok(store
-                            .index()
-                            .touch_owners(&digest, now, TOUCH_GRANULARITY_MS)?)
-                    })
-                    .await;
-            });
-            self.touch_shared(&manifest.digest);
+            self.record_pull(&manifest.digest);
         }
         result
     }

@@ -681,7 +681,14 @@ impl Cache {
         let confirmed = confirmed.unwrap_or(0).min(now);
         if expected.is_none() {
             if let Err(err) = self
-                .put_tag(upstream, repo, reference, &manifest.digest, confirmed)
+                .record_tag(
+                    upstream,
+                    repo,
+                    reference,
+                    &manifest.digest,
+                    confirmed,
+                    false,
+                )
                 .await
             {
                 return Answer::Unavailable(err);
@@ -734,7 +741,7 @@ impl Cache {
                             return Ok(None);
                         };
                         if self
-                            .put_tag(upstream, repo, tag, &kept.digest, entry.confirmed)
+                            .record_tag(upstream, repo, tag, &kept.digest, entry.confirmed, false)
                             .await
                             .is_err()
                         {

@@ -260,27 +260,4 @@ impl Cache {
         }
         Ok(())
     }
-
-    /// Points a tag at a digest on this replica only (what the bucket or the owner said).
-    pub(super) async fn put_tag(
-        &self,
-        upstream: &Upstream,
-        repo: &RepoName,
-        tag: &str,
-        digest: &Digest,
-        confirmed: u64,
-    ) -> Result<(), Error> {
-        self.facts
-            .put_tag(
-                &upstream.name,
-                repo.as_str(),
-                tag,
-                digest,
-                confirmed,
-                self.clock.now(),
-                Scope::Here,
-            )
-            .await?;
-        Ok(())
-    }
 }
