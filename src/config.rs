@@ -80,11 +80,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Connections served at once (TLS handshakes included). Beyond it, new connections wait
-    /// in the kernel's accept queue until one closes, so a flood of idle sockets cannot take
-    /// every file descriptor.
-    #[serde(default = "defaults::max_connections")]
-    pub max_connections: usize,
+    /// Connections served at once (TLS handshakes included). Default: what the process's file
+    /// descriptor limit holds (two per connection, beside a reserve for the store), at most
+    /// 4096. A new connection beyond it, or one that finds the descriptors exhausted, closes
+    /// the connection idle the longest; with none idle it waits until one closes or goes idle.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// Time an HTTP/1 client has to send a request's headers once it started one.
     #[serde(default = "defaults::header_read_timeout")]
     pub header_read_timeout: HumanDuration,
@@ -116,7 +117,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            max_connections: defaults::max_connections(),
+            max_connections: None,
             header_read_timeout: defaults::header_read_timeout(),
             idle_timeout: defaults::idle_timeout(),
             send_timeout: defaults::send_timeout(),
@@ -798,10 +799,6 @@ pub enum LogFormat {
 mod defaults {
     use super::*;
 
-    pub fn max_connections() -> usize {
-        4096
-    }
-
     pub fn header_read_timeout() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
     }
@@ -993,7 +990,7 @@ impl Config {
             // hold its own copy and a warm replica could not serve a cold one's misses.
             problems.push("cluster: needs storage.s3, the bucket the replicas share".to_owned());
         }
-        if self.server.max_connections == 0 {
+        if self.server.max_connections == Some(0) {
             problems.push("server.max_connections: must be at least 1".to_owned());
         }
         if self.server.http2_max_streams == 0 {

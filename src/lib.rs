@@ -263,6 +263,7 @@ pub async fn serve_with(
     let options = server::Options {
         sendfile,
         sendfile_bytes: Some(state.metrics.sendfile_counter()),
+        evicted: Some(state.metrics.connections_evicted_counter()),
     };
     // Each request learns whether its connection can send files (`server::Connection`).
     server::serve(listener, app(state), config, options, shutdown).await
@@ -279,6 +280,22 @@ pub async fn run(
         )),
         None => None,
     };
+    // Before anything opens files: the default connection limit follows from this one.
+    match server::raise_fd_limit() {
+        Ok(fds) => tracing::info!(
+            fd_limit = fds.now,
+            raised_from = fds.was,
+            max_connections = server::max_connections(config.server.max_connections, fds.now),
+            configured = config.server.max_connections.is_some(),
+            "file descriptors and connection limit"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            fd_limit = server::fd_limit(),
+            max_connections = server::max_connections(config.server.max_connections, server::fd_limit()),
+            "cannot raise the soft file descriptor limit to the hard one"
+        ),
+    }
     let state = state(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

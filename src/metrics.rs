@@ -38,6 +38,7 @@ pub const EVICTIONS: &str = "regmirror_evictions_total";
 pub const EVICTED_BYTES: &str = "regmirror_evicted_bytes_total";
 pub const PASSTHROUGH: &str = "regmirror_passthrough_total";
 pub const SENDFILE_BYTES: &str = "regmirror_sendfile_bytes_total";
+pub const CONNECTIONS_EVICTED: &str = "regmirror_connections_evicted_total";
 pub const SENDFILE_ENABLED: &str = "regmirror_sendfile_enabled";
 pub const SCRUB_CORRUPT: &str = "regmirror_scrub_corrupt_total";
 pub const SCRUB_BLOBS: &str = "regmirror_scrub_blobs_total";
@@ -75,6 +76,7 @@ pub struct Metrics {
     evicted_bytes: IntCounter,
     passthrough: IntCounter,
     sendfile_bytes: IntCounter,
+    connections_evicted: IntCounter,
     pub downloads_in_flight: IntGauge,
     pub cache_size: IntGauge,
     pub cache_blobs: IntGauge,
@@ -286,6 +288,10 @@ impl Metrics {
                 PASSTHROUGH,
                 "Blobs served straight from the upstream without caching because the disk was full.",
             ),
+            connections_evicted: counter(
+                CONNECTIONS_EVICTED,
+                "Idle client connections closed to make room for new ones (connection limit or file descriptors reached).",
+            ),
             sendfile_bytes: counter(
                 SENDFILE_BYTES,
                 "Cache-hit blob bytes sendfile(2) reported sent, straight from the page cache (plain HTTP/1 connections).",
@@ -411,6 +417,11 @@ impl Metrics {
     /// The counter sendfile(2)'s results are added to, for the connections' writers.
     pub fn sendfile_counter(&self) -> IntCounter {
         self.sendfile_bytes.clone()
+    }
+
+    /// The counter of idle connections the server closed to make room.
+    pub fn connections_evicted_counter(&self) -> IntCounter {
+        self.connections_evicted.clone()
     }
 
     /// Cache-hit bytes sendfile(2) reported sent since start-up.

@@ -446,13 +446,13 @@ async fn silent_half_sent_and_idle_connections_are_closed() {
     assert!(String::from_utf8_lossy(&idle).starts_with("HTTP/1.1 200"));
 }
 
-/// Item 6: `server.max_connections` bounds what is served at once; a normal client waits for
-/// a slot (freed here by the idle timeout) instead of being locked out.
+/// Item 6: `server.max_connections` bounds what is served at once; a normal client is not
+/// locked out: an idle connection is closed to make room for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_wait_for_a_slot() {
     let fake = Fake::start().await;
     let m = start(&fake, "", None, |s| {
-        s.max_connections = 2;
+        s.max_connections = Some(2);
         s.idle_timeout = regmirror::config::HumanDuration(Duration::from_secs(2));
     })
     .await;
@@ -495,20 +495,22 @@ fn closed_by_peer(s: &TcpStream) -> bool {
     }
 }
 
-/// Item 6: with fewer file descriptors than sockets thrown at it, the accept loop rides out
-/// EMFILE, the idle sockets are closed, and a normal client is served. The binary runs with
-/// RLIMIT_NOFILE = 64.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_accept_loop_survives_running_out_of_file_descriptors() {
+/// The real binary with `RLIMIT_NOFILE` = `fds` (soft and hard: it cannot raise it), the given
+/// `server:` settings and an upstream that is never reached. Answers the process, its base URL
+/// and its log file.
+async fn binary_with_fd_limit(
+    dir: &std::path::Path,
+    fds: u64,
+    server: &str,
+) -> (common::ChildProc, String, std::path::PathBuf) {
     use std::os::unix::process::CommandExt;
-    let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    let config = dir.path().join("config.yml");
+    let config = dir.join("config.yml");
     std::fs::write(
         &config,
         format!(
-            "listen: 127.0.0.1:{port}\nstorage: {{ root: {:?} }}\ndefault_upstream: docker.io\nupstreams:\n  docker.io: {{ url: 'http://127.0.0.1:9' }}\nserver: {{ header_read_timeout: 2s, idle_timeout: 2s }}\n",
-            dir.path().join("data")
+            "listen: 127.0.0.1:{port}\nstorage: {{ root: {:?} }}\ndefault_upstream: docker.io\nupstreams:\n  docker.io: {{ url: 'http://127.0.0.1:9' }}\nserver: {server}\n",
+            dir.join("data")
         ),
     )
     .unwrap();
@@ -517,10 +519,10 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     common::no_proxy(&mut cmd);
     // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let limit = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
+                rlim_cur: fds,
+                rlim_max: fds,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -528,29 +530,144 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
             Ok(())
         });
     }
-    let log = dir.path().join("regmirror.log");
+    let log = dir.join("regmirror.log");
     let mut proc = common::ChildProc::spawn("regmirror", cmd, &log);
     let url = format!("http://127.0.0.1:{port}");
     common::wait_for_v2(&url, &mut proc, SAFETY).await;
+    (proc, url, log)
+}
 
+/// Item 6 (issue 21 item 3): with fewer file descriptors than sockets thrown at it and a
+/// connection limit above what they hold, accept fails with EMFILE: the accept loop survives
+/// it, closes idle sockets to make room (their idle timeout is an hour away) and serves a
+/// normal client. The binary runs with RLIMIT_NOFILE = 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accept_loop_survives_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, url, log) = binary_with_fd_limit(
+        dir.path(),
+        64,
+        "{ max_connections: 1000, header_read_timeout: 1h, idle_timeout: 1h }",
+    )
+    .await;
+    let port = url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
     // More idle sockets than the process has descriptors.
     let mut idle = Vec::new();
     for _ in 0..100 {
         idle.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     }
-    let r = plain_client()
-        .get(format!("{url}/v2/"))
-        .send()
+    let r = tokio::time::timeout(SAFETY, plain_client().get(format!("{url}/v2/")).send())
         .await
+        .expect("a normal client is answered")
         .expect("a normal client is served");
     assert_eq!(r.status(), 200);
     assert!(proc.exited().is_none(), "regmirror is still running");
+    let closed = idle.iter().filter(|s| closed_by_peer(s)).count();
     drop(idle);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("accept failed"),
         "the test did exhaust the descriptors"
     );
+    assert!(closed >= 1, "no idle socket was closed to make room");
+}
+
+/// Issue 21 item 3: under `ulimit -n 256` (soft and hard, so nothing can be raised), 300
+/// clients each hold an idle keep-alive connection after one request, then a new client
+/// comes: every one of them is answered, because the default connection limit follows the
+/// descriptor limit and the connections idle the longest are closed to make room. Idle and
+/// header timeouts are an hour away: without eviction the 300 would hold every descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_do_not_lock_out_new_clients() {
+    const IDLE: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut proc, url, log) = binary_with_fd_limit(
+        dir.path(),
+        256,
+        "{ header_read_timeout: 1h, idle_timeout: 1h }",
+    )
+    .await;
+    let port = url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    // The limit and the connection limit it implies are in the first lines of the log.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .take(5)
+        .find(|l| l.contains("file descriptors and connection limit"))
+        .unwrap_or_else(|| panic!("no limits line in the first lines:\n{text}"));
+    assert!(line.contains("fd_limit=256"), "{line}");
+    assert!(line.contains("max_connections=80"), "{line}");
+
+    let request = b"GET /v2/ HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut held = Vec::new();
+    for i in 0..IDLE {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let head = tokio::time::timeout(SAFETY, read_head(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("idle client {i} was never answered"));
+        assert!(head.starts_with("HTTP/1.1 200"), "client {i}: {head}");
+        held.push(s);
+    }
+    let r = tokio::time::timeout(SAFETY, plain_client().get(format!("{url}/v2/")).send())
+        .await
+        .expect("a new client is answered")
+        .expect("a new client is served");
+    assert_eq!(r.status(), 200);
+    assert!(proc.exited().is_none(), "regmirror is still running");
+    // The oldest idle connections made room; the newest are still open.
+    let closed: Vec<bool> = held.iter().map(closed_by_peer).collect();
+    let evicted = closed.iter().filter(|c| **c).count();
+    eprintln!("{evicted} of {IDLE} idle connections closed to make room");
+    assert!(evicted >= IDLE - 80, "{evicted} closed");
+    assert!(closed[0] && !closed[IDLE - 1], "oldest closed first");
+    let metrics = plain_client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("regmirror_connections_evicted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no eviction counter:\n{metrics}"));
+    assert!(
+        counted >= evicted as u64,
+        "{counted} counted, {evicted} closed"
+    );
+}
+
+/// Reads an HTTP/1 response head and its `content-length` body, leaving the connection open.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        if got.len() >= end + 4 + len {
+            return head;
+        }
+    }
 }
 
 /// Resident memory of this process, in bytes.

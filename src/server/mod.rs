@@ -8,16 +8,23 @@
 //! connection and the buffers of each (see [`MAX_BUF`], [`H2_SEND_BUF`]). Plain connections can
 //! send files with sendfile ([`sendfile`]) once its start-up self-test passed; each request
 //! learns through [`Connection`] whether its connection can.
+//!
+//! When every connection slot is taken, or accept fails for want of file descriptors, the
+//! connection idle the longest (nothing under way) is closed to admit the new one, as nginx
+//! closes idle keep-alive connections: idle sockets must not lock a normal client out until
+//! `idle_timeout`. [`raise_fd_limit`] and [`max_connections`] size the default limit to the
+//! descriptors the process may hold.
 
 pub mod sendfile;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,7 +37,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
@@ -74,16 +81,78 @@ pub const H2_SEND_BUF: usize = 64 * 1024;
 const H2_STREAM_WINDOW: u32 = 64 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
+/// `server.max_connections` when the configuration leaves it out and descriptors allow.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Descriptors a connection may hold at once: its socket and the blob file it sends.
+const FDS_PER_CONNECTION: u64 = 2;
+
+/// Descriptors kept out of the connections' share for everything else: the index, files being
+/// written by downloads, upstream, bucket and peer connections, logs.
+fn fd_reserve(limit: u64) -> u64 {
+    64u64.saturating_add(limit / 8)
+}
+
+/// The process's file descriptor limit, before and after [`raise_fd_limit`].
+#[derive(Debug, Clone, Copy)]
+pub struct FdLimit {
+    pub was: u64,
+    pub now: u64,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (many distributions start services with
+/// a soft limit of 1024 and a hard one far above): every connection needs a descriptor, and
+/// the default connection limit follows from this one. Call once at start-up.
+pub fn raise_fd_limit() -> io::Result<FdLimit> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // Linux refuses RLIM_INFINITY for open files; its own ceiling (fs.nr_open) is 2^20 by
+    // default.
+    const CEILING: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let was = limit.current.unwrap_or(CEILING);
+    let hard = limit.maximum.unwrap_or(CEILING);
+    if was >= hard {
+        return Ok(FdLimit { was, now: was });
+    }
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(hard),
+            maximum: limit.maximum,
+        },
+    )?;
+    Ok(FdLimit { was, now: hard })
+}
+
+/// The soft `RLIMIT_NOFILE` now.
+pub fn fd_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Connections served at once: the configured number, or what `fd_limit` descriptors can hold
+/// beside a reserve for the store and the upstreams (at most [`DEFAULT_MAX_CONNECTIONS`], at
+/// least 8: with fewer descriptors than that, closing idle connections is what lets clients in).
+pub fn max_connections(configured: Option<usize>, fd_limit: u64) -> usize {
+    configured.unwrap_or_else(|| {
+        let held = fd_limit.saturating_sub(fd_reserve(fd_limit)) / FDS_PER_CONNECTION;
+        usize::try_from(held)
+            .unwrap_or(usize::MAX)
+            .clamp(8, DEFAULT_MAX_CONNECTIONS)
+    })
+}
+
 /// Connections ready for HTTP: plain, or TLS after a completed handshake.
 pub enum Listener {
     Plain {
         listener: TcpListener,
-        limit: Arc<Semaphore>,
+        slots: Arc<Slots>,
     },
     Tls {
         ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr, OwnedSemaphorePermit)>,
         local_addr: SocketAddr,
-        limit: Arc<Semaphore>,
+        slots: Arc<Slots>,
     },
 }
 
@@ -92,9 +161,9 @@ impl Listener {
     /// `tls.reload_interval`). Must be called within a tokio runtime. Nothing is accepted
     /// before [`serve`] gives the listener its connection limit.
     pub fn new(listener: TcpListener, tls: Option<Arc<tls::Reloader>>) -> io::Result<Listener> {
-        let limit = Arc::new(Semaphore::new(0));
+        let slots = Arc::new(Slots::new());
         let Some(reloader) = tls else {
-            return Ok(Listener::Plain { listener, limit });
+            return Ok(Listener::Plain { listener, slots });
         };
         let local_addr = listener.local_addr()?;
         // A small queue: handshakes are concurrent, and the server takes connections as fast
@@ -105,11 +174,11 @@ impl Listener {
             reloader.interval(),
             tx.clone(),
         ));
-        tokio::spawn(accept_loop(listener, reloader, limit.clone(), tx));
+        tokio::spawn(accept_loop(listener, reloader, slots.clone(), tx));
         Ok(Listener::Tls {
             ready,
             local_addr,
-            limit,
+            slots,
         })
     }
 
@@ -120,18 +189,18 @@ impl Listener {
         }
     }
 
-    fn limit(&self) -> &Arc<Semaphore> {
+    fn slots(&self) -> &Arc<Slots> {
         match self {
-            Listener::Plain { limit, .. } | Listener::Tls { limit, .. } => limit,
+            Listener::Plain { slots, .. } | Listener::Tls { slots, .. } => slots,
         }
     }
 
     /// The next connection, with its share of the connection limit.
     async fn accept(&mut self) -> (Accepted, SocketAddr, OwnedSemaphorePermit) {
         match self {
-            Listener::Plain { listener, limit } => {
-                let permit = permit(limit).await;
-                let (stream, addr) = accept_tcp(listener).await;
+            Listener::Plain { listener, slots } => {
+                let (stream, addr) = accept_tcp(listener, slots).await;
+                let permit = slots.admit().await;
                 (Accepted::Plain(stream), addr, permit)
             }
             Listener::Tls { ready, .. } => match ready.recv().await {
@@ -157,10 +226,130 @@ async fn permit(limit: &Arc<Semaphore>) -> OwnedSemaphorePermit {
     }
 }
 
+/// The connections being served and the slots they hold.
+pub struct Slots {
+    limit: Arc<Semaphore>,
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+    next: AtomicU64,
+    /// Tasks waiting for room: while there are any, a connection that closes, declines to be
+    /// closed or finishes a request notifies [`Slots::freed`].
+    waiting: AtomicUsize,
+    freed: Notify,
+    /// Connections closed to make room (`regmirror_connections_evicted_total`).
+    evicted: OnceLock<prometheus::IntCounter>,
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            limit: Arc::new(Semaphore::new(0)),
+            open: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+            evicted: OnceLock::new(),
+        }
+    }
+
+    /// A connection slot: a free one, or the one of an idle connection closed for it. With
+    /// nothing idle, waits until a connection closes or becomes idle.
+    async fn admit(&self) -> OwnedSemaphorePermit {
+        loop {
+            if let Ok(permit) = self.limit.clone().try_acquire_owned() {
+                return permit;
+            }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let _waiting = Waiting::new(self);
+            self.close_idle();
+            tokio::select! {
+                permit = permit(&self.limit) => return permit,
+                () = freed => {}
+            }
+        }
+    }
+
+    /// Asks the connection idle the longest to close; false when none is idle.
+    fn close_idle(&self) -> bool {
+        let open = match self.open.lock() {
+            Ok(open) => open,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Ties (the clock counts milliseconds) go to the older connection.
+        let victim = open
+            .iter()
+            .filter(|(_, a)| a.is_idle() && !a.closing.load(Ordering::Relaxed))
+            .min_by_key(|(id, a)| (a.last_moved(), **id))
+            .map(|(_, a)| a);
+        let Some(victim) = victim else {
+            return false;
+        };
+        victim.closing.store(true, Ordering::Relaxed);
+        victim.close.notify_one();
+        if let Some(evicted) = self.evicted.get() {
+            evicted.inc();
+        }
+        true
+    }
+
+    fn register(&self, activity: Arc<Activity>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.open.lock() {
+            Ok(mut open) => open.insert(id, activity),
+            Err(poisoned) => poisoned.into_inner().insert(id, activity),
+        };
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        match self.open.lock() {
+            Ok(mut open) => open.remove(&id),
+            Err(poisoned) => poisoned.into_inner().remove(&id),
+        };
+    }
+
+    fn wake_waiters(&self) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// Counts a task waiting for room in [`Slots::waiting`] while it lives.
+struct Waiting<'a>(&'a Slots);
+
+impl<'a> Waiting<'a> {
+    fn new(slots: &'a Slots) -> Waiting<'a> {
+        slots.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(slots)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when the connection is asked to make room and is still idle; a connection that
+/// started a request meanwhile declines (and tells the waiting admitter to look again).
+async fn evicted(activity: &Activity, slots: &Slots) {
+    loop {
+        activity.close.notified().await;
+        if activity.is_idle() {
+            return;
+        }
+        activity.closing.store(false, Ordering::Relaxed);
+        slots.freed.notify_waiters();
+    }
+}
+
 /// Accepts one TCP connection, riding out errors: one that concerns only that connection is
-/// skipped, and running out of file descriptors or memory waits a moment for some to be
-/// released instead of ending the server or spinning.
-async fn accept_tcp(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+/// skipped; running out of file descriptors closes the connection idle the longest and tries
+/// again once it is gone (or after a moment, when nothing is idle), instead of ending the
+/// server or spinning.
+async fn accept_tcp(listener: &TcpListener, slots: &Slots) -> (TcpStream, SocketAddr) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
@@ -175,8 +364,22 @@ async fn accept_tcp(listener: &TcpListener) -> (TcpStream, SocketAddr) {
                 tracing::debug!(%error, "accepted connection failed")
             }
             Err(error) => {
+                let out_of_descriptors =
+                    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 tracing::warn!(%error, "accept failed; retrying shortly");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let freed = slots.freed.notified();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                let waiting = Waiting::new(slots);
+                if out_of_descriptors && slots.close_idle() {
+                    tokio::select! {
+                        () = freed => {}
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                drop(waiting);
             }
         }
     }
@@ -208,6 +411,8 @@ pub struct Options {
     pub sendfile: bool,
     /// Counts the bytes sendfile(2) reports sent.
     pub sendfile_bytes: Option<prometheus::IntCounter>,
+    /// Counts idle connections closed to make room for new ones.
+    pub evicted: Option<prometheus::IntCounter>,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the connections finish
@@ -219,8 +424,14 @@ pub async fn serve(
     options: Options,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    listener.limit().add_permits(config.max_connections);
-    let server = Arc::new(Server::new(config, options));
+    let slots = listener.slots().clone();
+    slots
+        .limit
+        .add_permits(max_connections(config.max_connections, fd_limit()));
+    if let Some(evicted) = &options.evicted {
+        let _ = slots.evicted.set(evicted.clone());
+    }
+    let server = Arc::new(Server::new(config, options, Some(slots)));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -247,10 +458,13 @@ struct Server {
     builder: auto::Builder<TokioExecutor>,
     config: ServerConfig,
     options: Options,
+    /// Where connections register so that idle ones can be closed to make room (none for the
+    /// sendfile self-test's one connection).
+    slots: Option<Arc<Slots>>,
 }
 
 impl Server {
-    fn new(config: &ServerConfig, options: Options) -> Server {
+    fn new(config: &ServerConfig, options: Options, slots: Option<Arc<Slots>>) -> Server {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -270,6 +484,7 @@ impl Server {
             builder,
             config: config.clone(),
             options,
+            slots,
         }
     }
 
@@ -297,6 +512,8 @@ impl Server {
         };
         let info = Connection { peer, sendfile };
         let activity = Arc::new(Activity::new());
+        let slots = self.slots.clone();
+        let id = slots.as_ref().map(|slots| slots.register(activity.clone()));
         let io = Watched {
             inner: io,
             activity: activity.clone(),
@@ -306,8 +523,9 @@ impl Server {
         tokio::spawn(async move {
             let service = {
                 let activity = activity.clone();
+                let slots = slots.clone();
                 hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                    let guard = InFlight::new(activity.clone());
+                    let guard = InFlight::new(activity.clone(), slots.clone());
                     let (router, info) = (router.clone(), info.clone());
                     async move {
                         let mut request = request.map(Body::new);
@@ -336,8 +554,20 @@ impl Server {
                 reason = watchdog(&activity, idle, send) => {
                     tracing::debug!(%peer, reason, "closing connection");
                 }
+                () = async {
+                    match &slots {
+                        Some(slots) => evicted(&activity, slots).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::debug!(%peer, "closing an idle connection to make room for a new one");
+                }
             }
-            drop(permit);
+            if let (Some(slots), Some(id)) = (&slots, id) {
+                slots.remove(id);
+                drop(permit);
+                slots.wake_waiters();
+            }
         });
     }
 }
@@ -347,14 +577,14 @@ impl Server {
 async fn accept_loop(
     listener: TcpListener,
     reloader: Arc<tls::Reloader>,
-    limit: Arc<Semaphore>,
+    slots: Arc<Slots>,
     tx: Ready,
 ) {
     loop {
         let accepted = tokio::select! {
             accepted = async {
-                let permit = permit(&limit).await;
-                (accept_tcp(&listener).await, permit)
+                let accepted = accept_tcp(&listener, &slots).await;
+                (accepted, slots.admit().await)
             } => accepted,
             () = tx.closed() => return,
         };
@@ -399,6 +629,9 @@ struct Activity {
     /// Milliseconds since `start`, plus one, of the first write still waiting; 0 when none.
     blocked_since: AtomicU64,
     in_flight: AtomicUsize,
+    /// Asked to close to make room for a new connection ([`Slots::close_idle`]).
+    close: Notify,
+    closing: AtomicBool,
 }
 
 impl Activity {
@@ -408,7 +641,19 @@ impl Activity {
             last_io: AtomicU64::new(0),
             blocked_since: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            close: Notify::new(),
+            closing: AtomicBool::new(false),
         }
+    }
+
+    /// Nothing under way: an idle keep-alive or HTTP/2 connection, or a silent socket.
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// When bytes last moved, comparable across connections.
+    fn last_moved(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_io.load(Ordering::Relaxed))
     }
 
     fn now(&self) -> u64 {
@@ -457,20 +702,24 @@ async fn watchdog(activity: &Activity, idle: Duration, send: Duration) -> &'stat
 }
 
 /// Counts a request as under way until its response body is dropped (sent or abandoned).
-struct InFlight(Arc<Activity>);
+struct InFlight(Arc<Activity>, Option<Arc<Slots>>);
 
 impl InFlight {
-    fn new(activity: Arc<Activity>) -> InFlight {
+    fn new(activity: Arc<Activity>, slots: Option<Arc<Slots>>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(activity)
+        InFlight(activity, slots)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let left = self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         // The end of a response is activity: the idle time counts from here.
         self.0.last_io.store(self.0.now(), Ordering::Relaxed);
+        // The connection just became idle: a new one waiting for room may close it.
+        if let (1, Some(slots)) = (left, &self.1) {
+            slots.wake_waiters();
+        }
     }
 }
 
@@ -673,8 +922,9 @@ pub async fn sendfile_self_test(config: &ServerConfig) -> Result<(), String> {
         config,
         Options {
             sendfile: true,
-            sendfile_bytes: None,
+            ..Options::default()
         },
+        None,
     ));
     let graceful = GracefulShutdown::new();
     let watcher = graceful.watcher();
@@ -737,6 +987,26 @@ fn memfd(bytes: &[u8]) -> io::Result<std::fs::File> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_default_connection_limit_follows_the_descriptors() {
+        for (configured, fds, expected) in [
+            (Some(10), 256, 10),
+            (Some(100_000), 256, 100_000),
+            (None, 256, 80),
+            (None, 1024, 416),
+            (None, 64, 8),
+            (None, 0, 8),
+            (None, 1 << 20, DEFAULT_MAX_CONNECTIONS),
+            (None, u64::MAX, DEFAULT_MAX_CONNECTIONS),
+        ] {
+            assert_eq!(
+                max_connections(configured, fds),
+                expected,
+                "{configured:?} {fds}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn the_sendfile_self_test_passes_on_this_stack_and_fails_without_vectored_writes() {
         let config = ServerConfig::default();
@@ -760,7 +1030,7 @@ mod tests {
 
         // A request under way that is not blocked keeps the connection however long it takes.
         let activity = Arc::new(Activity::new());
-        let guard = InFlight::new(activity.clone());
+        let guard = InFlight::new(activity.clone(), None);
         let watch = watchdog(&activity, idle, send);
         tokio::pin!(watch);
         tokio::select! {
