@@ -288,6 +288,7 @@ fn verify(config: &Config, repair: bool) -> ExitCode {
                     bytes: found.bytes.saturating_add(indexed.bytes),
                     corrupt,
                     adopted: found.adopted,
+                    relinked: found.relinked,
                     stopped: false,
                 }
             }

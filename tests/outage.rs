@@ -74,6 +74,98 @@ async fn cached_images_still_pull_with_skopeo_and_dockerd_when_the_upstream_is_k
     assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
 }
 
+/// Issue 21 item 4: the index is deleted while regmirror is stopped, and the upstream is
+/// down when it comes back. Once the background verification has adopted the files, every
+/// image on disk pulls by digest with skopeo (its manifest with the media type it was served
+/// with, its blobs under the repository): the rebuild restored each manifest's media type from
+/// its body and the repository links from the store's link journal, with the links its body
+/// implies for config and layers. A repository the image was never pulled under gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_on_disk_pull_with_the_upstream_down_after_the_index_is_lost() {
+    let mut dist = Distribution::start().await;
+    let pusher = Pusher::new(&dist.url());
+    let docker = pusher
+        .push_image("library/lost", "v1", &ImageSpec::new(&[20_000, 300_000]))
+        .await;
+    let oci = pusher
+        .push_image(
+            "team/lost-oci",
+            "v2",
+            &ImageSpec::new(&[30_000]).media_types(MediaTypes::Oci),
+        )
+        .await;
+    let mut rm = RegmirrorConfig::docker_io(&dist.url()).start().await;
+    let dir = tempdir("index-lost");
+    for (repo, tag) in [("library/lost", "v1"), ("team/lost-oci", "v2")] {
+        skopeo_copy_to_dir(
+            &format!("docker://{}/{repo}:{tag}", rm.host()),
+            &dir.path().join(format!("warm-{tag}")),
+            false,
+        )
+        .await
+        .assert_success();
+    }
+    assert!(rm.stop(), "regmirror stopped cleanly");
+    std::fs::remove_dir_all(rm.data_dir().join("index")).unwrap();
+    dist.kill9();
+    // The log is appended to: only what the restarted process wrote counts.
+    let before = rm.log().len();
+    rm.restart().await;
+    let deadline = Instant::now() + SAFETY;
+    while !rm.log()[before..].contains("store verification finished") {
+        assert!(
+            Instant::now() < deadline,
+            "no verification pass:\n{}",
+            tail(&rm.log())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for (image, tag) in [(&docker, "v1"), (&oci, "v2")] {
+        let by_digest = format!(
+            "docker://{}/{}@{}",
+            rm.host(),
+            image.repo,
+            image.manifest_digest
+        );
+        let out =
+            skopeo_copy_to_dir(&by_digest, &dir.path().join(format!("cold-{tag}")), false).await;
+        assert!(out.success, "{out}\n--- regmirror ---\n{}", tail(&rm.log()));
+        assert_skopeo_dir_holds(
+            &dir.path().join(format!("cold-{tag}")),
+            image,
+            "manifest.json",
+        );
+        let r = reqwest::get(format!(
+            "{}/v2/{}/manifests/{}",
+            rm.url(),
+            image.repo,
+            image.manifest_digest
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"].to_str().unwrap(),
+            image.media_type,
+            "the media type it was served with"
+        );
+    }
+    // Links are per repository, after a rebuild as before it.
+    let r = reqwest::get(format!(
+        "{}/v2/library/other/manifests/{}",
+        rm.url(),
+        docker.manifest_digest
+    ))
+    .await
+    .unwrap();
+    assert_ne!(
+        r.status(),
+        200,
+        "served under a repository that never held it"
+    );
+}
+
 /// How long a test waits for an event before calling it a hang: a safety net against hangs,
 /// never the assertion itself (the machine may be loaded).
 const SAFETY: Duration = Duration::from_secs(60);

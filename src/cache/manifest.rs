@@ -275,18 +275,10 @@ impl Cache {
             .link(&upstream.name, repo.as_str(), links, Scope::Here)
             .await?;
         let (member, now) = (digest.clone(), self.clock.now());
+        let (up, repository) = (upstream.name.clone(), repo.to_string());
         self.facts
             .local(move |store| {
-                let index = store.index();
-                index.set_children(&member, &children)?;
-                let mut roots = index.owners(&member)?;
-                if roots.is_empty() || (tagged && !roots.contains(&member)) {
-                    roots.push(member.clone());
-                }
-                for root in &roots {
-                    index.add_member(root, &member, now)?;
-                }
-                Ok(())
+                store.manifest_committed(&up, &repository, &member, &children, tagged, now)
             })
             .await?;
         self.manifests.insert(&manifest);

@@ -48,6 +48,7 @@ pub fn spawn(store: &Arc<Store>, metrics: Arc<Metrics>, config: &ScrubConfig, un
                         blobs = report.blobs,
                         bytes = report.bytes,
                         adopted = report.adopted,
+                        relinked = report.relinked,
                         corrupt = report.corrupt.len(),
                         seconds = elapsed.as_secs_f64(),
                         "{what} finished"

@@ -17,6 +17,7 @@
 mod blobs;
 mod facts;
 mod index;
+mod journal;
 pub mod s3;
 pub mod scrub;
 
@@ -85,6 +86,9 @@ pub struct Store {
     count: AtomicU64,
     /// Files on disk without an index entry, waiting for [`scrub::verify_unverified`].
     unverified: Mutex<Vec<Digest>>,
+    /// Which repository each manifest was committed to: what a rebuilt index cannot learn
+    /// from the files.
+    journal: journal::Journal,
     /// Held (with an exclusive `flock`) for as long as the store is open: one process per
     /// store. It is what tells "sled cannot open its files" (rebuild) from "another process
     /// has them open" (refuse), which sled reports alike.
@@ -154,6 +158,7 @@ impl Store {
             used: AtomicU64::new(0),
             count: AtomicU64::new(0),
             unverified: Mutex::new(Vec::new()),
+            journal: journal::Journal::open(root)?,
             _lock: lock,
         };
         let mut reconciled = store.reconcile()?;
@@ -227,6 +232,77 @@ impl Store {
     /// Makes index writes so far durable (`verify --repair` before it exits).
     pub fn flush(&self) -> Result<(), Error> {
         Ok(self.index.flush()?)
+    }
+
+    /// Records what a manifest committed to `repository` implies beyond its links: the
+    /// children it references, its image membership (its own image when nothing holds it yet
+    /// or a tag named it), and the journal line that lets an index rebuild link it again.
+    pub fn manifest_committed(
+        &self,
+        upstream: &str,
+        repository: &str,
+        manifest: &Digest,
+        children: &[Digest],
+        tagged: bool,
+        now: u64,
+    ) -> Result<(), Error> {
+        self.record_implied(manifest, children, tagged, now)?;
+        if let Err(error) = self.journal.append(upstream, repository, manifest, tagged) {
+            // The journal only matters to a rebuild; the commit stands.
+            tracing::warn!(%error, digest = %manifest, "cannot append to the link journal");
+        }
+        Ok(())
+    }
+
+    /// The journalled commits of the manifests among `digests` (for a rebuild).
+    pub fn journalled(
+        &self,
+        digests: &[Digest],
+    ) -> Result<std::collections::HashMap<Digest, Vec<journal::Entry>>, Error> {
+        let wanted = digests.iter().cloned().collect();
+        Ok(self.journal.read(&wanted)?)
+    }
+
+    /// After an index rebuild adopted `manifest` (verified, with `children` read from its
+    /// body): links it and its children to each repository the journal says it was committed
+    /// to, and records what that commit implied, as the original commit did.
+    pub fn restore_manifest(
+        &self,
+        manifest: &Digest,
+        children: &[Digest],
+        commits: &[journal::Entry],
+    ) -> Result<(), Error> {
+        for commit in commits {
+            for digest in children.iter().chain(std::iter::once(manifest)) {
+                self.index
+                    .link(&commit.upstream, &commit.repository, digest)?;
+            }
+        }
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let tagged = commits.iter().any(|c| c.tagged);
+        self.record_implied(manifest, children, tagged, now_millis())
+    }
+
+    /// A manifest's children, and its membership in the images that hold it (its own image
+    /// when nothing holds it yet or a tag named it).
+    fn record_implied(
+        &self,
+        manifest: &Digest,
+        children: &[Digest],
+        tagged: bool,
+        now: u64,
+    ) -> Result<(), Error> {
+        self.index.set_children(manifest, children)?;
+        let mut roots = self.index.owners(manifest)?;
+        if roots.is_empty() || (tagged && !roots.contains(manifest)) {
+            roots.push(manifest.clone());
+        }
+        for root in &roots {
+            self.index.add_member(root, manifest, now)?;
+        }
+        Ok(())
     }
 
     /// Takes the files found without an index entry at start-up, to verify them.

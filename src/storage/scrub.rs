@@ -70,6 +70,8 @@ pub struct Hashed {
     pub size: u64,
     /// For a small JSON file declaring (or shaped like) a manifest type: that type.
     pub manifest_type: Option<String>,
+    /// For a manifest: the digests its body names as content (config, layers, manifests).
+    pub children: Vec<Digest>,
 }
 
 /// Hashes the file at `path`; `None` if `stop` said to give up.
@@ -106,10 +108,18 @@ pub fn hash_file(
     } else {
         None
     };
+    let children = match manifest_type {
+        Some(_) => media_type::referenced_digests(&kept)
+            .into_iter()
+            .map(|(digest, _)| digest)
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(Some(Hashed {
         digest: hasher.finish(),
         size,
         manifest_type,
+        children,
     }))
 }
 
@@ -124,6 +134,8 @@ pub struct Report {
     pub corrupt: Vec<Digest>,
     /// Unindexed files that hashed to their name and were adopted into the index.
     pub adopted: u64,
+    /// Adopted manifests linked again to the repositories the link journal names.
+    pub relinked: u64,
     /// Whether the pass was cut short by `stop`.
     pub stopped: bool,
 }
@@ -155,6 +167,16 @@ pub fn verify_unverified(
         return Ok(report);
     };
     let pending = opened.take_unverified();
+    // The repositories the journal says the manifests among them were committed to: read
+    // once, only for these files.
+    let mut journalled = if pending.is_empty() {
+        Default::default()
+    } else {
+        opened.journalled(&pending).unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot read the link journal: adopted manifests stay unlinked until pulled again");
+            Default::default()
+        })
+    };
     drop(opened);
     for digest in pending {
         let Some(opened) = store() else {
@@ -180,7 +202,12 @@ pub fn verify_unverified(
                 if hashed.digest == digest {
                     // A fill may have committed and recorded it meanwhile: `record` keeps
                     // the count right and the media type it learnt.
+                    let manifest = hashed.manifest_type.is_some();
                     opened.record(&digest, hashed.size, hashed.manifest_type)?;
+                    if let (true, Some(commits)) = (manifest, journalled.remove(&digest)) {
+                        opened.restore_manifest(&digest, &hashed.children, &commits)?;
+                        report.relinked += 1;
+                    }
                     report.adopted += 1;
                 } else if opened.stat(&digest)?.is_none() {
                     // Not the bytes its name promises: never served, deleted. (If a fill
