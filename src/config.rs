@@ -98,8 +98,8 @@ pub struct ServerConfig {
     #[serde(default = "defaults::send_timeout")]
     pub send_timeout: HumanDuration,
     /// HTTP/2 streams (requests) one connection may have open at once. Each holds at most one
-    /// read chunk (128 KiB of a stored blob, 512 KiB of one downloading) while its client does
-    /// not read, see the README's memory bound.
+    /// 64 KiB read chunk and 64 KiB of send buffer while its client does not read, see the
+    /// README's memory bound.
     #[serde(default = "defaults::http2_max_streams")]
     pub http2_max_streams: u32,
     /// `auto`: cache hits on plain HTTP/1 connections go out with sendfile(2) if the start-up

@@ -672,7 +672,12 @@ async fn read_head(s: &mut TcpStream) -> String {
 
 /// Resident memory of this process, in bytes.
 fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    rss_of("self")
+}
+
+/// Resident memory of process `pid` (`self` for this one), in bytes.
+fn rss_of(pid: &str) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * rustix::param::page_size() as u64
 }
@@ -681,6 +686,16 @@ fn rss() -> u64 {
 /// nothing (a 1 KiB window never released), waits until every stream the server took has
 /// sent its first bytes, and answers (streams the server allows per connection, RSS growth).
 async fn stalled_h2_readers(addr: SocketAddr, path: &str, conns: usize) -> (usize, u64) {
+    stalled_h2_readers_of(addr, path, conns, &rss).await
+}
+
+/// [`stalled_h2_readers`], measuring the resident memory `rss` gives.
+async fn stalled_h2_readers_of(
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    rss: &dyn Fn() -> u64,
+) -> (usize, u64) {
     let before = rss();
     let mut held = Vec::new();
     let mut allowed = usize::MAX;
@@ -751,8 +766,8 @@ async fn stalled_http2_readers_hold_bounded_memory() {
         tokio::time::timeout(SAFETY, stalled_h2_readers(m.addr, &stored_path, CONNS))
             .await
             .expect("every stream got its first bytes");
-    // One read chunk of a stored blob (cache::flight::READ_CHUNK).
-    let per_stream = 128 << 10;
+    // What a stalled stream may hold (one read chunk and HTTP/2's send buffer).
+    let per_stream = PER_READER;
     // Slack for what the rest of the process (other tests of this binary run alongside) and the
     // allocator hold; the stream limit itself is asserted exactly below.
     let bound = (CONNS * allowed) as u64 * per_stream + (40 << 20);
@@ -772,8 +787,7 @@ async fn stalled_http2_readers_hold_bounded_memory() {
         tokio::time::timeout(SAFETY, stalled_h2_readers(m.addr, &filling_path, CONNS))
             .await
             .expect("every stream got its first bytes");
-    // One read chunk of a download in flight (cache::flight::CHUNK).
-    let per_stream = 512 << 10;
+    let per_stream = PER_READER;
     let bound = (CONNS * allowed) as u64 * per_stream + (40 << 20);
     eprintln!(
         "blob being filled: {CONNS} connections × {allowed} stalled streams: RSS +{} KiB (bound {} KiB)",
@@ -782,6 +796,250 @@ async fn stalled_http2_readers_hold_bounded_memory() {
     );
     assert!(grown <= bound, "RSS grew {grown} bytes, bound {bound}");
     fake.faults.chunk_delay_ms.store(0, Ordering::SeqCst);
+}
+
+/// How a stalled reader talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Talk {
+    Http1,
+    Https1,
+    H2c,
+}
+
+/// What a stalled reader may cost the server at most, per HTTP/1 connection or HTTP/2 stream
+/// (issue 21 item 5, the README's memory bound).
+const PER_READER: u64 = 256 << 10;
+
+/// The real binary in front of `fake` with sendfile off (so stored blobs take the copying
+/// path, the one that holds memory), over TLS for [`Talk::Https1`].
+async fn binary_in_front_of(
+    fake: &Fake,
+    dir: &std::path::Path,
+    talk: Talk,
+) -> (common::ChildProc, u16, Option<std::path::PathBuf>) {
+    let port = common::free_port();
+    let (tls, ca) = if talk == Talk::Https1 {
+        let ca = common::pki::Ca::new(dir, "ca");
+        let server = ca.server("mirror");
+        (
+            format!(
+                "tls: {{ cert: {:?}, key: {:?} }}\n",
+                server.cert, server.key
+            ),
+            Some(ca.cert),
+        )
+    } else {
+        (String::new(), None)
+    };
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\nstorage: {{ root: {:?} }}\ndefault_upstream: docker.io\nupstreams:\n  docker.io: {{ url: '{}', read_timeout: 5m }}\nserver: {{ sendfile: off }}\n{tls}",
+            dir.join("data"),
+            fake.url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_regmirror"));
+    cmd.arg("serve").arg("--config").arg(&config);
+    common::no_proxy(&mut cmd);
+    let mut proc = common::ChildProc::spawn("regmirror", cmd, &dir.join("regmirror.log"));
+    common::distribution::wait_for_tcp(port, &mut proc, SAFETY).await;
+    (proc, port, ca)
+}
+
+/// An HTTP/1 GET of `path` whose client takes the head and the first body bytes, then reads
+/// nothing more (with a 4 KiB receive buffer, so the server soon has to hold what it sends).
+async fn stalled_http1_reader(
+    port: u16,
+    path: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Box<dyn std::any::Any + Send> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    async fn first_bytes<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        s: &mut S,
+        request: &[u8],
+    ) {
+        s.write_all(request).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The head and at least one byte of body.
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                assert!(
+                    got.starts_with(b"HTTP/1.1 200"),
+                    "{:?}",
+                    String::from_utf8_lossy(&got[..end])
+                );
+                if got.len() > end + 4 {
+                    return;
+                }
+            }
+        }
+    }
+    match tls {
+        None => {
+            let mut tcp = tcp;
+            first_bytes(&mut tcp, request.as_bytes()).await;
+            Box::new(tcp)
+        }
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            first_bytes(&mut tls, request.as_bytes()).await;
+            Box::new(tls)
+        }
+    }
+}
+
+/// The body length of a whole HTTP/1 GET of `path` (`connection: close`).
+async fn get_whole(port: u16, path: &str, tls: Option<&tokio_rustls::TlsConnector>) -> usize {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    let mut got = Vec::new();
+    match tls {
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            tcp.read_to_end(&mut got).await.unwrap();
+        }
+        Some(connector) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            // A peer that closes without close_notify is an error to rustls; the length says
+            // whether everything came.
+            let _ = tls.read_to_end(&mut got).await;
+        }
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    got.len() - end - 4
+}
+
+/// Waits until the resident memory of `pid` has stopped growing (ten samples 100 ms apart
+/// within 64 KiB): the servers' writes to the stalled readers have all run into a full socket.
+/// A measurement, not an assertion on time: a slow machine only settles later.
+async fn settled_rss(pid: &str) -> u64 {
+    let mut last = rss_of(pid);
+    let mut steady = 0;
+    let deadline = std::time::Instant::now() + SAFETY;
+    while steady < 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_of(pid);
+        steady = if now.abs_diff(last) <= 64 << 10 {
+            steady + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    last
+}
+
+/// Issue 21 item 5: what stalled readers cost the real server, per HTTP/1 connection and per
+/// HTTP/2 stream, over plain HTTP/1, HTTP/1 over TLS and h2c, of a stored blob (sendfile off:
+/// the copying path) and of a blob being filled (the upstream holds the rest of it back):
+/// at most 256 KiB each. Each case runs in a fresh process, so the allocator reuses nothing a
+/// previous case freed; the growth of its resident memory is divided by the readers it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_readers_hold_at_most_256_kib_each() {
+    const READERS: usize = 100;
+    const H2_CONNS: usize = 4;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fake = Fake::start().await;
+    let stored = fake.put_image("library/stored", "1", &[16 << 20], 7);
+    let (stored, _) = stored.layers[0].clone();
+    let mut report = Vec::new();
+    let mut gates = Vec::new();
+    for talk in [Talk::Http1, Talk::Https1, Talk::H2c] {
+        for filling in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (proc, port, ca) = binary_in_front_of(&fake, dir.path(), talk).await;
+            let pid = proc.pid().to_string();
+            let connector = ca.map(|ca| {
+                use rustls::pki_types::pem::PemObject;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let config = rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                tokio_rustls::TlsConnector::from(Arc::new(config))
+            });
+            let path = if filling {
+                // A new blob per case, whose upstream sends 24 MiB and then waits for a gate
+                // that opens when the fake goes.
+                let seed = 20 + report.len() as u64;
+                let image = fake.put_image("library/filling", &seed.to_string(), &[64 << 20], seed);
+                let (gate, held) = tokio::sync::watch::channel(false);
+                *fake.faults.hold.lock().unwrap() = Some((24 << 20, held));
+                gates.push(gate);
+                format!("/v2/filling/blobs/{}", image.layers[0].0)
+            } else {
+                // Stored: fetched once in full before the baseline.
+                let path = format!("/v2/stored/blobs/{stored}");
+                let got = get_whole(port, &path, connector.as_ref()).await;
+                assert_eq!(got, 16 << 20, "{talk:?} warm-up");
+                path
+            };
+            let before = settled_rss(&pid).await;
+            let (readers, grown) = if talk == Talk::H2c {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                let rss = || rss_of(&pid);
+                let (allowed, grown) = tokio::time::timeout(
+                    SAFETY,
+                    stalled_h2_readers_of(addr, &path, H2_CONNS, &rss),
+                )
+                .await
+                .expect("every stream got its first bytes");
+                (H2_CONNS * allowed, grown)
+            } else {
+                let mut held = Vec::new();
+                for _ in 0..READERS {
+                    held.push(
+                        tokio::time::timeout(
+                            SAFETY,
+                            stalled_http1_reader(port, &path, connector.as_ref()),
+                        )
+                        .await
+                        .expect("a reader got its first bytes"),
+                    );
+                }
+                let grown = settled_rss(&pid).await.saturating_sub(before);
+                drop(held);
+                (READERS, grown)
+            };
+            let each = grown / readers as u64;
+            let what = format!(
+                "{talk:?} {}: {readers} stalled readers, RSS +{} KiB, {} KiB each",
+                if filling {
+                    "blob being filled"
+                } else {
+                    "stored blob"
+                },
+                grown >> 10,
+                each >> 10
+            );
+            eprintln!("{what}");
+            report.push((what, each));
+            drop(proc);
+        }
+    }
+    for (what, each) in &report {
+        assert!(*each <= PER_READER, "{what}: over {} KiB", PER_READER >> 10);
+    }
 }
 
 /// Item 16: when the HTTP stack would copy sendfile's placeholder frames (here an IO that

@@ -26,17 +26,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use super::single::{Inflight, Join, Leader};
 use crate::oci::{Digest, RepoName};
 use crate::upstream::Upstream;
-
-/// Bytes read per chunk when streaming from disk: large enough that the per-chunk hop to the
-/// blocking pool is noise, small enough to keep memory per client bounded.
-pub const CHUNK: usize = 512 * 1024;
 
 /// A boxed body stream.
 pub type BodyStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -384,8 +380,10 @@ impl FlightReader {
                 return Some((Err(err), Stage::End));
             }
         };
-        let len = (available.min(end) - pos).min(CHUNK as u64) as usize;
-        match read_at(self.file.clone(), pos, len).await {
+        let len = (available.min(end) - pos).min(READ_CHUNK as u64) as usize;
+        // The bytes just written are in the page cache: read on this thread, into a pooled
+        // buffer, like those of a committed file.
+        match read_chunk(self.file.clone(), pos, len).await {
             Ok(chunk) => {
                 let next = pos + chunk.len() as u64;
                 Some((Ok(chunk), Stage::Flight(self, next)))
@@ -457,9 +455,12 @@ pub fn file_stream(
     })
 }
 
-/// Bytes per read of a committed file: what one response holds in memory at a time besides
-/// its connection's buffers (the bound stated in the README).
-pub const READ_CHUNK: usize = 128 * 1024;
+/// Bytes per read of a committed file or of one being filled: what one response holds in
+/// memory at a time besides its connection's buffers. With hyper's 96 KiB HTTP/1 write queue
+/// and rustls's 64 KiB of records, a stalled reader costs under 256 KiB on every path (the
+/// README's bound, measured by `hostile_client::stalled_readers_hold_at_most_256_kib_each`);
+/// large enough that a read is still far cheaper than what the socket does with it.
+pub const READ_CHUNK: usize = 64 * 1024;
 
 /// Idle buffers kept for reuse; more are freed when they come back.
 const POOL_MAX: usize = 64;
@@ -501,9 +502,9 @@ impl Drop for Pooled {
     }
 }
 
-/// Reads up to `len` (at most [`READ_CHUNK`]) bytes of a committed file at `pos`: on this
-/// thread if they are in the page cache, else on the blocking pool, so a socket write never
-/// waits for the disk. A file shorter than `pos + len` is an error, never a silent truncation.
+/// Reads up to `len` (at most [`READ_CHUNK`]) bytes at `pos` of a file, committed or filled up
+/// to at least `pos + len`: on this thread if they are in the page cache, else on the blocking
+/// pool, so a socket write never waits for the disk. A file shorter than `pos + len` is an error, never a silent truncation.
 async fn read_chunk(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
     let mut chunk = Pooled::take();
     let wanted = pos
@@ -541,18 +542,6 @@ async fn read_chunk(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> 
     .map_err(io::Error::other)?
 }
 
-/// A positioned read on the blocking pool (for files still being written); a short file is an
-/// error, never a silent truncation.
-async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::zeroed(len);
-        file.read_exact_at(&mut buf, pos)?;
-        Ok(buf.freeze())
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,13 +557,13 @@ mod tests {
 
     #[tokio::test]
     async fn file_stream_serves_any_range_in_chunks() {
-        let len = 2 * CHUNK + 12_345;
+        let len = 2 * READ_CHUNK + 12_345;
         let (_dir, bytes, file) = committed(len);
         let ranges = [
             (0, len),
             (1, len),
             (4095, 4097),
-            (CHUNK - 1, 2 * CHUNK + 1),
+            (READ_CHUNK - 1, 2 * READ_CHUNK + 1),
             (len - 1, len),
         ];
         for (start, end) in ranges {
@@ -582,7 +571,10 @@ mod tests {
                 .try_collect()
                 .await
                 .unwrap();
-            assert!(chunks.iter().all(|c| c.len() <= CHUNK), "{start}..{end}");
+            assert!(
+                chunks.iter().all(|c| c.len() <= READ_CHUNK),
+                "{start}..{end}"
+            );
             assert_eq!(chunks.concat(), bytes[start..end], "{start}..{end}");
         }
         let empty: Vec<Bytes> = file_stream(file, 5, 5).try_collect().await.unwrap();

@@ -33,7 +33,7 @@ pub use blobs::{Blob, BlobBody};
 pub use bucket_evict::{Bound as BucketBound, BucketEvicted};
 pub use evict::{Clock, Evicted, Evictor, ReadGuard, Readers};
 use flight::Flights;
-pub use flight::{file_stream, Progress, CHUNK};
+pub use flight::{file_stream, Progress};
 use manifests::{ManifestCache, MANIFEST_CACHE_BYTES};
 pub use shared::{Shared, CONFIRMED_HEADER, SIZE_HEADER};
 use single::SingleFlight;
