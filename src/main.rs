@@ -107,7 +107,7 @@ enum Command {
         /// its /etc).
         #[arg(long, default_value = "/")]
         root: PathBuf,
-        /// An upstream to check each client for (repeat it; default docker.io).
+        /// An upstream to check each client for (repeat it).
         #[arg(long = "upstream", default_value = "docker.io")]
         upstreams: Vec<String>,
         /// Docker's daemon.json instead of ROOT/etc/docker/daemon.json.

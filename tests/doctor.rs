@@ -68,11 +68,11 @@ fn doctor(args: &[&str]) -> (i32, String, String) {
     (out.code.unwrap_or(-1), out.stdout, out.stderr)
 }
 
+/// One finding of a JSON report: (client, mode, verdict, problem or `-`).
+type Row = (String, String, String, String);
+
 /// `doctor --json` on `root`: exit code and (client, mode, verdict, problem) per finding.
-fn doctor_json(
-    root: &Path,
-    extra: &[&str],
-) -> (i32, Vec<(String, String, String, String)>, String) {
+fn doctor_json(root: &Path, extra: &[&str]) -> (i32, Vec<Row>, String) {
     let root = root.to_str().unwrap();
     let mut args = vec!["--mirror", MIRROR, "--root", root, "--json"];
     args.extend_from_slice(extra);
@@ -92,7 +92,7 @@ fn doctor_json(
 }
 
 /// The problems named in a report, in order.
-fn problems(findings: &[(String, String, String, String)]) -> Vec<&str> {
+fn problems(findings: &[Row]) -> Vec<&str> {
     findings
         .iter()
         .filter(|f| f.3 != "-")

@@ -229,8 +229,6 @@ pub enum Problem {
     ContainersPortInPrefix,
     /// Live: the client pulled (or tried) and the mirror saw nothing from it.
     ProbeNotSeen,
-    /// Live: the client could not be run.
-    ProbeFailed,
 }
 
 impl Problem {
@@ -261,7 +259,6 @@ impl Problem {
             Problem::ContainersInsecureMissing => "containers-insecure-missing",
             Problem::ContainersPortInPrefix => "containers-port-in-prefix",
             Problem::ProbeNotSeen => "probe-not-seen",
-            Problem::ProbeFailed => "probe-failed",
         }
     }
 }
