@@ -536,3 +536,65 @@ async fn live_probe_names_each_client_that_bypasses() {
     );
     assert_eq!(code, 1, "{out}");
 }
+
+/// A client of 127.0.0.1 from the given loopback source address.
+fn http_from(source: [u8; 4]) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from(source))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The mirror's record answers each address with its own requests only, keeps no
+/// credential, and does not record the questions themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn seen_endpoint_answers_each_address_with_its_own_requests() {
+    let (_hub, rm) = mirror_with_image().await;
+    let seen = format!("{}/_regmirror/doctor/seen", rm.url());
+    let one = http_from([127, 0, 0, 1]);
+    let two = http_from([127, 0, 0, 2]);
+    let ask = |client: reqwest::Client, since: u64| {
+        let url = format!("{seen}?since={since}");
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            serde_json::from_slice::<serde_json::Value>(&response.bytes().await.unwrap()).unwrap()
+        }
+    };
+    let start = ask(one.clone(), u64::MAX).await["next"].as_u64().unwrap();
+    let pulled = one
+        .get(format!(
+            "{}/v2/library/probe/manifests/v1?ns=docker.io",
+            rm.url()
+        ))
+        .header("user-agent", "containerd/1.6.0-doctor-test")
+        .header("authorization", "Bearer s3cret-token")
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pulled.status(), 200);
+
+    let mine = ask(one.clone(), start).await;
+    let requests = mine["requests"].as_array().unwrap();
+    assert_eq!(requests.len(), 1, "{mine}");
+    assert_eq!(
+        requests[0]["path"], "/v2/library/probe/manifests/v1",
+        "{mine}"
+    );
+    assert_eq!(requests[0]["ns"], "docker.io", "{mine}");
+    assert_eq!(
+        requests[0]["user_agent"], "containerd/1.6.0-doctor-test",
+        "{mine}"
+    );
+    assert!(!mine.to_string().contains("s3cret"), "{mine}");
+
+    let theirs = ask(two, start).await;
+    assert_eq!(theirs["requests"].as_array().unwrap().len(), 0, "{theirs}");
+}
