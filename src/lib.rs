@@ -8,6 +8,7 @@ pub mod cache;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod healthcheck;
 pub mod metrics;
@@ -100,6 +101,7 @@ pub async fn state(config: &Config) -> Result<AppState, RunError> {
         metrics_enabled: config.metrics.enabled,
         max_size: config.storage.max_size.0,
         access,
+        seen: Default::default(),
     })
 }
 

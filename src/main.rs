@@ -92,6 +92,59 @@ enum Command {
         #[arg(long, requires = "client_cert")]
         client_key: Option<PathBuf>,
     },
+    /// Check that this node's container clients pull through the mirror: reads Docker's
+    /// daemon.json, containerd's config.toml and hosts.toml files, buildkitd.toml and
+    /// registries.conf, and prints per client and upstream OK, WARN, BYPASS (with the exact
+    /// fix) or ABSENT. With --probe it also pulls IMAGE with each client found (docker,
+    /// ctr, podman) and asks the mirror which pulls it saw. Exit status: 0 when every
+    /// configured client goes through the mirror, 1 when one bypasses it, 2 on usage or
+    /// read errors.
+    Doctor {
+        /// The mirror the clients should use: http://HOST:PORT or https://HOST:PORT.
+        #[arg(long)]
+        mirror: String,
+        /// Read every file under this directory instead of / (a node's image or a copy of
+        /// its /etc).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// An upstream to check each client for (repeat it).
+        #[arg(long = "upstream", default_value = "docker.io")]
+        upstreams: Vec<String>,
+        /// Docker's daemon.json instead of ROOT/etc/docker/daemon.json.
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+        /// containerd's config instead of ROOT/etc/containerd/config.toml.
+        #[arg(long)]
+        containerd_config: Option<PathBuf>,
+        /// buildkitd.toml instead of ROOT/etc/buildkit/buildkitd.toml.
+        #[arg(long)]
+        buildkit_config: Option<PathBuf>,
+        /// registries.conf instead of ROOT/etc/containers/registries.conf and its drop-ins.
+        #[arg(long)]
+        registries_conf: Option<PathBuf>,
+        /// Live check: pull this image with each client found (e.g.
+        /// docker.io/library/alpine:3.20) and ask the mirror which pulls it saw.
+        #[arg(long, value_name = "IMAGE")]
+        probe: Option<String>,
+        /// Seconds each probe pull may take.
+        #[arg(long, default_value_t = 120)]
+        probe_timeout: u64,
+        /// The docker daemon the probe pulls with.
+        #[arg(long, default_value = "unix:///var/run/docker.sock")]
+        docker_host: String,
+        /// containerd's socket the probe pulls with (`ctr -a`).
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd_address: PathBuf,
+        /// An argument for podman before `pull` (repeat it), e.g. --podman-arg=--root=DIR.
+        #[arg(long = "podman-arg", allow_hyphen_values = true)]
+        podman_args: Vec<String>,
+        /// PEM CA certificates to trust for an https:// mirror.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ConfigError> {
@@ -105,6 +158,58 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {
+        Command::Doctor {
+            mirror,
+            root,
+            upstreams,
+            docker_config,
+            containerd_config,
+            buildkit_config,
+            registries_conf,
+            probe,
+            probe_timeout,
+            docker_host,
+            containerd_address,
+            podman_args,
+            ca,
+            json,
+        } => {
+            let mirror = match mirror.parse() {
+                Ok(mirror) => mirror,
+                Err(err) => {
+                    eprintln!("regmirror doctor: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            let probe = probe.map(|image| regmirror::doctor::probe::ProbeOptions {
+                image: regmirror::doctor::probe::qualify(&image),
+                timeout: std::time::Duration::from_secs(probe_timeout),
+                docker_host,
+                containerd_address,
+                podman_args,
+                ca,
+            });
+            let options = regmirror::doctor::Options {
+                mirror,
+                root,
+                upstreams,
+                docker_config,
+                containerd_config,
+                buildkit_config,
+                registries_conf,
+                probe,
+                json,
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let mut out = std::io::stdout();
+            match runtime.block_on(regmirror::doctor::run(options, &mut out)) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("regmirror doctor: {err}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Healthcheck {
             config,
             url,

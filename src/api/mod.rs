@@ -9,6 +9,7 @@ pub mod auth;
 mod endpoint;
 mod ops;
 pub mod peer;
+pub mod seen;
 mod status;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub max_size: u64,
     /// Who may use the mirror (`auth.htpasswd`); `None` lets everyone in.
     pub access: Option<Arc<auth::AccessControl>>,
+    /// Recent requests, for `regmirror doctor` (`/_regmirror/doctor/seen`).
+    pub seen: Arc<seen::SeenLog>,
 }
 
 /// The router: testable with `oneshot`, served by [`crate::run`].
@@ -56,6 +59,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/", get(status::page))
         .route("/status", get(status::page))
+        .route(seen::PATH, get(seen::handler))
         .layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
@@ -116,6 +120,12 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .extensions()
         .get::<ConnectInfo<Connection>>()
         .map(|c| c.peer);
+    let uri = request.uri().clone();
+    let user_agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
     let span = tracing::info_span!("request", id = %id);
     let mut response = next.run(request).instrument(span).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -152,6 +162,14 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .or(body_size)
         .unwrap_or(0);
     let status = response.status().as_u16();
+    state.seen.record(
+        peer.map(|p| p.ip()),
+        method.as_str(),
+        uri.path(),
+        uri.query(),
+        &user_agent,
+        status,
+    );
     state
         .metrics
         .http_request(method_label(&method), route, status, elapsed);
