@@ -120,12 +120,15 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .extensions()
         .get::<ConnectInfo<Connection>>()
         .map(|c| c.peer);
-    let uri = request.uri().clone();
-    let user_agent = request
-        .headers()
-        .get(header::USER_AGENT)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default();
+    // Kept only while `regmirror doctor` is watching: no allocation per request otherwise.
+    let seen = state.seen.watching().then(|| {
+        let user_agent = request
+            .headers()
+            .get(header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        (request.uri().clone(), user_agent)
+    });
     let span = tracing::info_span!("request", id = %id);
     let mut response = next.run(request).instrument(span).await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -162,14 +165,16 @@ async fn access_log(State(state): State<AppState>, request: Request, next: Next)
         .or(body_size)
         .unwrap_or(0);
     let status = response.status().as_u16();
-    state.seen.record(
-        peer.map(|p| p.ip()),
-        method.as_str(),
-        uri.path(),
-        uri.query(),
-        &user_agent,
-        status,
-    );
+    if let Some((uri, user_agent)) = seen {
+        state.seen.record(
+            peer.map(|p| p.ip()),
+            method.as_str(),
+            uri.path(),
+            uri.query(),
+            &user_agent,
+            status,
+        );
+    }
     state
         .metrics
         .http_request(method_label(&method), route, status, elapsed);

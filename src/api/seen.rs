@@ -6,9 +6,14 @@
 //! An answer holds only the requests that came from the asking connection's own address,
 //! so a host learns what its own clients did and nothing about anyone else's. The record is
 //! a bounded ring behind a plain mutex held for a push or a copy, never across an await.
+//!
+//! Nothing is recorded until someone asks: a question arms the record for [`WATCH`], so
+//! ordinary requests cost one clock read and doctor's first question (before its probe pulls)
+//! starts the record its later questions read.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,6 +31,8 @@ pub const PATH: &str = "/_regmirror/doctor/seen";
 const CAPACITY: usize = 1024;
 /// Longest kept path or user agent; longer ones are cut (on a character boundary).
 const MAX_FIELD: usize = 256;
+/// How long a question keeps the record on: longer than doctor's probe pulls take.
+pub const WATCH: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// One request, as an answer shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -51,9 +58,32 @@ struct Ring {
 
 /// The record, shared by the access log and the endpoint.
 #[derive(Default)]
-pub struct SeenLog(Mutex<Ring>);
+pub struct SeenLog {
+    ring: Mutex<Ring>,
+    /// Unix seconds until which requests are recorded (0: never asked).
+    watch_until: AtomicU64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 impl SeenLog {
+    /// Whether requests are being recorded (someone asked within [`WATCH`]).
+    pub fn watching(&self) -> bool {
+        now_secs() < self.watch_until.load(Ordering::Relaxed)
+    }
+
+    /// Records requests from now until [`WATCH`] from now.
+    pub fn watch(&self) {
+        self.watch_until.fetch_max(
+            now_secs().saturating_add(WATCH.as_secs()),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Notes one request. `query` is only searched for `ns`; nothing else of it is kept.
     pub fn record(
         &self,
@@ -64,7 +94,7 @@ impl SeenLog {
         user_agent: &str,
         status: u16,
     ) {
-        if path == PATH {
+        if path == PATH || !self.watching() {
             return;
         }
         let ns = query.and_then(|q| {
@@ -72,9 +102,7 @@ impl SeenLog {
                 .find(|(k, _)| k == "ns")
                 .map(|(_, v)| cap(&v))
         });
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let time = now_secs();
         let entry = SeenRequest {
             seq: 0,
             time,
@@ -86,7 +114,7 @@ impl SeenLog {
             peer: peer.map(|ip| ip.to_canonical()),
         };
         let mut ring = self
-            .0
+            .ring
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let seq = ring.next;
@@ -101,7 +129,7 @@ impl SeenLog {
     pub fn since(&self, peer: Option<IpAddr>, since: u64) -> (u64, Vec<SeenRequest>) {
         let peer = peer.map(|ip| ip.to_canonical());
         let ring = self
-            .0
+            .ring
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let requests = ring
@@ -143,6 +171,7 @@ pub async fn handler(
         .extensions()
         .get::<ConnectInfo<Connection>>()
         .map(|c| c.peer.ip());
+    state.seen.watch();
     let (next, requests) = state.seen.since(peer, query.since);
     let body = serde_json::to_string(&Answer { next, requests }).unwrap_or_default();
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -155,6 +184,9 @@ mod tests {
     #[test]
     fn answers_only_the_askers_requests_within_bounds() {
         let log = SeenLog::default();
+        log.record(None, "GET", "/v2/", None, "before anyone asked", 200);
+        assert_eq!(log.since(None, 0).0, 0, "not recorded before anyone asked");
+        log.watch();
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let a_mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
