@@ -258,10 +258,11 @@ impl Slots {
             if let Ok(permit) = self.limit.clone().try_acquire_owned() {
                 return permit;
             }
+            // Counted as waiting before listening, so no wake-up falls in between.
+            let _waiting = Waiting::new(self);
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let _waiting = Waiting::new(self);
             self.close_idle();
             tokio::select! {
                 permit = permit(&self.limit) => return permit,
@@ -367,10 +368,10 @@ async fn accept_tcp(listener: &TcpListener, slots: &Slots) -> (TcpStream, Socket
                 let out_of_descriptors =
                     matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 tracing::warn!(%error, "accept failed; retrying shortly");
+                let waiting = Waiting::new(slots);
                 let freed = slots.freed.notified();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
-                let waiting = Waiting::new(slots);
                 if out_of_descriptors && slots.close_idle() {
                     tokio::select! {
                         () = freed => {}
