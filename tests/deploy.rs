@@ -73,6 +73,24 @@ fn static_binary() -> PathBuf {
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
         );
+    // What `cargo test` sets for this test process, and the shell that ran tests/run.sh's
+    // build had not: build scripts (ring's) rerun when CARGO_PKG_NAME or CARGO_MANIFEST_DIR
+    // change, so with them the build here would not be the no-op it should be, but a
+    // rebuild of the whole binary on every run.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key == "OUT_DIR"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+            || ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+                .iter()
+                .any(|p| key.starts_with(p))
+        {
+            cmd.env_remove(key);
+        }
+    }
     let out = run_blocking(cmd, Duration::from_secs(1800));
     out.assert_success();
     let bin = target_dir().join(TRIPLE).join("release/regmirror");
