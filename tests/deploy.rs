@@ -73,6 +73,24 @@ fn static_binary() -> PathBuf {
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
             "-C target-feature=+crt-static",
         );
+    // What `cargo test` sets for this test process, and the shell that ran tests/run.sh's
+    // build had not: build scripts (ring's) rerun when CARGO_PKG_NAME or CARGO_MANIFEST_DIR
+    // change, so with them the build here would not be the no-op it should be, but a
+    // rebuild of the whole binary on every run.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key == "OUT_DIR"
+            || key == "CARGO_CRATE_NAME"
+            || key == "CARGO_PRIMARY_PACKAGE"
+            || key == "CARGO_TARGET_TMPDIR"
+            || key == "CARGO_RUSTC_CURRENT_DIR"
+            || ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_"]
+                .iter()
+                .any(|p| key.starts_with(p))
+        {
+            cmd.env_remove(key);
+        }
+    }
     let out = run_blocking(cmd, Duration::from_secs(1800));
     out.assert_success();
     let bin = target_dir().join(TRIPLE).join("release/regmirror");
@@ -129,6 +147,9 @@ impl Drop for Staged {
 /// outlive it).
 struct ComposeProject {
     project: String,
+    /// Where relative paths in the files resolve: the repository root for compose.yaml,
+    /// deploy/compose for cluster.yaml (compose's default, the first file's directory).
+    directory: PathBuf,
     files: Vec<PathBuf>,
     docker_host: String,
     env: Vec<(String, String)>,
@@ -144,7 +165,7 @@ impl ComposeProject {
             .arg("--project-name")
             .arg(&self.project)
             .arg("--project-directory")
-            .arg(repo());
+            .arg(&self.directory);
         if let Some(env_file) = &self.env_file {
             cmd.arg("--env-file").arg(env_file);
         }
@@ -193,17 +214,26 @@ impl ComposeProject {
     }
 
     async fn container_id(&self) -> String {
-        let out = self.run(&["ps", "-q", "regmirror"]).await;
+        self.service_container("regmirror").await
+    }
+
+    /// The container of `service` (one replica each).
+    async fn service_container(&self, service: &str) -> String {
+        let out = self.run(&["ps", "-q", service]).await;
         out.assert_success();
         let id = out.stdout.trim().to_owned();
-        assert!(!id.is_empty(), "no regmirror container: {out}");
+        assert!(!id.is_empty(), "no {service} container: {out}");
         id
     }
 
-    /// Polls the container's health until `healthy`; returns how long that took.
+    /// Polls the regmirror container's health until `healthy`; returns how long that took.
     async fn wait_healthy(&self, timeout: Duration) -> Duration {
+        self.wait_service_healthy("regmirror", timeout).await
+    }
+
+    async fn wait_service_healthy(&self, service: &str, timeout: Duration) -> Duration {
         let start = Instant::now();
-        let id = self.container_id().await;
+        let id = self.service_container(service).await;
         loop {
             let out = run(
                 self.docker(&[
@@ -228,7 +258,7 @@ impl ComposeProject {
                 )
                 .await;
                 panic!(
-                    "regmirror container is `{state}` after {:?}\n--- health ---\n{}\n--- logs ---\n{}{}",
+                    "{service} container is `{state}` after {:?}\n--- health ---\n{}\n--- logs ---\n{}{}",
                     start.elapsed(),
                     health.stdout,
                     logs.stdout,
@@ -425,6 +455,7 @@ async fn compose_serves_from_its_volume_after_down_and_up() {
 
     let mut project = ComposeProject {
         project: format!("regmirror-deploy-{}", std::process::id()),
+        directory: repo().to_owned(),
         files: vec![
             repo().join("compose.yaml"),
             repo().join("compose.credentials.yaml"),
@@ -614,6 +645,7 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
     std::fs::write(&empty_env, "").unwrap();
     let fresh = ComposeProject {
         project: format!("regmirror-zero-{}", std::process::id()),
+        directory: repo().to_owned(),
         // No --file: compose finds compose.yaml itself.
         files: Vec::new(),
         docker_host: docker_host.clone(),
@@ -665,6 +697,7 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
     set_mode(&config_path, 0o444);
     let mut project = ComposeProject {
         project: format!("regmirror-zero-pull-{}", std::process::id()),
+        directory: repo().to_owned(),
         files: vec![
             repo().join("compose.yaml"),
             repo().join("tests/deploy/compose.test.yaml"),
@@ -701,6 +734,515 @@ async fn compose_starts_with_zero_setup_and_serves_pulls() {
     }
     drop(project);
     drop(fresh);
+    drop(dockerd);
+    drop(staged);
+}
+
+// ---------------------------------------------------------------------------------------
+// deploy/compose/cluster.yaml on a real engine
+// ---------------------------------------------------------------------------------------
+
+/// Fills `dir`, the build context of a `FROM scratch` test image, with `binary` at `at` and
+/// the shared libraries and loader `ldd` names, each at its own path.
+fn rootfs_with(dir: &Path, binary: &Path, at: &str) {
+    let copy = |from: &Path, to: &str| {
+        let dest = dir.join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        // Follows symbolic links: the library's content lands at the path the loader asks for.
+        std::fs::copy(from, &dest)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", from.display(), dest.display()));
+    };
+    copy(binary, at);
+    let mut ldd = Command::new(require_tool("ldd"));
+    ldd.arg(binary);
+    let out = run_blocking(ldd, Duration::from_secs(30));
+    out.assert_success();
+    // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)`, `/lib64/ld-linux-x86-64.so.2
+    // (0x…)`; the vDSO has no file.
+    for line in out.stdout.lines() {
+        let file = line.split_once("=>").map_or(line, |(_, rest)| rest);
+        if let Some(path) = file
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('/'))
+        {
+            copy(Path::new(path), path);
+        }
+    }
+}
+
+/// `docker build` of one of the test images under tests/deploy/ from the context `context`.
+async fn build_test_image(dockerd: &Dockerd, dockerfile: &str, context: &Path, tag: &str) {
+    let started = Instant::now();
+    let dockerfile = repo().join("tests/deploy").join(dockerfile);
+    dockerd
+        .docker(&[
+            "build",
+            "--file",
+            dockerfile.to_str().unwrap(),
+            "--tag",
+            tag,
+            context.to_str().unwrap(),
+        ])
+        .await
+        .assert_success();
+    eprintln!("docker build {tag}: {:?}", started.elapsed());
+}
+
+/// The generated secrets of deploy/compose/cluster.yaml (deploy/compose/secrets/cluster/):
+/// removed on drop if the test's garage-init.sh created them, kept if a developer's own
+/// cluster had them already (garage-init.sh reuses them).
+struct ClusterSecrets {
+    dir: PathBuf,
+    created: bool,
+}
+
+impl ClusterSecrets {
+    fn new() -> Self {
+        let dir = repo().join("deploy/compose/secrets/cluster");
+        let created = !dir.exists();
+        ClusterSecrets { dir, created }
+    }
+}
+
+impl Drop for ClusterSecrets {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Every request the upstream container completed, from its JSON log (`docker logs`),
+/// parsed as the host-side [`Distribution`] parses its log file.
+async fn upstream_requests(project: &ComposeProject, id: &str) -> Vec<Request> {
+    let out = run(project.docker(&["logs", id]), Duration::from_secs(30)).await;
+    out.assert_success();
+    common::distribution::parse_requests(&format!("{}\n{}", out.stdout, out.stderr))
+}
+
+/// deploy/compose/cluster.yaml, started as its header tells a user to: `bash
+/// deploy/compose/garage-init.sh`, then `docker-compose -f deploy/compose/cluster.yaml up -d`,
+/// on a real dockerd whose only images are built here from local binaries (the static
+/// regmirror through deploy/Dockerfile's `prebuilt`, Garage from target/tools, Debian's nginx
+/// and docker-registry): nothing is pulled. The override tests/deploy/cluster.test.yaml adds
+/// the upstream registry on the project's network and the test's copies of the
+/// configurations (the upstream's URL; nginx.conf without `resolve`, which Debian's nginx
+/// 1.22 lacks). A second dockerd pulls an eight-layer image through the published front; once
+/// the upstream has served the first blob, one Garage node and one replica are stopped (no
+/// grace), and the pull still completes with the pushed digest, each blob fetched upstream
+/// at most twice, every blob in the bucket of the two remaining Garage nodes.
+/// `docker-compose down -v` leaves no container, network or volume behind.
+///
+/// The header's `up -d --build` is run without `--build`: the default build stage needs the
+/// rust image, which cannot be pulled here; compose takes the `regmirror:latest` built from
+/// the same Dockerfile's `prebuilt` stage.
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_cluster_starts_and_pulls_through_a_stopped_node_and_replica() {
+    require_root("the compose cluster test");
+    require_tool("docker-compose");
+    let started = Instant::now();
+    let binary = tokio::task::spawn_blocking(static_binary).await.unwrap();
+
+    // The upstream's content, pushed through a registry on the host into a directory that
+    // the upstream container then serves.
+    let upstream_root = tempdir("cluster-upstream-");
+    let storage = upstream_root.path().join("data");
+    let layer = 16 << 20;
+    let img = {
+        let dist = Distribution::start_with(DistributionOptions {
+            root: Some(storage.clone()),
+            ..Default::default()
+        })
+        .await;
+        Pusher::new(&dist.url())
+            .push_image(
+                "library/clustertest",
+                "v1",
+                &ImageSpec::new(&[3000, layer, layer, layer, layer, layer, layer, layer, layer]),
+            )
+            .await
+    };
+
+    let published = format!("127.0.0.1:{}", free_port());
+    let mirror = format!("http://{published}");
+    let containerd = Containerd::start().await;
+    // The port proxy publishes ports without iptables rules; `--ip` keeps them on loopback.
+    let dockerd = Dockerd::start_with_args(
+        containerd,
+        &mirror,
+        &["--userland-proxy=true".into(), "--ip=127.0.0.1".into()],
+    )
+    .await;
+    let docker_host = format!("unix://{}", dockerd.dir().join("docker.sock").display());
+
+    // The images: cluster.yaml's own name for regmirror, the others through its variables.
+    let staged = Staged::new(&binary);
+    let dockerfile = repo().join("deploy/Dockerfile");
+    dockerd
+        .docker(&[
+            "build",
+            "--file",
+            dockerfile.to_str().unwrap(),
+            "--target",
+            "prebuilt",
+            "--build-arg",
+            &format!("PREBUILT={}", staged.rel),
+            "--tag",
+            "regmirror:latest",
+            repo().to_str().unwrap(),
+        ])
+        .await
+        .assert_success();
+    let contexts = tempdir("cluster-images-");
+    let garage_image = "regmirror-test/garage:local";
+    let garage_ctx = contexts.path().join("garage");
+    rootfs_with(&garage_ctx, &common::garage::garage_bin(), "/garage");
+    build_test_image(&dockerd, "garage.Dockerfile", &garage_ctx, garage_image).await;
+    let nginx_image = "regmirror-test/nginx:local";
+    let nginx_ctx = contexts.path().join("nginx");
+    rootfs_with(&nginx_ctx, &require_tool("nginx"), "/usr/sbin/nginx");
+    std::fs::create_dir_all(nginx_ctx.join("etc")).unwrap();
+    std::fs::write(
+        nginx_ctx.join("etc/passwd"),
+        "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n",
+    )
+    .unwrap();
+    // nginx's default worker group is `nogroup` on Debian's build, `nobody` elsewhere.
+    std::fs::write(
+        nginx_ctx.join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\nnobody:x:65534:\n",
+    )
+    .unwrap();
+    for dir in ["tmp", "var/cache/nginx"] {
+        std::fs::create_dir_all(nginx_ctx.join(dir)).unwrap();
+    }
+    build_test_image(&dockerd, "nginx.Dockerfile", &nginx_ctx, nginx_image).await;
+    let registry_image = "regmirror-test/registry:local";
+    let registry_ctx = contexts.path().join("registry");
+    rootfs_with(
+        &registry_ctx,
+        &require_tool("docker-registry"),
+        "/usr/bin/docker-registry",
+    );
+    build_test_image(
+        &dockerd,
+        "registry.Dockerfile",
+        &registry_ctx,
+        registry_image,
+    )
+    .await;
+    eprintln!("static binary and four images: {:?}", started.elapsed());
+
+    // The test's copies of the configurations.
+    let scratch = tempdir("cluster-");
+    let config = read("deploy/compose/config.cluster.yml");
+    let hub = "url: https://registry-1.docker.io";
+    assert!(config.contains(hub), "config.cluster.yml has no `{hub}`");
+    let config_path = scratch.path().join("config.yml");
+    std::fs::write(
+        &config_path,
+        config.replace(hub, "url: http://upstream:5000"),
+    )
+    .unwrap();
+    set_mode(&config_path, 0o444);
+    let nginx = read("deploy/compose/nginx.conf");
+    assert_eq!(nginx.matches(" resolve ").count(), 6, "{nginx}");
+    let nginx_path = scratch.path().join("nginx.conf");
+    std::fs::write(&nginx_path, nginx.replace(" resolve ", " ")).unwrap();
+    set_mode(&nginx_path, 0o444);
+    let registry_config = scratch.path().join("registry.yml");
+    std::fs::write(
+        &registry_config,
+        "version: 0.1\n\
+         log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\n\
+         storage:\n  filesystem:\n    rootdirectory: /var/lib/registry\n\
+         \x20 maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: true\n\
+         http:\n  addr: 0.0.0.0:5000\n  secret: regmirror-test-secret\n",
+    )
+    .unwrap();
+    set_mode(&registry_config, 0o444);
+
+    let project_name = format!("regmirror-cluster-{}", std::process::id());
+    let secrets = ClusterSecrets::new();
+    let project = ComposeProject {
+        project: project_name.clone(),
+        directory: repo().join("deploy/compose"),
+        files: vec![
+            repo().join("deploy/compose/cluster.yaml"),
+            repo().join("tests/deploy/cluster.test.yaml"),
+        ],
+        docker_host: docker_host.clone(),
+        env: [
+            // cluster.yaml's own variables.
+            ("GARAGE_IMAGE", garage_image.to_owned()),
+            ("NGINX_IMAGE", nginx_image.to_owned()),
+            ("REGMIRROR_PORT", published.clone()),
+            // The override's.
+            ("UPSTREAM_TEST_IMAGE", registry_image.to_owned()),
+            (
+                "UPSTREAM_TEST_CONFIG",
+                registry_config.display().to_string(),
+            ),
+            ("UPSTREAM_TEST_ROOT", storage.display().to_string()),
+            ("REGMIRROR_TEST_CONFIG", config_path.display().to_string()),
+            ("REGMIRROR_TEST_NGINX", nginx_path.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        image: "regmirror:latest".into(),
+        env_file: None,
+    };
+
+    // 1. `bash deploy/compose/garage-init.sh`, with this engine and project, and the files
+    // `up` is given (COMPOSE_FILE): Garage started from other files would be recreated by
+    // `up`.
+    let compose_file = std::env::join_paths(&project.files)
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let garage_init = || {
+        let mut init = Command::new(require_tool("bash"));
+        init.arg(repo().join("deploy/compose/garage-init.sh"))
+            .current_dir(repo())
+            .env("DOCKER_HOST", &docker_host)
+            .env("COMPOSE_PROJECT_NAME", &project_name)
+            .env("COMPOSE_FILE", &compose_file)
+            .envs(project.env.iter().map(|(k, v)| (k, v)));
+        no_proxy(&mut init);
+        run(init, Duration::from_secs(300))
+    };
+    let step = Instant::now();
+    let out = garage_init().await;
+    out.assert_success();
+    assert!(out.stdout.contains("Garage is ready"), "{out}");
+    eprintln!("garage-init.sh: {:?}\n{}", step.elapsed(), out.stdout);
+    // Run again, as after `down`/`up`: nothing to create, the nodes reconnected.
+    let out = garage_init().await;
+    out.assert_success();
+    assert!(!out.stdout.contains("generated"), "{out}");
+    let mut garage_nodes = Vec::new();
+    for node in ["garage1", "garage2", "garage3"] {
+        garage_nodes.push((node, project.service_container(node).await));
+    }
+
+    // 2. `docker-compose -f deploy/compose/cluster.yaml up -d`.
+    let step = Instant::now();
+    let up = project.run(&["up", "--detach"]).await;
+    up.assert_success();
+    // Garage as garage-init.sh left it: recreated, its nodes would have addresses the
+    // others do not know.
+    assert!(!up.stderr.contains("Recreating"), "{up}");
+    for (node, id) in &garage_nodes {
+        assert_eq!(
+            &project.service_container(node).await,
+            id,
+            "{node} was replaced"
+        );
+    }
+    for replica in ["regmirror1", "regmirror2", "regmirror3"] {
+        project
+            .wait_service_healthy(replica, Duration::from_secs(120))
+            .await;
+    }
+    // The front answers once nginx has started (it restarts until every name resolves).
+    let http = http();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match http.get(format!("{mirror}/v2/")).send().await {
+            Ok(r) if r.status() == 200 => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the front does not answer on {mirror}: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "`up -d`: replicas healthy, front answering after {:?}",
+        step.elapsed()
+    );
+    let lb = project.service_container("lb").await;
+    let restarts = run(
+        project.docker(&["inspect", "--format", "{{.RestartCount}}", &lb]),
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!(
+        "lb restarts before every name resolved: {}",
+        restarts.stdout.trim()
+    );
+    let upstream = project.service_container("upstream").await;
+    let garage2 = project.service_container("garage2").await;
+    let regmirror2 = project.service_container("regmirror2").await;
+
+    // 3. A pull through the front; one Garage node and one replica stop under it.
+    let step = Instant::now();
+    let tag = "clustertest:v1";
+    let mut pull_cmd = Command::new(docker_cli());
+    pull_cmd
+        .arg("-H")
+        .arg(&docker_host)
+        .args(["pull", tag])
+        .env("DOCKER_CONFIG", dockerd.dir().join("cli"));
+    no_proxy(&mut pull_cmd);
+    let pull = tokio::spawn(run(pull_cmd, Duration::from_secs(600)));
+    // The event: the upstream has served the first blob (the config, or a layer), so
+    // dockerd has the manifest and is downloading the layers through the replicas.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let served_before = loop {
+        let served = upstream_requests(&project, &upstream)
+            .await
+            .iter()
+            .filter(|r| r.method == "GET" && r.status == 200 && r.is_blob())
+            .count();
+        if served > 0 {
+            break served;
+        }
+        assert!(
+            !pull.is_finished(),
+            "the pull ended before any blob was served"
+        );
+        assert!(Instant::now() < deadline, "no blob reached the upstream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!pull.is_finished(), "the pull ended before the failures");
+    // `docker stop` on the two containers (`docker-compose stop` does the same, after a
+    // second of Python start-up the pull may not leave).
+    run(
+        project.docker(&["stop", "--time", "0", &garage2, &regmirror2]),
+        Duration::from_secs(60),
+    )
+    .await
+    .assert_success();
+    let mid_way = !pull.is_finished();
+    let served_at_stop = upstream_requests(&project, &upstream)
+        .await
+        .iter()
+        .filter(|r| r.method == "GET" && r.status == 200 && r.is_blob())
+        .count();
+    let blobs = img.blob_digests().len();
+    eprintln!(
+        "stopped garage2 and regmirror2 {:?} into the pull: {served_before} of {blobs} blobs \
+         had come from the upstream before, {served_at_stop} once stopped (pull still running: \
+         {mid_way})",
+        step.elapsed(),
+    );
+    // dockerd is still downloading through the front (the replicas fetch from the upstream
+    // faster than dockerd takes the layers, so most blobs may be in the replicas already).
+    assert!(
+        mid_way,
+        "the pull ended while the containers stopped: make the layers larger"
+    );
+    let out = pull.await.unwrap();
+    out.assert_success();
+    let pull_time = step.elapsed();
+    eprintln!("pull: {pull_time:?}");
+    // A stopped node costs nginx one short connect attempt, not a request stalled for
+    // nginx's default connect timeout (60 s) each time one is sent its way.
+    assert!(
+        pull_time < Duration::from_secs(50),
+        "the pull took {pull_time:?}: requests waited for a stopped container"
+    );
+    let repo_digest = format!("clustertest@{}", img.manifest_digest);
+    assert!(
+        dockerd.repo_digests(tag).await.contains(&repo_digest),
+        "{:?}",
+        dockerd.repo_digests(tag).await
+    );
+    let ps = project.run(&["ps"]).await;
+    ps.assert_success();
+    for stopped in ["garage2", "regmirror2"] {
+        let line = ps
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!("_{stopped}_")))
+            .unwrap_or_else(|| panic!("no {stopped} in {ps}"));
+        assert!(line.contains("Exit"), "{stopped} came back: {line}");
+    }
+
+    // The shared tier works with one Garage node stopped: the blobs reach the bucket
+    // (written by the replicas after they served them, hence the wait).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let objects = loop {
+        let info = project
+            .run(&[
+                "exec",
+                "-T",
+                "garage1",
+                "/garage",
+                "bucket",
+                "info",
+                "regmirror",
+            ])
+            .await;
+        info.assert_success();
+        let objects: usize = info
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Objects:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no object count in {info}"));
+        if objects >= img.blob_digests().len() || Instant::now() > deadline {
+            break objects;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("objects in the bucket: {objects}");
+    assert!(
+        objects >= img.blob_digests().len(),
+        "{objects} objects in the bucket for {} blobs",
+        img.blob_digests().len()
+    );
+
+    // The upstream, protected: each blob fetched once, twice where a fetch died with its
+    // replica.
+    let requests = upstream_requests(&project, &upstream).await;
+    let mut counts = Vec::new();
+    for digest in img.blob_digests() {
+        let gets = requests
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&digest))
+            .count();
+        counts.push(gets);
+        assert!(
+            (1..=2).contains(&gets),
+            "{gets} upstream GETs of {digest}:\n{requests:#?}"
+        );
+    }
+    let manifest_gets = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.is_manifest())
+        .count();
+    eprintln!(
+        "upstream GETs per blob (config, then layers): {counts:?}; manifest GETs: {manifest_gets}"
+    );
+
+    // 4. `docker-compose down -v` leaves nothing of the project.
+    project.run(&["down", "--volumes"]).await.assert_success();
+    let label = format!("label=com.docker.compose.project={project_name}");
+    for what in [
+        vec!["ps", "--all", "--quiet", "--filter", &label],
+        vec!["network", "ls", "--quiet", "--filter", &label],
+        vec!["volume", "ls", "--quiet", "--filter", &label],
+    ] {
+        let out = run(project.docker(&what), Duration::from_secs(30)).await;
+        out.assert_success();
+        assert_eq!(out.stdout.trim(), "", "left after `down -v`: {out}");
+    }
+    let volumes = run(
+        project.docker(&["volume", "ls", "--quiet"]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        !volumes.stdout.contains(&project_name),
+        "volumes left after `down -v`: {volumes}"
+    );
+    eprintln!("whole test: {:?}", started.elapsed());
+    drop(project);
+    drop(secrets);
     drop(dockerd);
     drop(staged);
 }
@@ -937,6 +1479,8 @@ fn compose_cluster_config(scratch: &Path, extra: &[(&str, &str)]) -> serde_json:
         .args(["--file", "deploy/compose/cluster.yaml", "config"])
         .env_remove("DOCKER_HOST")
         .env_remove("REGMIRROR_PORT")
+        .env_remove("GARAGE_IMAGE")
+        .env_remove("NGINX_IMAGE")
         .envs(extra.iter().copied());
     let out = run_blocking(cmd, Duration::from_secs(60));
     out.assert_success();
@@ -1147,6 +1691,20 @@ fn compose_cluster_file_and_load_balancer_validate() {
         moved["services"]["lb"]["ports"][0],
         serde_json::json!("127.0.0.1:5999:5000/tcp")
     );
+    // The published images by default; GARAGE_IMAGE and NGINX_IMAGE choose others (the
+    // engine test's local builds).
+    assert_eq!(lb["image"], "nginx:1.28-alpine", "{lb:#}");
+    let local = compose_cluster_config(
+        scratch.path(),
+        &[
+            ("GARAGE_IMAGE", "garage:local"),
+            ("NGINX_IMAGE", "nginx:local"),
+        ],
+    );
+    for node in ["garage1", "garage2", "garage3"] {
+        assert_eq!(local["services"][node]["image"], "garage:local");
+    }
+    assert_eq!(local["services"]["lb"]["image"], "nginx:local");
     let nginx_path = volume_at(lb, "/etc/nginx/nginx.conf");
     assert_eq!(
         Path::new(&nginx_path),

@@ -16,6 +16,10 @@
 # Then: docker compose -f deploy/compose/cluster.yaml up -d --build
 #
 # COMPOSE overrides the compose command (default: `docker compose`, else `docker-compose`).
+# COMPOSE_FILE, compose's own variable, names the files when the cluster has an override
+# (COMPOSE_FILE=deploy/compose/cluster.yaml:cluster.override.yaml); give `up` the same files.
+# Garage started from other files than `up` is given would be recreated by `up`, with new
+# addresses the nodes do not know: a disconnected cluster until this script runs again.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,7 +39,9 @@ elif docker compose version >/dev/null 2>&1; then
 else
     compose=(docker-compose)
 fi
-compose+=(-f "$file")
+if [ -z "${COMPOSE_FILE:-}" ]; then
+    compose+=(-f "$file")
+fi
 
 # 32 random bytes in hex, without a trailing newline.
 random_hex() {
