@@ -43,6 +43,8 @@ async fn mirror_of(upstream_url: &str, extra: &str) -> (Mirror, tempfile::TempDi
 }
 
 async fn evict(m: &Mirror) -> ::regmirror::cache::Evicted {
+    // The pull records of the requests so far land off their paths: the pass must see them.
+    m.state.cache.bucket_writes_settled().await;
     let evictor = m.state.cache.evictor().clone();
     tokio::task::spawn_blocking(move || evictor.run_once())
         .await

@@ -275,8 +275,9 @@ impl Cache {
         };
         let (digest, now) = (digest.clone(), self.clock.now());
         let bucket = self.shared.bucket().cloned();
-        let pending = bucket.as_ref().map(|_| self.shared.evict.pending());
-        // Off the response's path: a pull record that lands a moment later changes nothing.
+        // Counted until it lands, index and bucket alike ([`Cache::bucket_writes_settled`]).
+        let pending = self.shared.evict.pending();
+        // Off the response's path.
         tokio::spawn(async move {
             let _pending = pending;
             let shared = bucket.is_some();
@@ -349,8 +350,9 @@ impl Cache {
         }
     }
 
-    /// Waits until the bucket writes this replica started off requests' paths (pull records,
-    /// tag records, blob uploads) are done: for shutdown and tests.
+    /// Waits until the writes this replica started off requests' paths (pull records in the
+    /// index and the bucket, tag records, blob uploads) are done: for shutdown and tests (an
+    /// eviction pass right after a pull must see it).
     pub async fn bucket_writes_settled(&self) {
         let mut pending = self.shared.evict.pending.subscribe();
         let _ = pending.wait_for(|n| *n == 0).await;

@@ -265,12 +265,18 @@ async fn seen(http: &reqwest::Client, url: &str, since: u64) -> Result<Seen, Err
     {
         return Err(failed("answer too large".to_owned()));
     }
-    let body = response
-        .bytes()
+    // Read chunk by chunk, so an answer without a length is cut at the cap, not held whole.
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
         .await
-        .map_err(|err| failed(err.to_string()))?;
-    if body.len() > MAX_SEEN_BODY {
-        return Err(failed("answer too large".to_owned()));
+        .map_err(|err| failed(err.to_string()))?
+    {
+        if body.len().saturating_add(chunk.len()) > MAX_SEEN_BODY {
+            return Err(failed("answer too large".to_owned()));
+        }
+        body.extend_from_slice(&chunk);
     }
     serde_json::from_slice(&body).map_err(|err| failed(format!("unexpected answer: {err}")))
 }
